@@ -1,0 +1,65 @@
+"""The papermill runner: profiles, selection and failures reported by notebook and cell."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from utils import config, runner
+from utils.paths import PARAMS_DIR
+
+
+def test_unknown_profile_lists_known_ones():
+    out = subprocess.run(
+        [sys.executable, "-m", "utils.runner", "--profile", "nope"], capture_output=True, text=True
+    )
+    assert out.returncode != 0
+    for name in ("smoke", "demo", "thesis"):
+        assert name in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_profiles_exist_and_parse():
+    assert {"smoke", "demo", "thesis"} <= set(config.list_profiles())
+    for name in config.list_profiles():
+        profile = config.load_profile(name)
+        assert profile["common"]["profile"] == name
+
+
+def test_profile_keys_are_declared_by_their_notebooks():
+    for name in config.list_profiles():
+        profile = config.load_profile(name)
+        for nb in runner.list_notebooks():
+            runner.check_profile_keys(nb, profile)
+
+
+def test_only_selects_by_number():
+    chosen = runner.select_notebooks(["3"])
+    assert [nb.name[:2] for nb in chosen] == ["03"]
+    with pytest.raises(config.ProfileError, match="no notebook"):
+        runner.select_notebooks(["99"])
+
+
+def test_failure_names_notebook_and_cell(tmp_path, monkeypatch):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("x = 1  # a parameter")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("raise ValueError('bad value of x')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    source = tmp_path / "09_broken.ipynb"
+    nbformat.write(nb, source)
+    with pytest.raises(runner.NotebookFailed) as info:
+        runner.run_notebook(source, tmp_path / "out.ipynb", {"x": 2}, log_output=False)
+    message = str(info.value)
+    assert "09_broken.ipynb" in message and "cell" in message and "bad value of x" in message
+
+
+def test_profile_yaml_errors_are_clear(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "PARAMS_DIR", tmp_path)
+    (tmp_path / "bad.yaml").write_text("common: [unclosed\n")
+    with pytest.raises(config.ProfileError, match="bad.yaml"):
+        config.load_profile("bad")
+    assert PARAMS_DIR.is_dir()

@@ -1,0 +1,41 @@
+"""Every path of the project, derived from the repository root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+PARAMS_DIR = NOTEBOOKS_DIR / "params"
+DATASET_DIR = REPO_ROOT / "dataset"
+RESULTS_DIR = REPO_ROOT / "results"
+RUNS_DIR = REPO_ROOT / "runs"
+CACHE_DIR = Path(os.environ.get("QLORA_CACHE_DIR", REPO_ROOT / ".cache"))
+MODELS_CACHE_DIR = CACHE_DIR / "models"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+TWIN_CONFIG_FILE = ASSETS_DIR / "llama-3.2-3b-config.json"
+
+# The file names of the original script (train_peft_v3.py), kept so a student can drop theirs in.
+TRAIN_FILE = DATASET_DIR / "train_v3_combined_split.jsonl"
+TEST_FILE = DATASET_DIR / "test_v3_combined_split.jsonl"
+
+
+def figures_dir() -> Path:
+    """Folder where ``save_figure`` writes; the runner points smoke runs elsewhere."""
+    return Path(os.environ.get("QLORA_FIGURES_DIR", REPO_ROOT / "figures"))
+
+
+def run_dir(profile: str) -> Path:
+    """Folder of one profile's outputs (executed notebooks, adapter, logs, ``NN_run.json``)."""
+    path = RUNS_DIR / profile
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Return ``path`` as absolute, reading a relative one from the repository root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path

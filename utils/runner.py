@@ -1,0 +1,133 @@
+"""Run the numbered notebooks in order with papermill on one profile.
+
+    python -m utils.runner --profile demo            # all notebooks
+    python -m utils.runner --profile smoke --only 03 # one notebook (or several: --only 01 04)
+
+Executed copies go to ``runs/<profile>/``; figures to the profile's ``figures_dir``. The run stops at
+the first failing notebook and names it and the failing cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from utils.config import ProfileError, list_profiles, load_profile, notebook_parameters
+from utils.paths import NOTEBOOKS_DIR, resolve_path, run_dir
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised during execution; the message names it and its failing cell."""
+
+
+def list_notebooks() -> list[Path]:
+    """The numbered notebooks ``notebooks/NN_*.ipynb`` in run order."""
+    return sorted(p for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def select_notebooks(only: list[str] | None) -> list[Path]:
+    """Notebooks whose two-digit number (or full stem) is in ``only``; all when ``only`` is empty."""
+    notebooks = list_notebooks()
+    if not only:
+        return notebooks
+    wanted = {o.zfill(2) if o.isdigit() else o for o in only}
+    chosen = [nb for nb in notebooks if nb.name[:2] in wanted or nb.stem in wanted]
+    missing = wanted - {nb.name[:2] for nb in chosen} - {nb.stem for nb in chosen}
+    if missing:
+        known = ", ".join(nb.stem for nb in notebooks)
+        raise ProfileError(f"no notebook matches {sorted(missing)}; the notebooks are: {known}")
+    return chosen
+
+
+def resolve_parameters(notebook: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Keep the profile's parameters that the notebook declares; a notebook-specific unknown is an error."""
+    import papermill as pm
+
+    declared = set(pm.inspect_notebook(str(notebook)))
+    return {k: v for k, v in params.items() if k in declared}
+
+
+def check_profile_keys(notebook: Path, profile: dict[str, Any]) -> None:
+    """Fail on parameters a profile sets for a notebook that the notebook does not declare (typos)."""
+    import papermill as pm
+
+    own = (profile.get("notebooks") or {}).get(notebook.name[:2]) or {}
+    unknown = set(own) - set(pm.inspect_notebook(str(notebook)))
+    if unknown:
+        raise ProfileError(
+            f"the profile sets {sorted(unknown)} for {notebook.name}, which declares no such "
+            "parameter in its 'parameters' cell. Fix the name in the profile YAML."
+        )
+
+
+def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], log_output: bool) -> None:
+    """Execute one notebook with papermill; raise ``NotebookFailed`` naming the failing cell."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        pm.execute_notebook(
+            str(notebook),
+            str(output),
+            parameters=parameters,
+            cwd=str(NOTEBOOKS_DIR),
+            progress_bar=False,
+            log_output=log_output,
+            kernel_name="python3",
+        )
+    except PapermillExecutionError as exc:
+        raise NotebookFailed(
+            f"{notebook.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
+            f"{exc.ename}: {exc.evalue}\n  executed copy with the traceback: {output}"
+        ) from None
+
+
+def run_profile(profile_name: str, only: list[str] | None = None, log_output: bool = False) -> Path:
+    """Run the selected notebooks on a profile; return the run folder."""
+    profile = load_profile(profile_name)
+    notebooks = select_notebooks(only)
+    for nb in notebooks:
+        check_profile_keys(nb, profile)
+    out_dir = run_dir(profile_name)
+    os.environ["QLORA_PROFILE"] = profile_name
+    os.environ["QLORA_FIGURES_DIR"] = str(resolve_path(profile.get("figures_dir", "figures")))
+    timings: dict[str, float] = {}
+    total = len(notebooks)
+    for i, nb in enumerate(notebooks, 1):
+        params = resolve_parameters(nb, notebook_parameters(profile, nb.name[:2]))
+        print(f"[{i}/{total}] {nb.stem} ({profile_name}) ...", end=" ", flush=True)
+        start = time.perf_counter()
+        try:
+            run_notebook(nb, out_dir / nb.name, params, log_output)
+        except NotebookFailed:
+            print(f"FAILED after {time.perf_counter() - start:.0f} s", flush=True)
+            raise
+        timings[nb.stem] = round(time.perf_counter() - start, 1)
+        print(f"ok ({timings[nb.stem]:.0f} s)", flush=True)
+    summary = out_dir / "runner.json"
+    summary.write_text(json.dumps({"profile": profile_name, "seconds": timings}, indent=2))
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.runner", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", required=True, help=f"one of: {', '.join(list_profiles())}")
+    parser.add_argument("--only", nargs="+", help="notebook numbers to run, e.g. --only 01 03")
+    parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    args = parser.parse_args(argv)
+    try:
+        out_dir = run_profile(args.profile, args.only, args.log_output)
+    except (ProfileError, NotebookFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"executed notebooks in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
