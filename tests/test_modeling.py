@@ -41,6 +41,7 @@ def test_pad_token_is_not_eos(embedded_tokenizer, llama_tokenizer):
     for tok in (embedded_tokenizer, llama_tokenizer):
         assert tok.pad_token_id is not None
         assert tok.pad_token_id != tok.eos_token_id
+    assert embedded_tokenizer.eos_token == "<|im_end|>"  # the token that ends a ChatML turn
     assert llama_tokenizer.pad_token == "<|finetune_right_pad_id|>"
     assert llama_tokenizer.eos_token == "<|eot_id|>"
 

