@@ -1,0 +1,139 @@
+"""utils.lora: counts on the twin and the embedded model, sizes on disk, initialisation, the claims table."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from utils import lora, memory
+from utils.modeling import build_twin, twin_config
+from utils.paths import REPO_ROOT
+
+GPU_REPORT = REPO_ROOT / "results" / "02_twin_gpu_memory.json"
+TWIN_LORA = 48_627_712
+TWIN_BASE = 3_212_749_824
+
+
+@pytest.fixture(scope="module")
+def twin_peft():
+    return lora.attach_lora(build_twin("meta"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return memory._tiny_twin("cpu").float()
+
+
+def test_twin_trainable_count_is_48_627_712(twin_peft):
+    counts = lora.count_parameters(twin_peft)
+    assert counts["peft_trainable"] == counts["numel_trainable"] == TWIN_LORA
+    assert counts["peft_all"] == TWIN_BASE + TWIN_LORA
+    assert lora.analytic_lora_parameters(twin_config()) == TWIN_LORA
+    assert lora.per_module_table(twin_peft, twin_config())["coincide"].all()
+
+
+def test_embedded_counts_match_per_module_and_per_layer():
+    config = memory.load_model_config("embedded")
+    peft_model = lora.attach_lora(memory.meta_model(config))
+    modules = lora.per_module_table(peft_model, config)
+    assert modules["coincide"].all()
+    layers = lora.per_layer_table(peft_model)
+    assert len(layers) == config.num_hidden_layers
+    assert layers["total de la capa"].nunique() == 1
+    assert layers["total de la capa"].sum() == lora.analytic_lora_parameters(config)
+
+
+def test_four_bit_numel_undercounts_and_peft_does_not(tmp_path):
+    memory._tiny_twin("cpu").save_pretrained(tmp_path, safe_serialization=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = memory.load_for_measurement(str(tmp_path), "nf4_dq", "cpu")
+    config = model.config
+    counts = lora.count_parameters(lora.attach_lora(model))
+    base = sum(memory.analytic_parameter_counts(config).values())
+    linear = sum(o * i for o, i in memory.linear_shapes(config).values()) * config.num_hidden_layers
+    assert counts["peft_all"] == base + lora.analytic_lora_parameters(config)
+    assert counts["peft_all"] - counts["numel_all"] == linear // 2  # two 4-bit weights per uint8 element
+    assert counts["peft_trainable"] == counts["numel_trainable"]
+
+
+def test_materialised_adapter_has_the_size_of_a_saved_one(tiny_model):
+    real = lora.attach_lora(copy.deepcopy(tiny_model))
+    with torch.device("meta"):
+        shapes_only = lora.attach_lora(memory.meta_model(tiny_model.config))
+    saved = lora.saved_adapter_size(real)
+    materialised = lora.materialized_adapter_size(shapes_only)
+    assert saved == materialised
+    assert saved["tensor_bytes"] == lora.analytic_adapter_bytes(tiny_model.config)
+
+
+def test_twin_adapter_file_is_the_lora_parameters_in_fp32(twin_peft):
+    size = lora.materialized_adapter_size(twin_peft)
+    assert size["tensor_bytes"] == 4 * TWIN_LORA
+    assert 0 < size["file_bytes"] - size["tensor_bytes"] < 100_000  # the safetensors JSON header
+
+
+def test_sweep_counts_agree_with_peft(tiny_model):
+    sweep = lora.lora_sweep(copy.deepcopy(tiny_model), tiny_model.config, "tiny", ranks=[4, 16],
+                            save_ranks=[16])
+    assert sweep["coincide"].all() and len(sweep) == 6
+    saved = sweep.dropna(subset=["MB guardado"])
+    header = (saved["MB guardado"] - saved["MB analítico (fp32)"]) * lora.MB
+    assert (header.round() == saved["encabezado (bytes)"]).all()
+    by_r = sweep[sweep["módulos"] == "all"].set_index("r")["entrenables (PEFT)"]
+    assert by_r[16] == 4 * by_r[4]  # linear in r
+
+
+def test_adapter_starts_as_the_identity(tiny_model):
+    peft_model = lora.attach_lora(copy.deepcopy(tiny_model))
+    result = lora.check_zero_init(peft_model, torch.randint(0, 2048, (1, 24)))
+    assert result["todas las B son cero"] and result["todas las A son distintas de cero"]
+    assert result["logits idénticos"] and result["máx |logits adaptado − logits base|"] == 0.0
+    with torch.no_grad():  # and a trained B does change the output
+        next(p for n, p in peft_model.named_parameters() if "lora_B" in n).fill_(0.1)
+    assert not lora.check_zero_init(peft_model, torch.randint(0, 2048, (1, 24)))["logits idénticos"]
+
+
+def test_the_claimed_trainable_count_is_llama_3_1_8b():
+    found = lora.search_lora_counts(83_886_080)
+    assert list(zip(found["arquitectura"], found["r"], found["módulos"])) == [("Llama-3.1-8B", 32, "all")]
+    assert lora.search_lora_counts(TWIN_LORA)["arquitectura"].tolist() == ["Llama-3.2-3B"]
+
+
+def _claims(twin_counts):
+    gpu = memory.load_gpu_report(GPU_REPORT)
+    return lora.claims_table({
+        "twin_counts": twin_counts,
+        "twin_adapter": {"file_bytes": 4 * twin_counts["peft_trainable"] + 52_552,
+                         "tensor_bytes": 4 * twin_counts["peft_trainable"]},
+        "gpu": gpu, "trainable_search": lora.search_lora_counts(83_886_080),
+        "total_search": lora.search_total_counts(3_213_004_800),
+    }).set_index("afirmación")
+
+
+def test_claims_table_is_computed_from_the_measurements(twin_peft):
+    measured = _claims(lora.count_parameters(twin_peft))
+    assert len(measured) == len(lora.ORIGINAL_CLAIMS)
+    assert measured.loc["parámetros entrenables", "medido"] == f"{TWIN_LORA:,}"
+    assert measured.loc["parámetros entrenables", "veredicto"] == "incorrecto"
+    assert "Llama-3.1-8B" in measured.loc["parámetros entrenables", "por qué"]
+    assert measured.loc["VRAM con QLoRA", "veredicto"] == "correcto"
+    assert measured.loc["ahorro de memoria de 4 bits", "veredicto"] == "incorrecto"
+    # feed the claimed numbers instead: the verdicts follow the input, they are not typed in
+    claimed = {"peft_trainable": 83_886_080, "peft_all": 3_213_004_800, "numel_trainable": 0, "numel_all": 0,
+               "unpacked_all": 0, "packed_4bit_tensors": 0}
+    as_claimed = _claims(claimed)
+    assert (as_claimed.loc[["parámetros entrenables", "parámetros totales", "% entrenable"], "veredicto"]
+            == "correcto").all()
+    assert as_claimed.loc["tamaño del adaptador", "veredicto"] == "incorrecto"  # 335.5 MB is not ~185 MB
+
+
+def test_claims_latex_export(twin_peft, tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_FIGURES_DIR", str(tmp_path))
+    path = lora.save_claims_latex(_claims(lora.count_parameters(twin_peft)).reset_index())
+    text = path.read_text(encoding="utf-8")
+    assert path.name == "03_claims.tex" and "\\begin{table}" in text and "48,627,712" in text

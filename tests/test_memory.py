@@ -1,0 +1,200 @@
+"""utils.memory: analytic sizes against real tensors, the child-process measurements, the committed H100 file."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from utils import memory
+from utils.modeling import build_twin, twin_config
+from utils.paths import REPO_ROOT
+
+GPU_REPORT = REPO_ROOT / "results" / "02_twin_gpu_memory.json"
+TWIN_PARAMETERS = 3_212_749_824
+TWIN_LORA = 48_627_712
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A 2-layer random Llama saved as bf16 safetensors (loads in every format in about a second)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    memory._tiny_twin("cpu").save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+def _load(folder: str, fmt: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return memory.load_for_measurement(folder, fmt, "cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter counts
+# --------------------------------------------------------------------------------------------
+
+
+def test_twin_counts_match_the_architecture_per_tensor_kind():
+    table = memory.parameter_count_table(twin_config(), build_twin("meta"))
+    assert table["coincide"].all(), table
+    assert table.iloc[-1]["analítico"] == TWIN_PARAMETERS
+
+
+def test_embedded_counts_match_the_loaded_model(embedded_model):
+    config = memory.load_model_config("embedded")
+    table = memory.parameter_count_table(config, embedded_model)
+    assert table["coincide"].all(), table
+    assert table.iloc[-1]["contado en el modelo"] == sum(p.numel() for p in embedded_model.parameters())
+    # tied embeddings are counted once, and the kinds cover every parameter
+    assert "lm_head (sin atar)" not in set(table["tipo de tensor"])
+
+
+def test_four_bit_params_are_unpacked_to_two_weights_per_byte(tiny_folder):
+    model = _load(tiny_folder, "nf4")
+    config = model.config
+    packed = memory.measured_parameter_counts(model, unpack_4bit=False)
+    unpacked = memory.measured_parameter_counts(model)
+    analytic = memory.analytic_parameter_counts(config)
+    assert unpacked["attention"] == analytic["attention"] and unpacked["mlp"] == analytic["mlp"]
+    assert packed["attention"] * 2 == analytic["attention"]
+
+
+# --------------------------------------------------------------------------------------------
+# Analytic bytes per format
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "fp4", "nf4", "nf4_dq"])
+def test_analytic_bytes_equal_footprint_plus_bitsandbytes_constants(tiny_folder, fmt):
+    model = _load(tiny_folder, fmt)
+    other = memory.dtype_name(model.model.embed_tokens.weight.dtype)
+    analytic = memory.analytic_weight_bytes(model.config, fmt, other)
+    assert model.get_memory_footprint() + memory.quant_state_bytes(model) == analytic["total"]
+    assert memory.quant_state_bytes(model) == analytic["linear_constants"]
+
+
+def test_four_bit_constants_match_bitsandbytes():
+    import bitsandbytes.functional as bnbf
+
+    w = torch.randn(96, 200)  # 19,200 weights: 300 blocks of 64, two second-level blocks of 256
+    for double in (False, True):
+        _, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double)
+        held = state.absmax.numel() * state.absmax.element_size() + state.code.numel() * 4
+        if double:
+            held += 4 + state.state2.absmax.numel() * 4 + state.state2.code.numel() * 4
+        assert memory.four_bit_constant_bytes(w.numel(), double) == held
+
+
+def test_committed_gpu_weights_equal_the_analytic_sizes():
+    report = memory.load_gpu_report(GPU_REPORT)
+    config = twin_config()
+    for res in report["weights"]:
+        analytic = memory.analytic_weight_bytes(config, res["format"], res["other_dtype"])
+        assert res["footprint_bytes"] + res["quant_state_bytes"] == analytic["total"], res["format"]
+        # what the caching allocator adds: rounding of each tensor to 512-byte blocks, well under 2 MiB
+        assert 0 <= res["weights_bytes"] - analytic["total"] < 2 * memory.MIB, res["format"]
+        assert res["parameters"] == TWIN_PARAMETERS
+
+
+# --------------------------------------------------------------------------------------------
+# Training step
+# --------------------------------------------------------------------------------------------
+
+
+def test_committed_training_steps_match_the_analytic_breakdown():
+    report = memory.load_gpu_report(GPU_REPORT)
+    config = twin_config()
+    for res in report["train"]:
+        assert res["ok"], res
+        shapes = memory.lora_tensor_shapes(config)
+        assert res["lora_parameters"] == TWIN_LORA
+        assert res["lora_param_bytes"] == res["grad_bytes"] == 4 * TWIN_LORA
+        assert res["optimizer_state_bytes"] == memory.optimizer_state_bytes(shapes, res["optim"])
+        analytic = memory.analytic_training_breakdown(config, res["format"], res["variant"], res["amp_dtype"])
+        assert res["optimizer_paged_bytes"] == analytic["optimizer_paged"]
+        # exact parts: the weights the step starts from (allocator rounding aside)
+        assert abs(res["weights_bytes"] - analytic["weights"]) < 4 * memory.MIB, res["name"]
+        # estimated parts: the whole peak within 10 % (activations are the estimate)
+        assert abs(res["peak_bytes"] - analytic["total"]) < 0.10 * res["peak_bytes"], res["name"]
+
+
+def test_prepare_for_kbit_training_upcasts_embeddings_and_norms_to_fp32():
+    report = memory.load_gpu_report(GPU_REPORT)
+    train = {r["name"]: r for r in report["train"]}
+    config = twin_config()
+    extra = train["qlora_fp16_prepare"]["weights_bytes"] - train["qlora_fp16_no_prepare_gc"]["weights_bytes"]
+    # embeddings and norms go from 2 to 4 bytes (plus allocator rounding)
+    counts = memory.analytic_parameter_counts(config)
+    assert 0 <= extra - 2 * (counts["embedding"] + counts["norms"]) < 4 * memory.MIB
+
+
+def test_committed_gpu_report_names_its_machine_and_the_original_configuration():
+    report = json.loads(GPU_REPORT.read_text())
+    assert report["label"] == memory.TWIN_LABEL
+    assert "H100" in report["device"]
+    for lib in ("torch", "transformers", "peft", "bitsandbytes"):
+        assert report["versions"][lib] not in ("", "absent")
+    assert report["date"][:4].isdigit()
+    assert {r["format"] for r in report["weights"]} >= {"bf16", "fp16", "int8", "fp4", "nf4", "nf4_dq"}
+    original = report["train"][0]
+    assert (original["format"], original["variant"], original["amp_dtype"]) == ("nf4_dq", "prepare", "float16")
+    assert (original["batch_size"], original["grad_accum"], original["seq_len"]) == (1, 2, 512)
+    assert original["optim"] == "paged_adamw_8bit"
+
+
+def test_training_step_child_measures_a_tiny_model(tiny_folder):
+    res = memory.run_child({"task": "train_step", "name": "t", "model": tiny_folder, "format": "nf4_dq",
+                            "variant": "prepare", "amp_dtype": None, "seq_len": 16, "batch_size": 1,
+                            "grad_accum": 2, "optim": "paged_adamw_8bit", "steps": 1, "device": "cpu",
+                            "use_cache": False}, timeout=300)
+    assert res["ok"], res
+    shapes = memory.lora_tensor_shapes(memory._tiny_config())
+    assert res["lora_parameters"] == sum(math.prod(s) for s in shapes)
+    assert res["optimizer_state_bytes"] == memory.optimizer_state_bytes(shapes, "paged_adamw_8bit")
+    assert res["peak_bytes"] > res["weights_bytes"] > 0
+    assert len(res["losses"]) == 2 and all(math.isfinite(x) for x in res["losses"])
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement plumbing and errors a user can cause
+# --------------------------------------------------------------------------------------------
+
+
+def test_weights_child_reports_resident_memory_on_cpu(tiny_folder):
+    res = memory.run_child({"task": "weights", "model": tiny_folder, "format": "bf16", "device": "cpu"}, timeout=300)
+    assert res["ok"] and res["measure"].startswith("RSS")
+    table = memory.weights_table([res], memory._tiny_config())
+    # the 4 MB model: resident growth within a few MiB of the analytic size (allocator and page slack)
+    assert abs(table.loc[0, "brecha_mib"]) < 16
+
+
+def test_quantization_error_is_lower_for_nf4_than_fp4(tiny_folder):
+    errors = memory.quantization_errors(_load(tiny_folder, "fp32"))
+    mean = errors.groupby("formato")["error_relativo"].mean()
+    assert mean["nf4"] < mean["fp4"]
+    assert abs(mean["nf4_dq"] - mean["nf4"]) < 0.01 * mean["nf4"] + 1e-4
+    assert len(errors) == 2 * 7 * 3
+
+
+def test_unknown_format_names_the_parameter():
+    with pytest.raises(ValueError, match="formats"):
+        memory.supported_formats(["fp32", "nf3"])
+
+
+def test_missing_gpu_report_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="gpu-report"):
+        memory.load_gpu_report(tmp_path / "none.json")
+
+
+def test_gpu_report_without_gpu_fails_with_one_clear_message(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, "-m", "utils.memory", "gpu-report", "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 1
+    assert "CUDA GPU" in proc.stderr and "--tiny" in proc.stderr

@@ -1,0 +1,554 @@
+"""LoRA adapters: where they sit, how many parameters they add, their size on disk, and the original claims.
+
+Counts come three ways and are compared: analytically from the architecture (r × (in + out) per adapted
+linear layer), from PEFT's own helper (``get_nb_trainable_parameters``, which unpacks 4-bit tensors), and
+from a plain ``numel()`` sum (which does not: a 4-bit ``Params4bit`` stores two weights per ``uint8``).
+Sizes on disk are measured by writing safetensors files: the real adapter for the profile's model, and for
+the Llama-3.2-3B twin (built on the ``meta`` device, without weights) the LoRA tensors alone, created with
+the right shapes and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from utils.config import THESIS
+from utils.memory import ATTENTION_MODULES, GIB, LINEAR_MODULES, MLP_MODULES, linear_shapes
+
+MB = 1e6
+MIB = 1024**2
+GB = 1e9
+
+MODULE_SETS = {"attention": ATTENTION_MODULES, "mlp": MLP_MODULES, "all": LINEAR_MODULES}
+MODULE_SET_LABELS = {"attention": "solo atención (q, k, v, o)", "mlp": "solo MLP (gate, up, down)",
+                     "all": "los siete (original)"}
+RANKS = (4, 8, 16, 32, 64, 128)
+
+
+# --------------------------------------------------------------------------------------------
+# Analytic counts
+# --------------------------------------------------------------------------------------------
+
+
+def analytic_lora_counts(config, r: int = THESIS.lora_r,
+                         target_modules: Sequence[str] = THESIS.target_modules) -> dict[str, int]:
+    """LoRA parameters per adapted module over all layers: r × (in + out) for A (r × in) and B (out × r)."""
+    layers = config.num_hidden_layers
+    return {module: layers * r * (in_f + out_f)
+            for module, (out_f, in_f) in linear_shapes(config).items() if module in target_modules}
+
+
+def analytic_lora_parameters(config, r: int = THESIS.lora_r,
+                             target_modules: Sequence[str] = THESIS.target_modules) -> int:
+    """Total LoRA parameters of a Llama-architecture config."""
+    return sum(analytic_lora_counts(config, r, target_modules).values())
+
+
+def analytic_adapter_bytes(config, r: int = THESIS.lora_r, target_modules: Sequence[str] = THESIS.target_modules,
+                           bytes_per_param: int = 4) -> int:
+    """Bytes of the adapter's tensors (fp32 by default, as PEFT keeps and saves them); no file header."""
+    return analytic_lora_parameters(config, r, target_modules) * bytes_per_param
+
+
+# --------------------------------------------------------------------------------------------
+# Attaching LoRA and counting on the model
+# --------------------------------------------------------------------------------------------
+
+
+def load_base_model(name: str, quantization: str | None = "nf4_dq", prepare: bool = True):
+    """The base model as the original script loads it (4-bit NF4 + DQ), then ``prepare_model_for_kbit_training``.
+
+    On a CPU a quantised model comes from the cache that notebook 02 fills (``utils.memory.load_quantized_cached``:
+    quantised once, then reloaded in about a second).
+    """
+    from peft import prepare_model_for_kbit_training
+
+    from utils.memory import QUANTIZED, load_quantized_cached
+    from utils.modeling import default_device, load_model
+
+    device = default_device()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if device.type == "cpu" and quantization in QUANTIZED:
+            model = load_quantized_cached(name, quantization)
+        else:
+            model = load_model(name, quantization=quantization, device=device)
+        if prepare and quantization in QUANTIZED:
+            model = prepare_model_for_kbit_training(model)
+    return model
+
+
+def attach_lora(model, r: int = THESIS.lora_r, lora_alpha: int = THESIS.lora_alpha,
+                lora_dropout: float = THESIS.lora_dropout, target_modules: Sequence[str] = THESIS.target_modules):
+    """``get_peft_model`` with the original script's ``LoraConfig`` (values overridable)."""
+    from peft import get_peft_model
+
+    from utils.modeling import build_lora_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(model, build_lora_config(r, lora_alpha, lora_dropout, target_modules))
+
+
+def lora_tensors(peft_model) -> list[dict[str, Any]]:
+    """One row per LoRA matrix: layer, module, A or B, shape, parameters, dtype."""
+    rows = []
+    for name, param in peft_model.named_parameters():
+        if "lora_" not in name:
+            continue
+        parts = name.split(".")
+        layer = int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
+        module = next(p for p in parts if p in LINEAR_MODULES)
+        rows.append({"capa": layer, "módulo": module, "matriz": "A" if "lora_A" in name else "B",
+                     "forma": tuple(param.shape), "parametros": param.numel(), "dtype": str(param.dtype)})
+    return rows
+
+
+def per_module_table(peft_model, config, r: int = THESIS.lora_r,
+                     target_modules: Sequence[str] = THESIS.target_modules):
+    """DataFrame: LoRA parameters per module kind, counted on the model vs r × (in + out) × layers."""
+    import pandas as pd
+
+    rows = pd.DataFrame(lora_tensors(peft_model))
+    counted = rows.groupby("módulo")["parametros"].sum()
+    analytic = analytic_lora_counts(config, r, target_modules)
+    shapes = linear_shapes(config)
+    table = pd.DataFrame([
+        {"módulo": m, "tipo": "atención" if m in ATTENTION_MODULES else "MLP",
+         "in × out": f"{shapes[m][1]} × {shapes[m][0]}",
+         "A": f"{r} × {shapes[m][1]}", "B": f"{shapes[m][0]} × {r}",
+         "contado": int(counted.get(m, 0)), "analítico": analytic[m]}
+        for m in LINEAR_MODULES if m in analytic
+    ])
+    total = {"módulo": "total", "contado": int(table["contado"].sum()), "analítico": int(table["analítico"].sum())}
+    table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+    table["coincide"] = table["contado"] == table["analítico"]
+    return table
+
+
+def per_layer_table(peft_model):
+    """DataFrame: LoRA parameters per decoder layer (rows) and module (columns), with totals."""
+    import pandas as pd
+
+    rows = pd.DataFrame(lora_tensors(peft_model))
+    table = rows.pivot_table(index="capa", columns="módulo", values="parametros", aggfunc="sum")
+    table = table[[m for m in LINEAR_MODULES if m in table.columns]]
+    table["total de la capa"] = table.sum(axis=1)
+    return table
+
+
+def count_parameters(peft_model) -> dict[str, int]:
+    """Trainable and total parameters three ways: PEFT's helper, plain ``numel()``, unpacked 4-bit."""
+    from utils.memory import unpacked_numel
+
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    params = list(peft_model.parameters())
+    return {
+        "peft_trainable": trainable,
+        "peft_all": total,
+        "numel_trainable": sum(p.numel() for p in params if p.requires_grad),
+        "numel_all": sum(p.numel() for p in params),
+        "unpacked_all": sum(unpacked_numel(p) for p in params),
+        "packed_4bit_tensors": sum(1 for p in params if p.__class__.__name__ == "Params4bit"),
+    }
+
+
+def count_table(counts: dict[str, int], config, r: int = THESIS.lora_r,
+                target_modules: Sequence[str] = THESIS.target_modules):
+    """DataFrame comparing PEFT's counts, a plain ``numel`` sum and the analytic count, with the reason."""
+    import pandas as pd
+
+    from utils.memory import analytic_parameter_counts
+
+    base = sum(analytic_parameter_counts(config).values())
+    lora = analytic_lora_parameters(config, r, target_modules)
+    packed = counts["packed_4bit_tensors"] > 0
+    pct = lambda a, b: f"{100 * a / b:.4f} %"  # noqa: E731
+    return pd.DataFrame([
+        {"cuenta": "entrenables", "PEFT (get_nb_trainable_parameters)": f"{counts['peft_trainable']:,}",
+         "suma de numel()": f"{counts['numel_trainable']:,}", "analítica": f"{lora:,}",
+         "por qué difieren": "no difieren: los adaptadores LoRA no se cuantizan"},
+        {"cuenta": "todos", "PEFT (get_nb_trainable_parameters)": f"{counts['peft_all']:,}",
+         "suma de numel()": f"{counts['numel_all']:,}", "analítica": f"{base + lora:,}",
+         "por qué difieren": ("numel() cuenta elementos uint8 de los tensores de 4 bits, y cada uno guarda dos "
+                              "pesos; PEFT multiplica esos tensores por 2" if packed
+                              else "no difieren: no hay tensores de 4 bits")},
+        {"cuenta": "% entrenable",
+         "PEFT (get_nb_trainable_parameters)": pct(counts["peft_trainable"], counts["peft_all"]),
+         "suma de numel()": pct(counts["numel_trainable"], counts["numel_all"]),
+         "analítica": pct(lora, base + lora), "por qué difieren": "sigue de la fila anterior"},
+    ])
+
+
+# --------------------------------------------------------------------------------------------
+# Size on disk
+# --------------------------------------------------------------------------------------------
+
+
+def saved_adapter_size(peft_model, folder: str | os.PathLike | None = None) -> dict[str, int]:
+    """Save the adapter with ``save_pretrained`` (safetensors) and return the file's bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(folder or tmp)
+        peft_model.save_pretrained(target, safe_serialization=True)
+        path = target / "adapter_model.safetensors"
+        return {"file_bytes": path.stat().st_size, "tensor_bytes": _tensor_bytes_of_file(path)}
+
+
+def materialized_adapter_size(peft_model, dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Size of the adapter file of a model built on ``meta``: only the LoRA tensors are created and saved.
+
+    ``get_peft_model_state_dict`` gives the names and shapes ``save_pretrained`` would write; each becomes an
+    uninitialised CPU tensor of that shape (in its own dtype, or ``dtype``) and the dict is written with
+    ``safetensors.torch.save_file`` with PEFT's metadata. The file's size depends on names, shapes and dtypes
+    only, and equals what ``save_pretrained`` writes for the same adapter.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(peft_model)
+    tensors = {k: torch.empty(tuple(v.shape), dtype=dtype or v.dtype) for k, v in state.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "adapter_model.safetensors"
+        save_file(tensors, str(path), metadata={"format": "pt"})  # the metadata PEFT's save_pretrained writes
+        return {"file_bytes": path.stat().st_size, "tensor_bytes": _tensor_bytes_of_file(path)}
+
+
+def _tensor_bytes_of_file(path: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            shape = f.get_slice(key).get_shape()
+            total += math.prod(shape) * torch.empty(0, dtype=_dtype_of(f.get_slice(key).get_dtype())).element_size()
+    return total
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep over r and target modules
+# --------------------------------------------------------------------------------------------
+
+
+def lora_sweep(model, config, label: str, ranks: Sequence[int] = RANKS, module_sets: Sequence[str] = tuple(MODULE_SETS),
+               save_ranks: Sequence[int] = (), meta: bool = False):
+    """DataFrame: for each r and module set, PEFT's count vs analytic, and the adapter size saved vs analytic.
+
+    ``model`` is the base model (restored after each configuration with ``unload``). Sizes are measured for
+    ranks in ``save_ranks``: by ``save_pretrained`` on a real model, by materialising the LoRA tensors when
+    ``meta`` is true.
+    """
+    import pandas as pd
+
+    rows = []
+    for key in module_sets:
+        if key not in MODULE_SETS:
+            raise ValueError(f"module set {key!r} is unknown: use one of {sorted(MODULE_SETS)}")
+        for r in ranks:
+            peft_model = attach_lora(model, r=r, target_modules=MODULE_SETS[key])
+            trainable, _ = peft_model.get_nb_trainable_parameters()
+            row = {"modelo": label, "módulos": key, "r": r, "entrenables (PEFT)": trainable,
+                   "entrenables (analítico)": analytic_lora_parameters(config, r, MODULE_SETS[key]),
+                   "MB analítico (fp32)": analytic_adapter_bytes(config, r, MODULE_SETS[key]) / MB,
+                   "MB guardado": None, "medición del tamaño": None}
+            if r in save_ranks:
+                size = materialized_adapter_size(peft_model) if meta else saved_adapter_size(peft_model)
+                row["MB guardado"] = size["file_bytes"] / MB
+                row["encabezado (bytes)"] = size["file_bytes"] - size["tensor_bytes"]
+                row["medición del tamaño"] = ("tensores LoRA materializados + save_file" if meta
+                                              else "save_pretrained (safetensors)")
+            rows.append(row)
+            model = peft_model.unload()
+    table = pd.DataFrame(rows)
+    table["coincide"] = table["entrenables (PEFT)"] == table["entrenables (analítico)"]
+    return table
+
+
+def plot_sweep(sweep):
+    """Two panels: trainable parameters and adapter MB vs r, one line per model and module set (log axes).
+
+    Crosses mark the sizes measured by saving; a ring marks the original configuration (r = 32, seven modules).
+    """
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5.0))
+    for (model, key), group in sweep.groupby(["modelo", "módulos"], sort=False):
+        style = "-" if "3B" in model else "--"
+        label = f"{model}: {MODULE_SET_LABELS[key]}"
+        ax1.plot(group["r"], group["entrenables (PEFT)"], style, marker="o", markersize=3, label=label)
+        ax2.plot(group["r"], group["MB analítico (fp32)"], style, marker="o", markersize=3)
+        saved = group.dropna(subset=["MB guardado"])
+        ax2.scatter(saved["r"], saved["MB guardado"], marker="x", color="black", zorder=3)
+        original = group[(group["r"] == THESIS.lora_r) & (key == "all")]
+        for ax, column in ((ax1, "entrenables (PEFT)"), (ax2, "MB analítico (fp32)")):
+            ax.scatter(original["r"], original[column], s=90, facecolors="none", edgecolors="black", zorder=4)
+    ax2.scatter([], [], marker="x", color="black", label="medido: archivo safetensors guardado")
+    ax2.scatter([], [], s=90, facecolors="none", edgecolors="black", label="configuración original (r = 32, siete)")
+    ranks = sorted(sweep["r"].unique())
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("rango r")
+        ax.set_xticks(ranks)
+        ax.set_xticklabels(ranks)
+    ax1.set_ylabel("parámetros entrenables")
+    ax1.set_title("Parámetros LoRA según r", fontsize=10)
+    ax2.set_ylabel("tamaño del adaptador (MB = 10⁶ bytes)")
+    ax2.set_title("Tamaño en disco según r (fp32)", fontsize=10)
+    handles = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax1.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7.5)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Where the adapters sit, and their initialisation
+# --------------------------------------------------------------------------------------------
+
+
+def decoder_layer_tree(peft_model, layer: int = 0) -> str:
+    """The printed module tree of one decoder layer of a PEFT model (the rest of the model cut away)."""
+    return f"model.layers[{layer}] = " + str(peft_model.base_model.model.model.layers[layer])
+
+
+def check_zero_init(peft_model, input_ids: torch.Tensor) -> dict[str, Any]:
+    """B = 0 at step 0: every ``lora_B`` is zero and the logits equal the base model's (adapter disabled)."""
+    b_zero = all(bool((p == 0).all()) for n, p in peft_model.named_parameters() if "lora_B" in n)
+    a_nonzero = all(bool((p != 0).any()) for n, p in peft_model.named_parameters() if "lora_A" in n)
+    was_training = peft_model.training
+    peft_model.eval()  # no dropout: the comparison is exact
+    with torch.no_grad():
+        adapted = peft_model(input_ids=input_ids).logits.float()
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=input_ids).logits.float()
+    peft_model.train(was_training)
+    return {"todas las B son cero": b_zero, "todas las A son distintas de cero": a_nonzero,
+            "máx |logits adaptado − logits base|": float((adapted - base).abs().max()),
+            "logits idénticos": bool(torch.equal(adapted, base)), "tokens comparados": int(input_ids.numel())}
+
+
+# --------------------------------------------------------------------------------------------
+# The original analysis' claims
+# --------------------------------------------------------------------------------------------
+
+# Each claim as the original analysis (train_peft_v3.py, seed document) states it; "tolerance" is the
+# relative difference still called correct ("~" figures); 0 means the figure is exact (a count).
+ORIGINAL_CLAIMS = (
+    {"key": "trainable", "claim": "parámetros entrenables", "text": "83,886,080", "value": 83_886_080,
+     "tolerance": 0.0, "source": "sección 6, salida de print_trainable_parameters"},
+    {"key": "all", "claim": "parámetros totales", "text": "3,213,004,800", "value": 3_213_004_800,
+     "tolerance": 0.0, "source": "sección 6"},
+    {"key": "trainable_pct", "claim": "% entrenable", "text": "2.61 %", "value": 2.61, "tolerance": 0.005,
+     "source": "sección 6"},
+    {"key": "adapter_mb", "claim": "tamaño del adaptador", "text": "~185 MB", "value": 185.0, "tolerance": 0.10,
+     "source": "sección 11"},
+    {"key": "vram_no_quant_gb", "claim": "VRAM sin cuantización", "text": "~12 GB", "value": 12.0,
+     "tolerance": 0.10, "source": "sección 3, impacto en recursos"},
+    {"key": "vram_qlora_gb", "claim": "VRAM con QLoRA", "text": "5–6 GB", "value": (5.0, 6.0), "tolerance": 0.0,
+     "source": "sección 3, impacto en recursos"},
+    {"key": "saving_4bit", "claim": "ahorro de memoria de 4 bits", "text": "~8×", "value": 8.0, "tolerance": 0.10,
+     "source": "sección 3"},
+)
+
+# Public architectures searched for the claimed counts (values of each model's config.json on the Hub).
+KNOWN_ARCHITECTURES = {
+    "Llama-3.2-1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "Llama-3.2-3B": None,  # the committed twin config (utils/assets/llama-3.2-3b-config.json)
+    "Llama-3.1-8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+SEARCH_MODULE_SETS = {**MODULE_SETS, "q_v": ("q_proj", "v_proj")}
+
+
+def known_config(name: str):
+    """``LlamaConfig`` of a public Llama architecture of ``KNOWN_ARCHITECTURES``."""
+    from transformers import LlamaConfig
+
+    from utils.modeling import twin_config
+
+    values = KNOWN_ARCHITECTURES[name]
+    return twin_config() if values is None else LlamaConfig(**values)
+
+
+def search_lora_counts(target: int, ranks: Sequence[int] = (4, 8, 16, 32, 64, 128, 256)):
+    """DataFrame of (architecture, r, module set) whose LoRA count is exactly ``target``, with the formula."""
+    import pandas as pd
+
+    rows = []
+    for arch in KNOWN_ARCHITECTURES:
+        config = known_config(arch)
+        for key, modules in SEARCH_MODULE_SETS.items():
+            for r in ranks:
+                n = analytic_lora_parameters(config, r, modules)
+                if n == target:
+                    per_layer = sum(i + o for m, (o, i) in linear_shapes(config).items() if m in modules)
+                    rows.append({"arquitectura": arch, "r": r, "módulos": key, "capas": config.num_hidden_layers,
+                                 "Σ (in + out) por capa": per_layer,
+                                 "fórmula": f"{config.num_hidden_layers} × {r} × {per_layer:,} = {n:,}"})
+    return pd.DataFrame(rows)
+
+
+def search_total_counts(target: int, ranks: Sequence[int] = (4, 8, 16, 32, 64, 128, 256)):
+    """DataFrame: the base and base + LoRA totals of the known architectures closest to ``target``."""
+    import pandas as pd
+
+    from utils.memory import analytic_parameter_counts
+
+    rows = []
+    for arch in KNOWN_ARCHITECTURES:
+        config = known_config(arch)
+        base = sum(analytic_parameter_counts(config).values())
+        rows.append({"arquitectura": arch, "configuración": "modelo base", "total": base})
+        for key, modules in SEARCH_MODULE_SETS.items():
+            for r in ranks:
+                rows.append({"arquitectura": arch, "configuración": f"base + LoRA r={r} ({key})",
+                             "total": base + analytic_lora_parameters(config, r, modules)})
+    table = pd.DataFrame(rows)
+    table["diferencia con lo declarado"] = table["total"] - target
+    return table.reindex(table["diferencia con lo declarado"].abs().sort_values().index).head(5)
+
+
+def _verdict(claim: dict, measured: float) -> str:
+    value = claim["value"]
+    if isinstance(value, tuple):
+        return "correcto" if value[0] <= measured <= value[1] else "incorrecto"
+    if claim["tolerance"] == 0:
+        return "correcto" if measured == value else "incorrecto"
+    return "correcto" if abs(measured - value) <= claim["tolerance"] * abs(value) else "incorrecto"
+
+
+def claims_table(measured: dict[str, Any]):
+    """DataFrame: one row per original claim with claimed, measured, on what, verdict and why.
+
+    ``measured`` holds, computed elsewhere: ``twin_counts`` (``count_parameters`` of the twin with the original
+    LoRA), ``twin_adapter`` (``materialized_adapter_size``), ``gpu`` (the committed ``gpu-report`` dict),
+    ``trainable_search`` (``search_lora_counts`` of the claimed trainable count) and ``total_search``.
+    """
+    import pandas as pd
+
+    counts, adapter, gpu = measured["twin_counts"], measured["twin_adapter"], measured["gpu"]
+    twin_on = "Llama-3.2-3B (gemelo, dispositivo meta: sin pesos)"
+    gpu_on = f"{gpu['label']}, {gpu['device']} (results/02_twin_gpu_memory.json)"
+    train = {r["name"]: r for r in gpu["train"] if r.get("ok")}
+    weights = {r["format"]: r for r in gpu["weights"] if r.get("ok")}
+    qlora, fp16, fp32 = train["qlora_fp16_prepare"], train["lora_fp16_weights_gc"], train["lora_fp32_weights_gc"]
+    base = counts["peft_all"] - counts["peft_trainable"]
+    claimed = {c["key"]: c for c in ORIGINAL_CLAIMS}
+    match = measured["trainable_search"]
+    match_text = "; ".join(f"{r['arquitectura']} con r={r['r']} en {r['módulos']}: {r['fórmula']}"
+                           for _, r in match.iterrows()) or "ninguna arquitectura conocida da esa cifra"
+    nearest = measured["total_search"].iloc[0]
+    from utils.memory import analytic_parameter_counts, analytic_weight_bytes
+
+    twin = known_config("Llama-3.2-3B")
+    per_layer = sum(i + o for m, (o, i) in linear_shapes(twin).items() if m in THESIS.target_modules)
+    kinds = analytic_parameter_counts(twin)
+    embed_share = kinds["embedding"] / sum(kinds.values())
+    dq = analytic_weight_bytes(twin, "nf4_dq")
+    dq_bits = 8 * dq["linear_constants"] / (kinds["attention"] + kinds["mlp"])
+    ratio32 = weights["fp32"]["weights_bytes"] / weights["nf4_dq"]["weights_bytes"]
+    ratio16 = weights["bf16"]["weights_bytes"] / weights["nf4_dq"]["weights_bytes"]
+    size_mb = adapter["file_bytes"] / MB
+    rows = [
+        ("trainable", counts["peft_trainable"], f"{counts['peft_trainable']:,}", twin_on,
+         f"La cifra declarada es la de otra arquitectura ({match_text}). En Llama-3.2-3B, "
+         f"{twin.num_hidden_layers} capas × r={THESIS.lora_r} × {per_layer:,} = {counts['peft_trainable']:,}."),
+        ("all", counts["peft_all"], f"{counts['peft_all']:,}", twin_on,
+         f"PEFT suma base ({base:,}) + LoRA ({counts['peft_trainable']:,}). Lo declarado no es la base más los "
+         f"{claimed['trainable']['text']} declarados; lo más cercano es {nearest['arquitectura']} "
+         f"{nearest['configuración']} "
+         f"({nearest['total']:,}, diferencia {nearest['diferencia con lo declarado']:,})."),
+        ("trainable_pct", 100 * counts["peft_trainable"] / counts["peft_all"],
+         f"{100 * counts['peft_trainable'] / counts['peft_all']:.3f} %", twin_on,
+         f"Sale de las dos cifras anteriores: {claimed['trainable']['text']} / {claimed['all']['text']} = "
+         f"{100 * claimed['trainable']['value'] / claimed['all']['value']:.2f} % es coherente con ellas, pero ambas "
+         f"están mal."),
+        ("adapter_mb", size_mb, f"{size_mb:.1f} MB = {adapter['file_bytes'] / MIB:.1f} MiB", twin_on + ", safetensors",
+         f"{counts['peft_trainable']:,} parámetros × 4 bytes (PEFT guarda los adaptadores en fp32) + "
+         f"{adapter['file_bytes'] - adapter['tensor_bytes']:,} bytes de encabezado. Con los "
+         f"{claimed['trainable']['text']} declarados serían {claimed['trainable']['value'] * 4 / MB:.1f} MB: la cifra "
+         f"de tamaño no es coherente con la de parámetros (sí con la cuenta real, leída en MiB)."),
+        ("vram_no_quant_gb", fp32["peak_reserved_bytes"] / GB,
+         f"{fp32['peak_reserved_bytes'] / GB:.2f} GB ({fp32['peak_reserved_bytes'] / GIB:.2f} GiB) con pesos fp32; "
+         f"{fp16['peak_reserved_bytes'] / GB:.2f} GB ({fp16['peak_reserved_bytes'] / GIB:.2f} GiB) con pesos fp16",
+         gpu_on + ", pico reservado de un paso",
+         f"Sin quantization_config, transformers 4.x cargaba en fp32: solo los pesos son "
+         f"{weights['fp32']['weights_bytes'] / GB:.2f} GB, y el paso llega a "
+         f"{fp32['peak_reserved_bytes'] / GB:.2f} GB. "
+         f"En fp16 son {fp16['peak_reserved_bytes'] / GB:.2f} GB. La conclusión 'no cabe en 8 GB' se sostiene "
+         f"en ambos casos (más el contexto CUDA); la cifra de 12 GB no corresponde a ninguno."),
+        ("vram_qlora_gb", qlora["peak_reserved_bytes"] / GB,
+         f"{qlora['peak_reserved_bytes'] / GB:.2f} GB ({qlora['peak_reserved_bytes'] / GIB:.2f} GiB) reservados; "
+         f"{qlora['peak_bytes'] / GB:.2f} GB asignados", gpu_on + ", configuración original (fp16, prepare)",
+         "Pico de un paso con la configuración original (1 × 2 × 512, NF4 + DQ, prepare_model_for_kbit_training, "
+         "paged_adamw_8bit). Una tarjeta real suma el contexto CUDA (~0,3–0,5 GiB)."),
+        ("saving_4bit", ratio32,
+         f"{ratio32:.2f}× frente a fp32; {ratio16:.2f}× frente a bf16", gpu_on + ", pesos cargados",
+         f"8× es la razón de 32 a 4 bits en los datos de las matrices lineales; NF4 + DQ suma {dq_bits:.3f} bit de "
+         f"constantes por peso y los embeddings (atados a lm_head, {100 * embed_share:.1f} % del modelo) no se "
+         f"cuantizan. El modelo se publica en bf16: frente a eso el ahorro es {ratio16:.2f}×."),
+    ]
+    table = []
+    for key, value, shown, on, why in rows:
+        claim = claimed[key]
+        table.append({"afirmación": claim["claim"], "declarado": claim["text"], "medido": shown, "sobre qué": on,
+                      "veredicto": _verdict(claim, value), "por qué": why, "fuente": claim["source"],
+                      "valor medido": value})
+    return pd.DataFrame(table)
+
+
+def save_claims_latex(table, name: str = "03_claims") -> Path:
+    """Write the claims table as ``figures/<name>.tex``: a booktabs ``table`` with wrapping columns.
+
+    Columns: claim, claimed, measured, on what, verdict (the reasons stay in the notebook and the CSV).
+    """
+    from utils.paths import figures_dir
+
+    columns = ["afirmación", "declarado", "medido", "sobre qué", "veredicto"]
+    latex = table[columns].to_latex(
+        index=False, escape=True, column_format="p{2.6cm}p{1.9cm}p{3.6cm}p{4.2cm}p{1.5cm}",
+        caption="Afirmaciones del análisis original de train\_peft\_v3.py frente a lo medido.",
+        label=f"tab:{name}", position="htbp",
+    )
+    folder = figures_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.tex"
+    path.write_text(latex, encoding="utf-8")
+    return path
+
+
+def describe_findings(model_label: str, model_counts: dict, twin_counts: dict, claims, zero: dict,
+                      sweep) -> str:
+    """Markdown bullets (Spanish) stating what this run's tables show, every number taken from them."""
+    wrong = claims[claims["veredicto"] == "incorrecto"]["afirmación"].tolist()
+    right = claims[claims["veredicto"] == "correcto"]["afirmación"].tolist()
+    lines = [
+        f"- Con la configuración del script (r=32, alpha=64, siete módulos), Llama-3.2-3B entrena "
+        f"**{twin_counts['peft_trainable']:,}** parámetros de {twin_counts['peft_all']:,} "
+        f"({100 * twin_counts['peft_trainable'] / twin_counts['peft_all']:.3f} %); {model_label} entrena "
+        f"{model_counts['peft_trainable']:,} de {model_counts['peft_all']:,}.",
+        f"- PEFT y la fórmula r × (in + out) coinciden en cada módulo y en el total; la suma ingenua de `numel()` "
+        f"da {model_counts['numel_all']:,} en lugar de {model_counts['peft_all']:,} cuando el modelo está en 4 bits "
+        f"({model_counts['packed_4bit_tensors']} tensores empaquetados).",
+        f"- Al paso 0 el modelo adaptado es el modelo base: B = 0 en todas las capas "
+        f"({'sí' if zero['todas las B son cero'] else 'NO'}) y los logits difieren como máximo en "
+        f"{zero['máx |logits adaptado − logits base|']:g}.",
+        f"- En el barrido, PEFT y la fórmula coinciden en {int(sweep['coincide'].sum())} de {len(sweep)} "
+        f"configuraciones; el tamaño guardado excede al analítico solo por el encabezado de safetensors "
+        f"(a lo sumo {sweep['encabezado (bytes)'].max():,.0f} bytes)." if "encabezado (bytes)" in sweep else "",
+        f"- Afirmaciones del análisis original que la medición contradice: {', '.join(wrong) or 'ninguna'}; "
+        f"que confirma: {', '.join(right) or 'ninguna'}.",
+    ]
+    return "\n".join(line for line in lines if line)
