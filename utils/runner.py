@@ -95,6 +95,9 @@ def run_profile(profile_name: str, only: list[str] | None = None, log_output: bo
         check_profile_keys(nb, profile)
     out_dir = run_dir(profile_name)
     os.environ["QLORA_PROFILE"] = profile_name
+    # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads slowed
+    # forward passes several-fold. Kernels inherit the variable; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["QLORA_FIGURES_DIR"] = str(resolve_path(profile.get("figures_dir", "figures")))
     timings: dict[str, float] = {}
     total = len(notebooks)
