@@ -198,3 +198,65 @@ def test_gpu_report_without_gpu_fails_with_one_clear_message(tmp_path):
                           capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 1
     assert "CUDA GPU" in proc.stderr and "--tiny" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# What the notebooks can measure live (the profile's weights may be missing)
+# --------------------------------------------------------------------------------------------
+
+MISSING_LLAMA = "no-such-owner/Llama-3.2-3B-Instruct"  # never in any hub cache
+
+
+def test_live_model_falls_back_to_the_twin_when_the_llama_weights_are_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    live = memory.resolve_live_model(MISSING_LLAMA, "02", GPU_REPORT)
+    assert not live.available and live.weights_name is None and live.stand_in is None
+    assert memory._config_dict(live.config) == memory._config_dict(twin_config())
+    assert "not reachable" in live.reason
+    # the one note says why, how to get the weights (the error's advice) and where the GPU numbers come from
+    report = memory.load_gpu_report(GPU_REPORT)
+    assert f"hf download {MISSING_LLAMA}" in live.note and "no están disponibles" in live.note
+    assert report["device"] in live.note and report["date"][:10] in live.note
+    assert "Se omite" in live.note and "meta" in live.note
+    assert live.unquantized_dtype("cpu")[0] == "float16"  # the thesis GPU's dtype, not this CPU's fp32
+    (tmp_path / "02_quality.csv").write_text("stale")
+    line = live.skip("la pérdida", tmp_path, ["02_quality.csv", "absent.csv"])
+    assert "Se omite la pérdida" in line and "02_quality.csv" in line and not (tmp_path / "02_quality.csv").exists()
+    assert live.as_record()["skipped_steps"] == {"la pérdida": live.skipped_steps["la pérdida"]}
+    # notebook 03 runs its B = 0 check on the embedded model instead, and says so
+    live03 = memory.resolve_live_model(MISSING_LLAMA, "03", GPU_REPORT)
+    assert live03.weights_name == "embedded" and "Sustituto" in live03.note
+
+
+def test_live_model_is_live_for_the_embedded_model():
+    live = memory.resolve_live_model("embedded", "02", GPU_REPORT)
+    assert live.available and live.note == "" and live.reason is None and live.weights_name == "embedded"
+    assert live.config.hidden_size == 576 and live.unquantized_dtype("cpu")[0] == "float32"
+
+
+def test_a_missing_model_of_another_architecture_still_raises(monkeypatch):
+    from utils.modeling import ModelNotAvailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailableError, match="Only Llama-3.2-3B"):
+        memory.resolve_live_model("no-such-owner/Mistral-7B-v0.1", "02", GPU_REPORT)
+    with pytest.raises(ModelNotAvailableError, match="model_name"):  # a malformed name is not a missing model
+        memory.resolve_live_model("not a model", "02", GPU_REPORT)
+
+
+def test_a_folder_with_the_llama_config_but_no_weights_falls_back(tmp_path):
+    twin_config().save_pretrained(tmp_path)
+    live = memory.resolve_live_model(str(tmp_path), "03", GPU_REPORT)
+    assert not live.available and "safetensors" in live.reason
+
+
+def test_findings_without_live_measurements_use_the_analytic_sizes():
+    report = memory.load_gpu_report(GPU_REPORT)
+    config = twin_config()
+    analytic = memory.analytic_weight_table(config, ["fp32", "bf16", "nf4_dq"], "float16")
+    text = memory.describe_findings(None, None, None, None, memory.weights_table(report["weights"], config),
+                                    memory.training_table(report["train"]), "Llama-3.2-3B (gemelo)",
+                                    analytic=analytic, skipped_steps={"la sección 3": "sin pesos"})
+    ratio = analytic["total_gib"].iloc[0] / analytic["total_gib"].iloc[2]
+    assert f"{ratio:.1f}×" in text and "No medido en esta corrida**: la sección 3 (motivo: sin pesos)" in text
+    assert "H100" in text  # the committed measurements still reach the conclusions

@@ -534,17 +534,25 @@ def describe_findings(model_label: str, model_counts: dict, twin_counts: dict, c
     """Markdown bullets (Spanish) stating what this run's tables show, every number taken from them."""
     wrong = claims[claims["veredicto"] == "incorrecto"]["afirmación"].tolist()
     right = claims[claims["veredicto"] == "correcto"]["afirmación"].tolist()
+    same = all(model_counts[k] == twin_counts[k] for k in ("peft_trainable", "peft_all"))
+    if model_counts["packed_4bit_tensors"]:
+        numel = (f"la suma ingenua de `numel()` da {model_counts['numel_all']:,} en lugar de "
+                 f"{model_counts['peft_all']:,} cuando el modelo está en 4 bits "
+                 f"({model_counts['packed_4bit_tensors']} tensores empaquetados).")
+    else:
+        numel = (f"{model_label} no tiene tensores de 4 bits, así que aquí la suma de `numel()` coincide con PEFT "
+                 f"({model_counts['numel_all']:,}); en 4 bits contaría la mitad de los pesos de las capas lineales.")
     lines = [
         f"- Con la configuración del script (r=32, alpha=64, siete módulos), Llama-3.2-3B entrena "
         f"**{twin_counts['peft_trainable']:,}** parámetros de {twin_counts['peft_all']:,} "
         f"({100 * twin_counts['peft_trainable'] / twin_counts['peft_all']:.3f} %); {model_label} entrena "
-        f"{model_counts['peft_trainable']:,} de {model_counts['peft_all']:,}.",
-        f"- PEFT y la fórmula r × (in + out) coinciden en cada módulo y en el total; la suma ingenua de `numel()` "
-        f"da {model_counts['numel_all']:,} en lugar de {model_counts['peft_all']:,} cuando el modelo está en 4 bits "
-        f"({model_counts['packed_4bit_tensors']} tensores empaquetados).",
+        + ("exactamente lo mismo." if same else
+           f"{model_counts['peft_trainable']:,} de {model_counts['peft_all']:,}."),
+        f"- PEFT y la fórmula r × (in + out) coinciden en cada módulo y en el total; {numel}",
         f"- Al paso 0 el modelo adaptado es el modelo base: B = 0 en todas las capas "
         f"({'sí' if zero['todas las B son cero'] else 'NO'}) y los logits difieren como máximo en "
-        f"{zero['máx |logits adaptado − logits base|']:g}.",
+        f"{zero['máx |logits adaptado − logits base|']:g}"
+        + (f" (comprobado sobre {zero['modelo']})." if zero.get("modelo") else "."),
         f"- En el barrido, PEFT y la fórmula coinciden en {int(sweep['coincide'].sum())} de {len(sweep)} "
         f"configuraciones; el tamaño guardado excede al analítico solo por el encabezado de safetensors "
         f"(a lo sumo {sweep['encabezado (bytes)'].max():,.0f} bytes)." if "encabezado (bytes)" in sweep else "",
