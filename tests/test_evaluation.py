@@ -1,0 +1,348 @@
+"""utils.evaluation: Spanish metrics on hand-made answers, the refusal rule on the shipped split, the
+seeded bootstrap, batched generation and test loss on the embedded model, the merge export, and the
+notebook end to end on the smoke profile."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from utils import evaluation as ev
+from utils.paths import REPO_ROOT, RUNS_DIR, TEST_FILE, TRAIN_FILE
+
+REFERENCE = ("Según la Ord. 1549, art. 1.2, la Facultad Regional tiene 30 días hábiles para informar sus "
+             "normas complementarias al Consejo Superior.")
+KEYWORDS = ["30", "días hábiles", "Consejo Superior"]
+PARAPHRASE = ("La Ordenanza 1549 fija un plazo de treinta (30) dias habiles: dentro de ese lapso la Facultad "
+              "debe comunicar al consejo superior las normas que dicte.")
+WRONG_NUMBER = REFERENCE.replace("30", "60")
+REFUSAL = ("La normativa disponible no establece ese plazo. Te sugiero consultar a la Secretaría Académica "
+           "de tu Facultad Regional.")
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics on hand-made answers
+# --------------------------------------------------------------------------------------------
+
+
+def test_exact_answer_scores_perfectly():
+    scores = ev.score_answer(REFERENCE, REFERENCE, KEYWORDS, "fact")
+    assert scores["keyword_recall"] == 1.0
+    assert scores["rouge_l"] == pytest.approx(1.0)
+    assert scores["chrf"] == pytest.approx(100.0)
+    assert scores["wrongful_refusal"] == 0.0 and scores["refusal_accuracy"] == 1.0
+
+
+def test_paraphrase_keeps_keywords_but_loses_overlap():
+    scores = ev.score_answer(PARAPHRASE, REFERENCE, KEYWORDS, "fact")
+    # Accents and case do not matter for keywords ("dias habiles", "consejo superior").
+    assert scores["keyword_recall"] == 1.0
+    assert 0.1 < scores["rouge_l"] < 0.5
+    assert 20 < scores["chrf"] < 70
+
+
+def test_wrong_number_is_caught_by_keywords_not_by_overlap():
+    scores = ev.score_answer(WRONG_NUMBER, REFERENCE, KEYWORDS, "fact")
+    assert scores["keyword_recall"] == pytest.approx(2 / 3)
+    assert scores["rouge_l"] > 0.9  # one token of twenty differs: overlap metrics barely move
+    assert scores["chrf"] > 85
+
+
+def test_refusal_on_answerable_is_wrongful_and_on_out_of_scope_is_correct():
+    answerable = ev.score_answer(REFUSAL, REFERENCE, KEYWORDS, "fact")
+    assert answerable["keyword_recall"] == 0.0
+    assert answerable["wrongful_refusal"] == 1.0 and answerable["refusal_accuracy"] == 0.0
+    assert math.isnan(answerable["refusal_oos"])
+    oos = ev.score_answer(REFUSAL, REFUSAL, ["no establece", "secretaría académica"], "out_of_scope")
+    assert oos["refusal_oos"] == 1.0 and oos["refusal_accuracy"] == 1.0
+    assert math.isnan(oos["wrongful_refusal"])
+    # Declining without referring the student is not a proper out-of-scope answer; naming the
+    # Facultad Regional is not a referral either.
+    assert not ev.is_refusal("La normativa no establece ese dato.")
+    assert not ev.is_refusal("La normativa disponible no establece la nota de la Facultad Regional.")
+    assert ev.is_refusal("No tengo información sobre eso; consultá en tu facultad regional.")
+
+
+def test_keywords_match_whole_words_only():
+    assert ev.keyword_recall("El plazo es de 130 días.", ["30"]) == 0.0
+    assert ev.keyword_recall("Son 300 días.", ["30"]) == 0.0
+    assert ev.keyword_recall("Ambos son obligatorios.", ["obligatorio"]) == 1.0  # Spanish plural
+    assert ev.keyword_recall("Ord. 1549", ["ord 1549"]) == 1.0
+    assert ev.keyword_recall("sin palabras clave", []) != ev.keyword_recall("sin palabras clave", [])  # NaN
+
+
+def test_default_rouge_tokenizer_breaks_spanish_words_ours_does_not():
+    from rouge_score import rouge_scorer
+
+    default = rouge_scorer.RougeScorer(["rougeL"])
+    # The default tokenizer replaces non-ASCII letters by spaces: "año" becomes "a o", so a different
+    # text scores as identical, and "Académica" splits into pieces.
+    assert default.score("año", "a o")["rougeL"].fmeasure == 1.0
+    assert ev.rouge_l("a o", "año") == 0.0
+    assert ev.tokenize_spanish("Secretaría Académica, Nº 1549") == ["secretaria", "academica", "no", "1549"]
+    assert ev.rouge_l("Secretaría Académica", "secretaria academica") == 1.0
+
+
+def test_highlight_is_accent_insensitive_and_escapes_html():
+    out = ev.highlight_keywords("Tiene 30 DIAS hábiles <b>", KEYWORDS)
+    assert out == "Tiene <mark>30</mark> <mark>DIAS hábiles</mark> &lt;b&gt;"
+
+
+def test_refusal_rule_agrees_with_the_shipped_reference_answers():
+    # Calibration: every out-of-scope reference is a refusal; no answerable reference is a wrongful one.
+    from utils.data import answer_of, load_records
+
+    records = load_records(TEST_FILE) + load_records(TRAIN_FILE)
+    oos = [r for r in records if r["kind"] == "out_of_scope"]
+    answerable = [r for r in records if r["kind"] != "out_of_scope"]
+    assert oos and answerable
+    assert all(ev.is_refusal(answer_of(r["messages"])) for r in oos)
+    wrongful = [r["id"] for r in answerable if ev.is_wrongful_refusal(answer_of(r["messages"]), r["keywords"])]
+    assert wrongful == []
+    assert all(ev.keyword_recall(answer_of(r["messages"]), r["keywords"]) == 1.0 for r in records if r["keywords"])
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap and summaries
+# --------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_is_seeded_and_reproducible():
+    values = np.random.default_rng(0).random(40)
+    a = ev.bootstrap_ci(values, n_boot=500, seed=7)
+    assert a == ev.bootstrap_ci(values, n_boot=500, seed=7)
+    assert a != ev.bootstrap_ci(values, n_boot=500, seed=8)
+    mean, low, high = a
+    assert mean == pytest.approx(values.mean()) and low < mean < high
+    assert ev.bootstrap_ci([0.5] * 10, n_boot=100, seed=0) == (0.5, 0.5, 0.5)
+    # NaN = not applicable: ignored, not counted as zero.
+    assert ev.bootstrap_ci([1.0, math.nan, 1.0], n_boot=100, seed=0) == (1.0, 1.0, 1.0)
+
+
+def _fake_scores(n: int = 12) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n):
+        kind = "out_of_scope" if i % 4 == 0 else "fact"
+        base = {"keyword_recall": rng.random(), "rouge_l": rng.random(), "chrf": 100 * rng.random()}
+        for model, shift in (("base", 0.0), ("tuned", 0.25)):
+            rows.append({
+                "id": f"r{i:02d}", "topic": "t", "kind": kind, "model": model,
+                "keyword_recall": base["keyword_recall"] + shift, "rouge_l": base["rouge_l"],
+                "chrf": base["chrf"], "declines": 0.0,
+                "refusal_oos": float(model == "tuned") if kind == "out_of_scope" else math.nan,
+                "wrongful_refusal": math.nan if kind == "out_of_scope" else 0.0,
+                "refusal_accuracy": float(model == "tuned") if kind == "out_of_scope" else 1.0,
+                "stop_rate": 1.0, "length_tokens": 10 + i,
+                "nll": (i + 1) * (2.0 if model == "base" else 1.0), "loss_tokens": i + 1,
+            })
+    return pd.DataFrame(rows)
+
+
+def test_summary_pairs_models_and_weights_loss_by_tokens():
+    summary = ev.summarize_scores(_fake_scores(), n_boot=300, seed=3).set_index(["model", "metric"])
+    delta = summary.loc[("delta", "keyword_recall")]
+    # Same resamples for both models: a constant shift has a zero-width paired interval.
+    assert delta["value"] == pytest.approx(0.25) and delta["low"] == pytest.approx(0.25)
+    assert delta["high"] == pytest.approx(0.25)
+    assert summary.loc[("base", "loss"), "value"] == pytest.approx(2.0)
+    assert summary.loc[("tuned", "perplexity"), "value"] == pytest.approx(math.e)
+    assert summary.loc[("tuned", "refusal_oos"), "n"] == 3
+    # Balanced: a model that never refuses gets 0.5, not the share of answerable questions (0.75).
+    assert summary.loc[("base", "refusal_accuracy"), "value"] == pytest.approx(0.5)
+    assert summary.loc[("tuned", "refusal_accuracy"), "value"] == pytest.approx(1.0)
+    again = ev.summarize_scores(_fake_scores(), n_boot=300, seed=3)
+    pd.testing.assert_frame_equal(again.set_index(["model", "metric"]), summary)
+
+
+def test_pick_examples_follows_the_stated_rule():
+    scores = _fake_scores()
+    scores.loc[(scores["id"] == "r05") & (scores["model"] == "tuned"), "rouge_l"] += 3.0
+    scores.loc[(scores["id"] == "r06") & (scores["model"] == "tuned"), ["keyword_recall", "rouge_l"]] = 0.0
+    picks = ev.pick_examples(scores).set_index("caso")["id"]
+    assert picks["mejor mejora"] == "r05"
+    assert picks["peor empeoramiento"] == "r06"
+    assert picks["fuera de alcance"] == "r00"  # all gain 1 in refusals; the first id wins the tie on Δ
+
+
+def test_select_records_keeps_every_kind():
+    records = [{"id": f"{k}{i}", "kind": k} for k in ("fact", "combined", "out_of_scope") for i in range(5)]
+    chosen = ev.select_records(records, 4)
+    assert {r["kind"] for r in chosen} == {"fact", "combined", "out_of_scope"} and len(chosen) == 4
+    assert ev.select_records(records, 0) == records
+
+
+# --------------------------------------------------------------------------------------------
+# Tables, run collection, error messages
+# --------------------------------------------------------------------------------------------
+
+
+def test_latex_longtable_escapes_special_characters(tmp_path):
+    table = pd.DataFrame({"pregunta": ["¿50% & $x_1$?"], "referencia": ["línea 1\n\nlínea 2"],
+                          "base": ["#1 {a}"], "ajustado": ["ok"]})
+    text = ev.write_latex_longtable(table, tmp_path / "t.tex", caption="Respuestas").read_text()
+    assert r"\begin{longtable}" in text and r"\caption{Respuestas}" in text
+    assert r"50\% \& \$x\_1\$" in text and r"\#1 \{a\}" in text
+    assert "línea 1 línea 2" in text  # no blank line inside a p{} cell
+
+
+def test_collect_runs_reads_every_run(tmp_path):
+    for run, value in (("original", 0.2), ("fixed", 0.6)):
+        folder = tmp_path / run
+        folder.mkdir()
+        rows = [{"model": "tuned", "metric": "keyword_recall", "value": value, "low": value - 0.1,
+                 "high": value + 0.1, "n": 10, "label": "x"}]
+        (folder / "05_metrics.json").write_text(json.dumps({"metrics": rows}))
+        pd.DataFrame({"step": [1, 2, 2], "loss": [2.0, 1.5, None], "eval_loss": [None, None, 1.7]}).to_csv(
+            folder / "04_log_history.csv", index=False)
+    (tmp_path / "empty").mkdir()
+    metrics, curves = ev.collect_runs(tmp_path)
+    assert sorted(metrics["run"]) == ["fixed", "original"]
+    assert len(curves) == 6 and set(curves["split"]) == {"train", "eval"}
+    table = ev.runs_table(metrics)
+    assert list(table.columns) == ["fixed", "original"] and "0.600" in table.iloc[0, 0]
+
+
+def test_missing_adapter_says_to_run_notebook_04(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "RUNS_DIR", tmp_path / "runs")
+    with pytest.raises(ev.AdapterNotFoundError) as info:
+        ev.require_adapter("nada")
+    message = str(info.value)
+    assert "python -m utils.runner --profile nada --only 04" in message
+    assert "runs/nada/04_adapter/adapter_model.safetensors" in message
+
+
+# --------------------------------------------------------------------------------------------
+# Generation, loss and merge on the embedded model
+# --------------------------------------------------------------------------------------------
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Write the word hello three times, then stop."}],
+]
+
+
+def test_left_padded_batches_match_one_by_one(embedded_model, embedded_tokenizer):
+    batched = ev.generate_answers(embedded_model, embedded_tokenizer, CHATS, 10, batch_size=3, progress=False)
+    single = ev.generate_answers(embedded_model, embedded_tokenizer, CHATS, 10, batch_size=1, progress=False)
+    assert [b["answer"] for b in batched] == [s["answer"] for s in single]
+    assert embedded_tokenizer.padding_side == "right"  # restored after generation
+    assert "Paris" in batched[0]["answer"]
+
+
+def test_stop_flag_and_token_count(embedded_model, embedded_tokenizer):
+    short = ev.generate_answers(embedded_model, embedded_tokenizer, CHATS[:1], 3, progress=False)[0]
+    assert short == {**short, "n_tokens": 3, "stopped": False}
+    long = ev.generate_answers(embedded_model, embedded_tokenizer, CHATS[:1], 60, progress=False)[0]
+    assert long["stopped"] and long["n_tokens"] < 60
+
+
+def test_completion_loss_matches_the_model_loss_on_answer_tokens(embedded_model, embedded_tokenizer):
+    from utils.data import completion_mask
+
+    record = {"messages": [{"role": "system", "content": "Respondé en español."},
+                           {"role": "user", "content": "¿Cuántos capítulos tiene la Ord. 1549?"},
+                           {"role": "assistant", "content": "Según la Ord. 1549, tiene 10 capítulos."}]}
+    other = {"messages": [{"role": "user", "content": "¿Y cuántos tiene el reglamento del INSPT, según su índice?"},
+                          {"role": "assistant", "content": "Según su índice, 9 capítulos."}]}
+    (nll, count), (nll2, count2) = ev.completion_losses(embedded_model, embedded_tokenizer, [record, other])
+    alone = ev.completion_losses(embedded_model, embedded_tokenizer, [other], batch_size=1)[0]
+    assert alone[1] == count2 and alone[0] == pytest.approx(nll2, rel=1e-4)  # padding and batching do not matter
+    ids, mask = completion_mask(embedded_tokenizer, record["messages"])
+    assert count == sum(mask)  # every answer token plus its end-of-turn is scored
+    labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])
+    with torch.no_grad():
+        mean = embedded_model(input_ids=torch.tensor([ids]), labels=labels).loss
+    assert nll / count == pytest.approx(float(mean), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tmp_path_factory, embedded_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from utils.modeling import load_model
+
+    folder = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(0)
+    model = get_peft_model(load_model("embedded", device="cpu"),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+    model.save_pretrained(folder)
+    embedded_tokenizer.save_pretrained(folder)
+    return model, folder
+
+
+def test_base_answers_come_from_the_disabled_adapter(random_adapter, embedded_model, embedded_tokenizer):
+    peft_model, _ = random_adapter
+    base = ev.generate_answers(peft_model, embedded_tokenizer, CHATS[:2], 8, adapter=False, progress=False)
+    plain = ev.generate_answers(embedded_model, embedded_tokenizer, CHATS[:2], 8, progress=False)
+    tuned = ev.generate_answers(peft_model, embedded_tokenizer, CHATS[:2], 8, adapter=True, progress=False)
+    assert base == plain
+    assert tuned != plain
+
+
+def test_merged_export_reproduces_the_adapter_logits(random_adapter, embedded_tokenizer, tmp_path):
+    peft_model, folder = random_adapter
+    probe = [CHATS[0] + [{"role": "assistant", "content": "Paris."}]]
+    report = ev.export_merged(folder, "embedded", tmp_path / "merged", probe, dtype=torch.bfloat16,
+                              reference_logits=ev.probe_logits(peft_model, embedded_tokenizer, probe))
+    assert report["passed"] and report["merged_vs_adapter"]["top1_agreement"] > 0.9
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+    assert report["rounding_units"] < 4
+
+
+def test_merge_check_catches_a_merge_that_loses_the_adapter(random_adapter, tmp_path, monkeypatch):
+    from peft.tuners.tuners_utils import BaseTuner
+
+    _, folder = random_adapter
+    probe = [CHATS[0] + [{"role": "assistant", "content": "Paris."}]]
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, **kw: self.unload())
+    with pytest.raises(ev.MergeCheckError, match="merge_rtol"):
+        ev.export_merged(folder, "embedded", tmp_path / "broken", probe, dtype=torch.bfloat16)
+
+
+def test_notebook_declares_the_recorded_parameters():
+    import papermill as pm
+
+    from utils.paths import NOTEBOOKS_DIR
+
+    declared = pm.inspect_notebook(str(NOTEBOOKS_DIR / "05_evaluation.ipynb"))
+    assert set(declared) == set(ev.PARAMETER_NAMES)
+
+
+# --------------------------------------------------------------------------------------------
+# The notebook on the smoke profile
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_notebook_05_runs_on_smoke():
+    import nbformat
+
+    run = RUNS_DIR / "smoke"
+    only = ["05"] if (run / "04_adapter" / "adapter_model.safetensors").is_file() else ["04", "05"]
+    out = subprocess.run([sys.executable, "-m", "utils.runner", "--profile", "smoke", "--only", *only],
+                         cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    executed = nbformat.read(run / "05_evaluation.ipynb", as_version=4)
+    html_outputs = "".join(o.get("data", {}).get("text/html", "") for c in executed.cells if c.cell_type == "code"
+                           for o in c.get("outputs", []))
+    assert "<mark>" in html_outputs or "pregunta" in html_outputs  # the side-by-side table is shown
+    predictions = ev.read_jsonl(run / "05_predictions.jsonl")
+    metrics = json.loads((run / "05_metrics.json").read_text())
+    assert {m["model"] for m in metrics["metrics"]} >= {"base", "tuned", "delta"}
+    assert len(predictions) == len(pd.read_csv(run / "05_respuestas.csv"))
+    figures = run / "figures"
+    assert (figures / "05_respuestas.tex").read_text().count(r"\begin{longtable}") == 1
+    assert (figures / "05_metricas_base_vs_ajustado.pdf").is_file()
+    record = json.loads((run / "05_run.json").read_text())
+    assert record["profile"] == "smoke" and record["n_test_records"] == len(predictions)

@@ -1,0 +1,115 @@
+"""Kill a training run after a checkpoint, resume it, and get the run that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from utils import training
+from utils.paths import REPO_ROOT
+
+MAX_STEPS = 6
+ARGS = [
+    "--profile", "smoke", "--max-steps", str(MAX_STEPS), "--save-steps", "2", "--save-total-limit", "5",
+    "--logging-steps", "1", "--eval-steps", "100", "--no-eval-on-start", "--train-limit", "24",
+    "--eval-limit", "2", "--warmup-steps", "1", "--gradient-accumulation-steps", "1",
+]
+
+
+def _command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "utils.training", *ARGS, "--output-dir", str(out), *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(_command(out, *extra), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _run_and_kill_after_first_checkpoint(out: Path) -> int:
+    """Start a run, SIGKILL it once a complete checkpoint exists; return that checkpoint's step."""
+    log = open(out.parent / f"{out.name}.log", "w")
+    proc = subprocess.Popen(_command(out), cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            last = training.find_last_checkpoint(out / training.CHECKPOINTS_DIR)
+            if last is not None:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and time.monotonic() >= deadline:
+            proc.kill()
+        proc.wait()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    return int(last.name.split("-")[1])
+
+
+def _losses(out: Path) -> pd.Series:
+    history = pd.read_csv(out / training.HISTORY_FILE)
+    rows = history.dropna(subset=["loss"])
+    assert rows["step"].is_unique, "a step was logged twice"
+    return rows.set_index("step")["loss"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_where_the_uninterrupted_run_would_be(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    _run(straight)
+
+    killed_at = _run_and_kill_after_first_checkpoint(broken)
+    assert killed_at < MAX_STEPS
+    assert not (broken / training.ADAPTER_DIR).exists()  # it really died before the end
+
+    resumed = _run(broken, "--resume")
+    last = training.find_last_checkpoint(broken / training.CHECKPOINTS_DIR)
+    assert f"continuing from checkpoint-" in resumed.stdout
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["global_step"] == MAX_STEPS and last.name == f"checkpoint-{MAX_STEPS}"
+
+    # every step logged once, and the history before the kill survived
+    a, b = _losses(straight), _losses(broken)
+    assert list(b.index) == list(range(1, MAX_STEPS + 1))
+    assert b[MAX_STEPS] == pytest.approx(a[MAX_STEPS], rel=1e-3)  # the resumed run's loss at the last step
+    assert b.loc[:killed_at].to_numpy() == pytest.approx(a.loc[:killed_at].to_numpy(), rel=1e-3)
+
+    # the scheduler and optimizer states were restored, not restarted
+    ref = straight / training.CHECKPOINTS_DIR / f"checkpoint-{MAX_STEPS}"
+    sched_a = torch.load(ref / "scheduler.pt", weights_only=False)
+    sched_b = torch.load(last / "scheduler.pt", weights_only=False)
+    assert sched_b["last_epoch"] == sched_a["last_epoch"] == MAX_STEPS
+    assert sched_b["_last_lr"] == pytest.approx(sched_a["_last_lr"])
+    opt_a = torch.load(ref / "optimizer.pt", weights_only=False)["state"]
+    opt_b = torch.load(last / "optimizer.pt", weights_only=False)["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for key in opt_a:
+        assert float(opt_b[key]["step"]) == float(opt_a[key]["step"]) == MAX_STEPS
+        torch.testing.assert_close(opt_b[key]["exp_avg_sq"], opt_a[key]["exp_avg_sq"], rtol=1e-3, atol=1e-9)
+
+    # the adapter the evaluation loads is the one an uninterrupted run produces
+    model_a, _ = training.load_trained(straight, device="cpu")
+    model_b, tokenizer = training.load_trained(broken, device="cpu")
+    weights_a = {k: v for k, v in model_a.named_parameters() if "lora_" in k}
+    weights_b = {k: v for k, v in model_b.named_parameters() if "lora_" in k}
+    assert weights_a and weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        torch.testing.assert_close(weights_b[key], weights_a[key], rtol=1e-3, atol=1e-6)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    run = json.loads((broken / training.RUN_FILE).read_text())
+    assert run["training"]["resumed_from"].endswith(f"checkpoint-{killed_at}")

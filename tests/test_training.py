@@ -1,0 +1,233 @@
+"""Training on today's API: labels, BOS, the fp16 recast, the original's configuration, clear errors."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from utils import training
+from utils.data import DatasetError, completion_mask, load_records
+from utils.paths import NOTEBOOKS_DIR, TRAIN_FILE
+
+SMOKE = dict(profile="smoke", model_name="embedded", train_limit=4, eval_limit=2, max_steps=2, warmup_steps=1,
+             gradient_checkpointing=False)
+
+
+def _trainer(tmp_path: Path, **overrides):
+    """A smoke trainer (embedded model, CPU, nothing trained) and what it was built from."""
+    settings = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path), **overrides})
+    plan = training.plan_training(settings, device="cpu")
+    tokenizer = training.load_training_tokenizer(settings, plan)
+    data = training.load_training_data(settings, plan, tokenizer)
+    model = training.load_training_model(settings, plan)
+    trainer = training.build_trainer(settings, plan, model, tokenizer, data)
+    return trainer, tokenizer, data, plan
+
+
+@pytest.fixture(scope="module")
+def fixed(tmp_path_factory):
+    return _trainer(tmp_path_factory.mktemp("fixed"))
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    return _trainer(tmp_path_factory.mktemp("original"), replicate_original=True)
+
+
+def test_labels_mask_the_prompt_and_train_the_answer_and_its_eos(fixed):
+    trainer, tokenizer, data, _ = fixed
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    for index in range(len(data.train_records)):
+        table = training.label_table(trainer, tokenizer, index)
+        ids, mask = completion_mask(tokenizer, data.train_records[index]["messages"])
+        assert table["id"].tolist() == ids  # the trainer tokenises exactly like the template
+        assert table["con_pérdida"].tolist() == [bool(m) for m in mask]
+        facts = training.describe_labels(table, tokenizer)
+        assert facts["eos_final_con_pérdida"], "the EOS closing the answer must carry loss"
+        answer = data.train_records[index]["messages"][-1]["content"]
+        assert facts["texto_con_pérdida"].startswith(answer)
+        assert facts["texto_con_pérdida"].rstrip("\n").endswith(tokenizer.eos_token)
+        assert "Sos un asistente" in facts["texto_enmascarado"]  # the system prompt carries no loss
+
+
+def test_embedded_examples_hold_only_the_templates_bos(fixed):
+    trainer, tokenizer, _, _ = fixed
+    # ChatML: <|im_start|> is SmolLM2's BOS and opens each of the three turns; nothing is prepended.
+    assert training.expected_bos(tokenizer) is None
+    assert not training.tokenizer_adds_bos(tokenizer)
+    for ids in trainer.train_dataset["input_ids"]:
+        assert ids[0] == tokenizer.bos_token_id
+        assert ids.count(tokenizer.bos_token_id) == 3
+
+
+def test_llama_tokenizer_gives_one_bos_on_both_paths(llama_tokenizer):
+    from datasets import Dataset
+
+    from utils.data import to_text_dataset
+
+    records = load_records(TRAIN_FILE)[:3]
+    assert training.expected_bos(llama_tokenizer) == 1
+    ids, _ = completion_mask(llama_tokenizer, records[0]["messages"])  # prompt-completion path
+    assert ids.count(llama_tokenizer.bos_token_id) == 1
+    text = to_text_dataset(records, llama_tokenizer)
+    doubled = Dataset.from_dict({"input_ids": [llama_tokenizer(t)["input_ids"] for t in text["text"]]})
+    assert training.bos_counts(doubled, llama_tokenizer) == [2, 2, 2]  # the original's trap
+    with pytest.raises(training.TrainingConfigError, match="BOS"):
+        training.check_bos(doubled, llama_tokenizer)
+    stripped = training.strip_template_bos(text, llama_tokenizer)
+    single = Dataset.from_dict({"input_ids": [llama_tokenizer(t)["input_ids"] for t in stripped["text"]]})
+    assert training.bos_counts(single, llama_tokenizer) == [1, 1, 1]
+    training.check_bos(single, llama_tokenizer)
+
+
+def test_fp16_recast_puts_trainable_parameters_in_fp32(embedded_model):
+    import copy
+
+    from peft import get_peft_model
+
+    from utils.modeling import build_lora_config
+
+    model = get_peft_model(copy.deepcopy(embedded_model), build_lora_config())
+    for param in model.parameters():  # what TRL does to the adapters of a 4-bit model
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    frozen = next(p for p in model.parameters() if not p.requires_grad)
+    frozen.data = frozen.data.to(torch.bfloat16)
+    assert set(training.trainable_dtypes(model)) == {"bfloat16"}
+    changed = training.recast_trainable_parameters(model, torch.float32)
+    assert changed > 0
+    assert set(training.trainable_dtypes(model)) == {"float32"}
+    assert frozen.dtype == torch.bfloat16  # frozen weights are left alone
+
+
+def test_fp16_plan_recasts_and_bf16_plan_does_not(tmp_path):
+    fp16 = training.plan_training(
+        training.TrainingSettings(compute_dtype="fp16", quantization="nf4_dq", output_dir=str(tmp_path)),
+        device="cuda:0",
+    )
+    assert fp16.fp16 and not fp16.bf16 and fp16.recast_trainable_fp32
+    assert fp16.optim == "paged_adamw_8bit"
+    assert any("gradient scaler" in note for note in fp16.notes)
+
+
+def test_cpu_uses_adamw_torch_and_says_so_once(tmp_path):
+    plan = training.plan_training(training.TrainingSettings(output_dir=str(tmp_path)), device="cpu")
+    assert plan.optim == "adamw_torch" and plan.quantization is None and plan.compute_dtype == "fp32"
+    assert sum("adamw_torch" in note for note in plan.notes) == 1
+    config = training.build_sft_config(training.TrainingSettings(output_dir=str(tmp_path)), plan)
+    assert not config.fp16 and not config.bf16  # SFTConfig alone would turn bf16 on
+    assert config.learning_rate == 1e-4 and config.max_length == 512  # not TRL's 2e-5 and 1024
+    assert config.train_sampling_strategy == "random" and config.per_device_eval_batch_size == 1
+
+
+def test_replicate_original_restores_pad_eos_and_full_text_loss(original):
+    trainer, tokenizer, _, plan = original
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert plan.loss == "full_text" and trainer.args.train_sampling_strategy == "group_by_length"
+    assert trainer.args.completion_only_loss is False
+    table = training.label_table(trainer, tokenizer, 0)
+    facts = training.describe_labels(table, tokenizer)
+    assert "Sos un asistente" in facts["texto_con_pérdida"]  # the prompt carries loss
+    # one EOS per turn (TRL appends one more to ChatML text, which ends in "\n"): all masked as pad, as before
+    assert facts["eos_en_el_ejemplo"] >= 3 and facts["eos_con_pérdida"] == 0
+    assert not facts["eos_final_con_pérdida"]
+    assert facts["tokens_con_pérdida"] == facts["tokens"] - facts["eos_en_el_ejemplo"]
+
+
+def test_a_dataset_that_fails_validation_stops_before_training(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "¿Hola?"}, {"role": "assistant", "content": "Sí."}]})
+    bad.write_text(good + "\n" + '{"messages": [{"role": "user", "content": ""}]}\n', encoding="utf-8")
+    code = training.main(["--profile", "smoke", "--train-file", str(bad), "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and f"{bad}:2" in err
+    assert not (tmp_path / "run" / training.ADAPTER_DIR).exists()
+    with pytest.raises(DatasetError):
+        settings = training.TrainingSettings(**{**SMOKE, "train_file": str(bad), "output_dir": str(tmp_path)})
+        training.load_training_data(settings, training.plan_training(settings, "cpu"), None)
+
+
+def test_a_memory_estimate_over_the_budget_stops_with_the_knobs(tmp_path):
+    settings = training.TrainingSettings(**{**SMOKE, "memory_budget_gib": 0.5, "output_dir": str(tmp_path)})
+    plan = training.plan_training(settings, device="cpu")
+    with pytest.raises(training.TrainingConfigError) as info:
+        training.check_memory(settings, plan)
+    message = str(info.value)
+    for knob in ("memory_budget_gib=0.5", "per_device_train_batch_size", "max_length", "gradient_checkpointing"):
+        assert knob in message
+    # The thesis configuration (NF4 + DQ, fp16) fits the RTX 2070 SUPER's 8 GiB; fp32 weights do not.
+    from utils.modeling import twin_config
+
+    thesis = training.TrainingSettings(memory_budget_gib=8.0, output_dir=str(tmp_path))
+    gpu = training.plan_training(training.TrainingSettings(compute_dtype="fp16", output_dir=str(tmp_path)), "cuda:0")
+    gpu.quantization = "nf4_dq"
+    assert training.check_memory(thesis, gpu, twin_config())["total_gib"] < 8.0
+    gpu.quantization = "fp32"
+    with pytest.raises(training.TrainingConfigError, match="GiB"):
+        training.check_memory(thesis, gpu, twin_config())
+
+
+def test_out_of_memory_during_training_is_reported_with_the_knobs(tmp_path):
+    class OomTrainer:
+        args = type("Args", (), {"to_dict": lambda self: {}})()
+
+        def train(self, resume_from_checkpoint=None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    settings = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path)})
+    plan = training.plan_training(settings, device="cpu")
+    with pytest.raises(training.TrainingOutOfMemoryError) as info:
+        training.run_training(OomTrainer(), settings, plan)
+    for knob in ("per_device_train_batch_size=1", "gradient_accumulation_steps", "max_length=512",
+                 "gradient_checkpointing=False", "Tried to allocate"):
+        assert knob in str(info.value)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(warmup_steps=10, max_steps=5), "warmup_steps"),
+    (dict(compute_dtype="fp16"), "needs a CUDA GPU"),
+    (dict(quantization="nf5"), "quantization='nf5'"),
+    (dict(max_length=0), "max_length"),
+])
+def test_bad_settings_fail_with_one_clear_message(tmp_path, change, match):
+    with pytest.raises(training.TrainingConfigError, match=match):
+        training.plan_training(training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path), **change}), "cpu")
+
+
+def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
+    settings = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path)})
+    plan = training.plan_training(settings, "cpu")
+    training.write_config(settings, plan)
+    state = tmp_path / training.CHECKPOINTS_DIR / "checkpoint-2"
+    state.mkdir(parents=True)
+    (state / "trainer_state.json").write_text("{}")
+    (tmp_path / training.CHECKPOINTS_DIR / "checkpoint-4").mkdir()  # killed mid-write: no state file
+    resumed = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path), "resume": True})
+    assert training.plan_training(resumed, "cpu").resume_from == str(state)
+    other = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path), "resume": True, "learning_rate": 3e-4})
+    with pytest.raises(training.TrainingConfigError, match="learning_rate"):
+        training.plan_training(other, "cpu")
+
+
+def test_notebook_parameters_are_the_thesis_defaults():
+    nb = nbformat.read(NOTEBOOKS_DIR / "04_training.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    values = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+    defaults = training.TrainingSettings().to_dict()
+    assert {k: values[k] for k in defaults} == defaults
+    assert set(values) - set(defaults) == set(training.NOTEBOOK_ONLY)
+
+
+def test_profiles_set_only_known_settings():
+    for profile in ("smoke", "demo", "thesis"):
+        settings = training.profile_settings(profile)
+        training.plan_training(settings, "cpu")  # valid on this machine
+    demo = training.profile_settings("demo")
+    assert demo.model_name == "embedded" and demo.gradient_accumulation_steps * demo.per_device_train_batch_size == 8
+    assert training.profile_settings("thesis") == training.TrainingSettings(profile="thesis")
