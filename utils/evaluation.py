@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.paths import RUNS_DIR, run_dir
+from utils.paths import RUNS_DIR
 
 MODELS = ("base", "tuned")
 MODEL_LABELS = {"base": "Base", "tuned": "Ajustado (LoRA)", "reference": "Referencia"}
@@ -101,15 +101,10 @@ class MergeCheckError(AssertionError):
 # --------------------------------------------------------------------------------------------
 
 
-def _fold(text: str) -> str:
-    """Lower case without accents (NFKD, combining marks dropped): "Académica" -> "academica"."""
+def normalize_text(text: str) -> str:
+    """Lower case without accents (NFKD, combining marks dropped): "Académica" -> "academica", ñ -> n."""
     decomposed = unicodedata.normalize("NFKD", text.lower())
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
-
-
-def normalize_text(text: str) -> str:
-    """Accent- and case-insensitive form of a text (ñ becomes n), spaces kept."""
-    return _fold(text)
 
 
 def tokenize_spanish(text: str) -> list[str]:
@@ -734,7 +729,7 @@ def highlight_keywords(text: str, keywords: Sequence[str]) -> str:
     """HTML-escaped ``text`` with every keyword occurrence wrapped in ``<mark>`` (accent-insensitive)."""
     folded, origin = [], []
     for i, ch in enumerate(text):
-        for c in _fold(ch):
+        for c in normalize_text(ch):
             folded.append(c)
             origin.append(i)
     norm = "".join(folded)
@@ -765,8 +760,11 @@ def style_side_by_side(table):
     for column in ("fin_base", "fin_ajustado"):
         shown[column] = table[column].map({True: "sí", False: "no"})
     scores = ["recall_base", "recall_ajustado", "rougeL_base", "rougeL_ajustado"]
+    headers = {"recall_base": "recall base", "recall_ajustado": "recall ajustado", "rougeL_base": "ROUGE-L base",
+               "rougeL_ajustado": "ROUGE-L ajustado", "fin_base": "fin base", "fin_ajustado": "fin ajustado"}
     return (
         shown.style.hide(axis="index")
+        .relabel_index([headers.get(c, c) for c in shown.columns], axis="columns")
         .format("{:.2f}", subset=scores, na_rep="—")
         .background_gradient(cmap="RdYlGn", vmin=0, vmax=1, subset=scores)
         .set_properties(subset=["pregunta", "referencia", "base", "ajustado"],
@@ -1235,7 +1233,8 @@ def _training_facts(run: Path | None) -> str | None:
 def acceptance_statement(summary, run: Path | None = None) -> str:
     """Plain statement (Spanish) of whether the tuned model beats the base on keyword recall and refusal
     accuracy, and, where it does not, what the numbers say about why (``run``: the 04 outputs)."""
-    get = summary.set_index(["model", "metric"])["value"]
+    table = summary.set_index(["model", "metric"])
+    get = table["value"]
 
     def pair(metric: str, fmt: str = ".3f") -> str:
         return f"{get[('base', metric)]:{fmt}} → {get[('tuned', metric)]:{fmt}}"
@@ -1247,7 +1246,9 @@ def acceptance_statement(summary, run: Path | None = None) -> str:
         label = METRICS[metric][0].lower()
         beats = get[("delta", metric)] > 0
         failed += [] if beats else [metric]
-        parts.append(f"{'supera' if beats else '**no** supera'} al base en {label} ({pair(metric)})")
+        low, high = table.loc[("delta", metric), ["low", "high"]]
+        unsure = ", aunque el IC de la diferencia incluye el 0: no es concluyente" if low <= 0 <= high else ""
+        parts.append(f"{'supera' if beats else '**no** supera'} al base en {label} ({pair(metric)}{unsure})")
     text = "El modelo ajustado " + " y ".join(parts) + "."
     reasons = []
     if "keyword_recall" in failed:
