@@ -1139,45 +1139,30 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 8):
-    """Greedy answers to the records' questions; per record: did it stop, new tokens, the answer."""
+def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 8,
+                     adapter: bool = True):
+    """Greedy answers to the records' questions; per record: did it stop, new tokens, the answer.
+
+    A table view of ``utils.evaluation.generate_answers`` (the one batched, left-padded generator).
+    """
     import pandas as pd
 
-    stops = stop_token_ids(model, tokenizer)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    rows = []
-    try:
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            prompts = [r["messages"][:-1] for r in chunk]
-            inputs = tokenizer.apply_chat_template(
-                prompts, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-                padding=True,
-            ).to(model.device)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                 pad_token_id=tokenizer.pad_token_id)
-            new = out[:, inputs["input_ids"].shape[1]:].tolist()
-            for record, ids in zip(chunk, new):
-                end = next((i for i, t in enumerate(ids) if t in stops), None)
-                rows.append({
-                    "id": record.get("id"),
-                    "termina": end is not None,
-                    "tokens_nuevos": (end + 1) if end is not None else len(ids),
-                    "respuesta": tokenizer.decode(ids[:end] if end is not None else ids, skip_special_tokens=True),
-                })
-    finally:
-        tokenizer.padding_side = side
-    return pd.DataFrame(rows)
+    from utils.evaluation import generate_answers as generate
+
+    answers = generate(model, tokenizer, [r["messages"][:-1] for r in records], max_new_tokens,
+                       batch_size=batch_size, adapter=adapter, progress=False)
+    return pd.DataFrame([
+        {"id": r.get("id"), "termina": a["stopped"], "tokens_nuevos": a["n_tokens"], "respuesta": a["answer"]}
+        for r, a in zip(records, answers)
+    ])
 
 
 def compare_stop_rates(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 8):
     """Stop rate of the base model (adapter off) and the tuned model on the same questions."""
     import pandas as pd
 
-    with model.disable_adapter():
-        base = generate_answers(model, tokenizer, records, max_new_tokens, batch_size)
-    tuned = generate_answers(model, tokenizer, records, max_new_tokens, batch_size)
+    base = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, adapter=False)
+    tuned = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, adapter=True)
     summary = pd.DataFrame([
         {"modelo": name, "preguntas": len(df), "terminan_con_eos": int(df["termina"].sum()),
          "tasa_de_corte": round(float(df["termina"].mean()), 3) if len(df) else float("nan"),
