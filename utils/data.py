@@ -77,22 +77,23 @@ def normalize_question(text: str) -> str:
     return " ".join(no_punct.split())
 
 
-def question_of(messages: Sequence[dict]) -> str:
-    """The question of a chat: the content of its last user turn ("" when there is none)."""
+def _last_turn(messages: Sequence[dict], role: str) -> str:
+    """Content of the last turn of ``role`` ("" when there is none)."""
     for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == USER:
+        if isinstance(message, dict) and message.get("role") == role:
             content = message.get("content")
             return content if isinstance(content, str) else ""
     return ""
+
+
+def question_of(messages: Sequence[dict]) -> str:
+    """The question of a chat: the content of its last user turn ("" when there is none)."""
+    return _last_turn(messages, USER)
 
 
 def answer_of(messages: Sequence[dict]) -> str:
     """The reference answer of a chat: the content of its last assistant turn."""
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == ASSISTANT:
-            content = message.get("content")
-            return content if isinstance(content, str) else ""
-    return ""
+    return _last_turn(messages, ASSISTANT)
 
 
 # --------------------------------------------------------------------------------------------
