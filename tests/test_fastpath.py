@@ -1,0 +1,152 @@
+"""The fast path computes what transformers + PEFT compute: same loss, same LoRA gradients, on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from utils.fastpath import (
+    FastPathError,
+    FastPathOptions,
+    causal_lm_loss,
+    disable_fast_path,
+    enable_fast_path,
+    find_segments,
+)
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _tiny_peft(dropout: float = 0.0, targets=TARGETS, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                                target_modules=list(targets), task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; non-zero B makes every LoRA term count in the check
+            torch.nn.init.normal_(param, std=0.05)
+    model.train()
+    return model
+
+
+def _batch(seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 300, (3, 20), generator=gen)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, 15:] = 0
+    mask[2, 8:] = 0
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _fast_loss(model, ids, mask, labels, **kw):
+    hidden = model.get_base_model().model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+    return causal_lm_loss(model, hidden, labels)
+
+
+@pytest.mark.parametrize("targets", [TARGETS, ["q_proj", "v_proj", "down_proj"]], ids=["all-seven", "q-v-down"])
+def test_fast_path_matches_peft_loss_and_lora_gradients(targets):
+    model = _tiny_peft(targets=targets)
+    ids, mask, labels = _batch()
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    reference.backward()
+    expected = _grads(model)
+    model.zero_grad()
+    enable_fast_path(model, torch.float32)
+    loss = _fast_loss(model, ids, mask, labels)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    for name, grad in _grads(model).items():
+        scale = expected[name].abs().max().item() + 1e-12
+        assert (grad - expected[name]).abs().max().item() / scale < 1e-4, name
+
+
+def test_one_padding_free_row_equals_the_padded_batch():
+    model = _tiny_peft()
+    ids, mask, labels = _batch()
+    enable_fast_path(model, torch.float32)
+    padded = _fast_loss(model, ids, mask, labels)
+    lengths = mask.sum(1).tolist()
+    flat = torch.cat([ids[i, :n] for i, n in enumerate(lengths)])[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    flat_labels = torch.cat([labels[i, :n] for i, n in enumerate(lengths)])[None].clone()
+    flat_labels[positions == 0] = -100  # a sequence's first token is not predicted from the previous sequence
+    packed = _fast_loss(model, flat, None, flat_labels, position_ids=positions)
+    assert packed.item() == pytest.approx(padded.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("options", [FastPathOptions(checkpoint=False), FastPathOptions(skip_down_recompute=False)],
+                         ids=["no-checkpoint", "recompute-down"])
+def test_checkpoints_replay_the_same_dropout_and_skip_down_changes_nothing(options):
+    """Recomputation must draw the same LoRA-dropout masks, and skipping down_proj's GEMM must not change grads."""
+    model = _tiny_peft(dropout=0.3)
+    ids, mask, labels = _batch()
+    results = []
+    for opts in (FastPathOptions(), options):
+        enable_fast_path(model, torch.float32, opts)
+        model.zero_grad()
+        torch.manual_seed(5)
+        _fast_loss(model, ids, mask, labels).backward()
+        results.append(_grads(model))
+        disable_fast_path(model)
+    for name in results[0]:
+        assert torch.allclose(results[0][name], results[1][name], atol=1e-6), name
+
+
+def test_dropout_is_on_in_training_and_off_in_eval():
+    model = _tiny_peft(dropout=0.5)
+    ids, mask, labels = _batch()
+    enable_fast_path(model, torch.float32)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = _fast_loss(model, ids, mask, labels).item()
+        torch.manual_seed(2)
+        b = _fast_loss(model, ids, mask, labels).item()
+        model.eval()
+        c, d = (_fast_loss(model, ids, mask, labels).item() for _ in range(2))
+    assert a != b and c == d
+
+
+def test_generation_keeps_the_original_forward_and_disable_restores_it():
+    model = _tiny_peft()
+    model.eval()
+    ids = torch.randint(0, 300, (1, 6))
+    with torch.no_grad():
+        before = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        enable_fast_path(model, torch.float32)
+        during = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        disable_fast_path(model)
+        after = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert not hasattr(model.get_base_model().model, "_fast_path")
+
+
+def test_segments_start_at_position_zero_and_at_row_starts():
+    positions = torch.tensor([0, 1, 2, 0, 1, 5, 6, 0])
+    rows = torch.zeros(8, dtype=torch.bool)
+    rows[5] = True  # a row that starts mid-document (positions 5, 6)
+    seg = find_segments(positions, rows)
+    assert seg.cu_seqlens.tolist() == [0, 3, 5, 7, 8]
+    assert seg.max_len == 3 and seg.count == 4
+    assert seg.index.tolist() == [0, 0, 0, 1, 1, 2, 2, 3]
+    assert seg.position.tolist() == [0, 1, 2, 0, 1, 0, 1, 0]
+
+
+def test_unsupported_models_and_settings_fail_with_one_clear_message():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(FastPathError, match="cannot find the decoder layers"):
+        enable_fast_path(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
+    with pytest.raises(FastPathError, match="kernels="):
+        FastPathOptions(kernels="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(FastPathError, match="needs a CUDA GPU"):
+            enable_fast_path(_tiny_peft(), torch.float32, FastPathOptions(kernels="liger"))

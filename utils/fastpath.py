@@ -1,0 +1,704 @@
+"""The fast QLoRA path for Llama models: fused projections, offloaded checkpoints, padding-free attention.
+
+``enable_fast_path(model)`` replaces the forward of a PEFT-wrapped Llama backbone (4-bit bitsandbytes or plain
+weights) for training; generation keeps the original forward. The LoRA parameters stay PEFT's own tensors, so
+saving, loading and merging adapters are unchanged. What changes, and why it pays (measured in
+``results/04_speed_benchmark.json``; predictions and outcomes in ``results/04_speed_notes.md``):
+
+- q/k/v and gate/up each run as one GEMM over weights dequantised into one buffer; their LoRA ``A`` matrices run
+  as one GEMM and the ``B`` matrices as one block-diagonal GEMM added in place: about 30 kernels per layer
+  instead of about 150, so small batches stop being bound by kernel launches.
+- No fp32 upcast of the embedding and norms (``prepare_model_for_kbit_training``): the trainable LoRA
+  parameters are fp32, the rest (the residual stream too) runs in the compute dtype, as transformers' own
+  forward does without the upcast; ``fp32_residual=True`` keeps the residual in fp32 at a memory cost.
+- Every decoder layer is checkpointed; only its input is kept, in pinned CPU memory, copied on side streams
+  (and fetched back one layer ahead in the backward pass). The recomputation skips the frozen GEMM of
+  ``down_proj``: its output only feeds the layer's output, which the backward pass does not need.
+- RMSNorm, RoPE and SwiGLU run as Liger's Triton kernels on CUDA (PyTorch ops elsewhere); attention is
+  FlashAttention's variable-length kernel over the real tokens only (no padding), or PyTorch SDPA over one
+  padded row per sequence where that kernel is unavailable (CPU, GPUs older than Ampere).
+
+One deliberate difference from PEFT: modules fused into one GEMM (q/k/v, gate/up) share one LoRA-dropout mask
+per token; PEFT draws one mask per module. Each module still sees inputs dropped with probability p.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+KERNEL_CHOICES = ("auto", "liger", "torch")
+ATTENTION_CHOICES = ("auto", "varlen", "sdpa")
+
+
+class FastPathError(ValueError):
+    """The model or setting cannot use the fast path; the message names what and the way out."""
+
+
+@dataclass(frozen=True)
+class FastPathOptions:
+    """How the fast path runs. The defaults are the fastest configuration measured within 8 GiB."""
+
+    checkpoint: bool = True  # recompute each layer in the backward pass (off: keeps every activation)
+    offload_checkpoints: bool = True  # keep each layer's input in pinned CPU memory instead of on the GPU
+    skip_down_recompute: bool = True  # the recomputation skips down_proj's frozen GEMM (not needed for grads)
+    kernels: str = "auto"  # "liger" (Triton, CUDA), "torch", or "auto" (liger where it can run)
+    attention: str = "auto"  # "varlen" (FlashAttention), "sdpa" (one padded row per sequence), or "auto"
+    fp32_residual: bool = False  # keep the residual stream in fp32 (costs memory; for activations beyond fp16)
+
+    def __post_init__(self) -> None:
+        if self.kernels not in KERNEL_CHOICES:
+            raise FastPathError(f"kernels={self.kernels!r}: use one of {KERNEL_CHOICES}.")
+        if self.attention not in ATTENTION_CHOICES:
+            raise FastPathError(f"attention={self.attention!r}: use one of {ATTENTION_CHOICES}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels: Liger's Triton kernels on CUDA, PyTorch ops elsewhere (same maths)
+# --------------------------------------------------------------------------------------------
+
+
+def liger_available() -> bool:
+    """True when Liger's Triton kernels can run here (CUDA and the ``liger-kernel`` package)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction  # noqa: F401
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction  # noqa: F401
+        from liger_kernel.ops.rope import LigerRopeFunction  # noqa: F401
+        from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: use the PyTorch ops
+        return False
+    return True
+
+
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # LlamaRMSNorm: statistics in fp32, normalised values cast back, then scaled
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.to(x.dtype) * y.to(x.dtype)
+
+
+def _rms_norm_liger(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    return LigerRMSNormFunction.apply(x, weight.to(x.dtype), eps, 0.0, "llama", False)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q (T, Hq, D), k (T, Hk, D), cos/sin (T, D)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rope_liger(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    from liger_kernel.ops.rope import LigerRopeFunction
+
+    tokens = q.shape[0]
+    # Liger wants (batch, heads, seq, dim) views of (batch, seq, heads, dim) memory; it rotates a copy in place
+    q4, k4 = q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2)
+    q4, k4 = LigerRopeFunction.apply(q4, k4, cos.unsqueeze(0), sin.unsqueeze(0))
+    return q4.transpose(1, 2).reshape(tokens, *q.shape[1:]), k4.transpose(1, 2).reshape(tokens, *k.shape[1:])
+
+
+def _swiglu_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _swiglu_liger(gate_up: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
+
+    return LigerFusedGateUpSiLUMulFunction.apply(gate_up)
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    name: str
+    rms_norm: Any
+    rope: Any
+    swiglu: Any
+
+
+KERNELS = {
+    "torch": _Kernels("torch", _rms_norm_torch, _rope_torch, _swiglu_torch),
+    "liger": _Kernels("liger", _rms_norm_liger, _rope_liger, _swiglu_liger),
+}
+
+
+def resolve_kernels(choice: str, device: torch.device) -> _Kernels:
+    """The kernel set for ``choice`` on ``device``; asking for Liger where it cannot run is an error."""
+    if choice == "torch" or (choice == "auto" and (device.type != "cuda" or not liger_available())):
+        return KERNELS["torch"]
+    if device.type != "cuda" or not liger_available():
+        raise FastPathError(
+            "kernels='liger' needs a CUDA GPU and the liger-kernel package (pip install liger-kernel); "
+            "use kernels='torch' or 'auto'."
+        )
+    return KERNELS["liger"]
+
+
+# --------------------------------------------------------------------------------------------
+# Attention over variable-length sequences
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Segments:
+    """Where each sequence of a flattened token stream starts: what padding-free attention needs."""
+
+    cu_seqlens: torch.Tensor  # int32 (n + 1,): cumulative lengths
+    max_len: int
+    count: int
+    index: torch.Tensor  # long (T,): the sequence of each token
+    position: torch.Tensor  # long (T,): the token's position inside its sequence
+
+
+def find_segments(position_ids: torch.Tensor, row_starts: torch.Tensor | None = None) -> Segments:
+    """Segments of a flat token stream: a new sequence starts where the position is 0 (or a row starts)."""
+    tokens = position_ids.numel()
+    start = position_ids == 0
+    if row_starts is not None:
+        start = start | row_starts
+    start[0] = True
+    starts = start.nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], starts.new_tensor([tokens])])
+    lengths = ends - starts
+    index = torch.cumsum(start.long(), 0) - 1
+    position = torch.arange(tokens, device=position_ids.device) - starts[index]
+    cu = torch.cat([starts.new_zeros(1), torch.cumsum(lengths, 0)]).to(torch.int32)
+    return Segments(cu, int(lengths.max()), int(starts.numel()), index, position)
+
+
+_VARLEN: dict[str, Any] = {}
+
+
+def _varlen_function():
+    """PyTorch's FlashAttention varlen entry point and the keywords this version takes (None if absent)."""
+    if "fn" not in _VARLEN:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            params = inspect.signature(varlen_attn).parameters
+            _VARLEN["fn"] = varlen_attn
+            _VARLEN["causal"] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+            _VARLEN["gqa"] = "enable_gqa" in params
+        except (ImportError, ValueError, TypeError):
+            _VARLEN["fn"] = None
+    return _VARLEN["fn"]
+
+
+def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """FlashAttention's varlen kernel runs on Ampere or newer GPUs in fp16/bf16."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _varlen_function() is not None
+            and torch.cuda.get_device_capability(device)[0] >= 8)
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=dim)
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """Causal attention within each sequence; q (T, Hq, D), k/v (T, Hk, D) → (T, Hq, D)."""
+    fn = _varlen_function()
+    n_rep = q.shape[1] // k.shape[1]
+    kwargs = dict(_VARLEN["causal"])
+    args = (seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len)
+    if n_rep > 1 and _VARLEN["gqa"]:
+        kwargs["enable_gqa"] = True
+    elif n_rep > 1:
+        # FlashAttention's kernel reads grouped k/v heads natively; older PyTorch wrappers only lack the flag.
+        # Checked once against repeated heads; where it fails or differs, heads are repeated from then on.
+        if "native_gqa" not in _VARLEN:
+            expanded = fn(q, _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1), *args, **kwargs)
+            try:
+                native = fn(q, k, v, *args, **kwargs)
+                _VARLEN["native_gqa"] = bool(torch.allclose(native.float(), expanded.float(), atol=2e-2, rtol=0))
+            except RuntimeError:
+                _VARLEN["native_gqa"] = False
+        if not _VARLEN["native_gqa"]:
+            k, v = _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1)
+    return fn(q, k, v, *args, **kwargs)
+
+
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """Same result as ``attention_varlen`` with SDPA: each sequence in its own right-padded row."""
+    n_rep = q.shape[1] // k.shape[1]
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(seg.count, seg.max_len, *x.shape[1:])
+        out[seg.index, seg.position] = x
+        return out.transpose(1, 2)
+
+    # Padding sits at the end of each row, so a causal mask alone keeps real queries off it
+    out = F.scaled_dot_product_attention(rows(q), _repeat_kv(rows(k), n_rep, 1), _repeat_kv(rows(v), n_rep, 1),
+                                         is_causal=True)
+    return out.transpose(1, 2)[seg.index, seg.position]
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen weights and fused LoRA projections
+# --------------------------------------------------------------------------------------------
+
+
+def _is_4bit(weight: torch.nn.Parameter) -> bool:
+    return getattr(weight, "quant_state", None) is not None
+
+
+class FusedProjection:
+    """Linear layers that read the same input (q/k/v, gate/up, or one alone), run as one GEMM plus fused LoRA."""
+
+    def __init__(self, modules: list[torch.nn.Module], dtype: torch.dtype, where: str):
+        self.where = where
+        self.dtype = dtype
+        self.bases, self.loras = [], []
+        for module in modules:
+            base = getattr(module, "base_layer", module)
+            if getattr(base, "bias", None) is not None:
+                raise FastPathError(f"{where}: linear layers with a bias are not supported by the fast path.")
+            weight = base.weight
+            if type(base).__name__ == "Linear8bitLt" or getattr(weight, "SCB", None) is not None:
+                raise FastPathError(f"{where}: 8-bit weights are not supported by the fast path; "
+                                    "use quantization='nf4_dq' (or nf4, fp4) or unquantised weights.")
+            self.bases.append(base)
+            self.loras.append(self._lora_of(module))
+        self.out_sizes = [b.out_features for b in self.bases]
+        self.in_features = self.bases[0].in_features
+        self.out_features = sum(self.out_sizes)
+        ps = {lora["p"] for lora in self.loras if lora is not None}
+        if len(ps) > 1:
+            raise FastPathError(f"{where}: the fused modules have different LoRA dropouts {sorted(ps)}.")
+        self.dropout = ps.pop() if ps else 0.0
+        self.has_lora = any(lora is not None for lora in self.loras)
+        # Dequantise straight into the compute dtype (bitsandbytes writes quant_state.dtype)
+        self.quant_states = []
+        for base in self.bases:
+            state = getattr(base.weight, "quant_state", None)
+            if state is not None:
+                state = copy.copy(state)  # shares the packed data; only the output dtype differs
+                state.dtype = dtype
+            self.quant_states.append(state)
+
+    def _lora_of(self, module: torch.nn.Module) -> dict | None:
+        if not hasattr(module, "lora_A"):
+            return None
+        adapters = [a for a in module.active_adapters if a in module.lora_A]
+        if not adapters:
+            return None
+        if len(adapters) > 1:
+            raise FastPathError(f"{self.where}: one active LoRA adapter at a time (active: {adapters}).")
+        name = adapters[0]
+        if getattr(module, "use_dora", {}).get(name, False):
+            raise FastPathError(f"{self.where}: DoRA adapters are not supported by the fast path.")
+        if getattr(module.lora_B[name], "bias", None) is not None:
+            raise FastPathError(f"{self.where}: LoRA biases are not supported by the fast path.")
+        drop = module.lora_dropout[name]
+        return {"A": module.lora_A[name].weight, "B": module.lora_B[name].weight, "scale": module.scaling[name],
+                "p": float(drop.p) if isinstance(drop, torch.nn.Dropout) else 0.0}
+
+    def frozen_weight(self) -> torch.Tensor:
+        """The concatenated frozen weight (out_features × in_features) in the compute dtype."""
+        if len(self.bases) == 1 and self.quant_states[0] is None:
+            w = self.bases[0].weight
+            return w if w.dtype == self.dtype else w.to(self.dtype)
+        device = self.bases[0].weight.device
+        out = torch.empty(self.out_features, self.in_features, dtype=self.dtype, device=device)
+        row = 0
+        for base, state, size in zip(self.bases, self.quant_states, self.out_sizes):
+            part = out[row:row + size]
+            if state is None:
+                part.copy_(base.weight)
+            elif device.type == "cuda":
+                import bitsandbytes.functional as bnbf
+
+                bnbf.dequantize_4bit(base.weight.data, state, out=part)
+            else:
+                import bitsandbytes.functional as bnbf
+
+                part.copy_(bnbf.dequantize_4bit(base.weight.data, state))
+            row += size
+        return out
+
+    def lora_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` stacked (r_total × in) and ``B`` block-diagonal with the scaling folded in (out × r_total)."""
+        a_parts, b_parts = [], []
+        device = self.bases[0].weight.device
+        for lora, size in zip(self.loras, self.out_sizes):
+            if lora is None:
+                b_parts.append(torch.zeros(size, 0, dtype=self.dtype, device=device))
+                continue
+            a_parts.append(lora["A"].to(self.dtype))
+            b_parts.append(lora["B"].to(self.dtype) * lora["scale"])
+        a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)
+        b = b_parts[0] if len(b_parts) == 1 else torch.block_diag(*b_parts)
+        return a, b
+
+    def __call__(self, x: torch.Tensor, training: bool, skip_base: bool = False) -> torch.Tensor:
+        """``x`` (T × in) → (T × out): the frozen GEMM plus every module's LoRA update."""
+        y = _BackwardOnlyLinear.apply(x, self) if skip_base else x @ self.frozen_weight().t()
+        if self.has_lora:
+            a, b = self.lora_matrices()
+            xd = F.dropout(x, self.dropout, training) if self.dropout > 0 else x
+            y = y.addmm_(xd @ a.t(), b.t())
+        return y
+
+
+class _BackwardOnlyLinear(torch.autograd.Function):
+    """A frozen linear layer whose forward output is never read: no GEMM forward, the usual one backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, projection: FusedProjection) -> torch.Tensor:
+        ctx.projection = projection
+        return x.new_empty(x.shape[0], projection.out_features)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.projection.frozen_weight(), None
+
+
+# --------------------------------------------------------------------------------------------
+# Decoder layers and their checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepContext:
+    """What every layer of one forward pass shares."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    segments: Segments
+    training: bool
+
+
+class FastLayer:
+    """One Llama decoder layer as fused operations on a flat (tokens × hidden) stream."""
+
+    def __init__(self, layer: torch.nn.Module, index: int, config, dtype: torch.dtype, kernels: _Kernels,
+                 attention: str):
+        where = f"model.layers.{index}"
+        attn, mlp = layer.self_attn, layer.mlp
+        if getattr(attn, "q_norm", None) is not None or getattr(config, "attention_bias", False):
+            raise FastPathError(f"{where}: only Llama-style attention (no bias, no q/k norm) is supported.")
+        self.index = index
+        self.dtype = dtype
+        self.kernels = kernels
+        self.attention = attention_varlen if attention == "varlen" else attention_sdpa
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps_in = layer.input_layernorm.variance_epsilon
+        self.eps_post = layer.post_attention_layernorm.variance_epsilon
+        self.norm_in = layer.input_layernorm.weight
+        self.norm_post = layer.post_attention_layernorm.weight
+        self.qkv = FusedProjection([attn.q_proj, attn.k_proj, attn.v_proj], dtype, f"{where}.self_attn.q/k/v_proj")
+        self.o = FusedProjection([attn.o_proj], dtype, f"{where}.self_attn.o_proj")
+        self.gate_up = FusedProjection([mlp.gate_proj, mlp.up_proj], dtype, f"{where}.mlp.gate/up_proj")
+        self.down = FusedProjection([mlp.down_proj], dtype, f"{where}.mlp.down_proj")
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, skip_down: bool = False) -> torch.Tensor:
+        """x (T × hidden), in the residual dtype → the layer's output, same shape and dtype."""
+        k_ = self.kernels
+        tokens = x.shape[0]
+        h = k_.rms_norm(x, self.norm_in, self.eps_in).to(self.dtype)
+        qkv = self.qkv(h, ctx.training)
+        nq, nk = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q = qkv[:, :nq].view(tokens, self.heads, self.head_dim)
+        k = qkv[:, nq:nq + nk].view(tokens, self.kv_heads, self.head_dim)
+        v = qkv[:, nq + nk:].reshape(tokens, self.kv_heads, self.head_dim).contiguous()
+        q, k = k_.rope(q, k, ctx.cos, ctx.sin)
+        a = self.attention(q, k, v, ctx.segments).reshape(tokens, nq)
+        x = x + self.o(a, ctx.training)
+        h = k_.rms_norm(x, self.norm_post, self.eps_post).to(self.dtype)
+        c = k_.swiglu(self.gate_up(h, ctx.training))
+        return x + self.down(c, ctx.training, skip_base=skip_down)
+
+
+class CheckpointStore:
+    """Keeps each layer's checkpointed input: on the GPU, or in pinned CPU memory copied on side streams.
+
+    One pinned buffer per layer is reused from step to step, so a second forward pass with gradients before the
+    first one's backward would overwrite it: ``load`` detects that and raises instead of computing wrong grads.
+    """
+
+    def __init__(self, offload: bool, device: torch.device):
+        self.offload = offload and device.type == "cuda"
+        self.device = device
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.handles: dict[int, tuple] = {}
+        self.generation: dict[int, int] = {}
+        self.prefetched: dict[int, tuple[torch.Tensor, Any]] = {}
+        if self.offload:
+            self.d2h = torch.cuda.Stream(device)
+            self.h2d = torch.cuda.Stream(device)
+
+    def _buffer(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(index)
+        if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype:
+            buf = torch.empty(x.numel(), dtype=x.dtype, pin_memory=True)
+            self.buffers[index] = buf
+        return buf[:x.numel()].view(x.shape)
+
+    def save(self, index: int, x: torch.Tensor) -> Any:
+        if not self.offload:
+            return x
+        buf = self._buffer(index, x)
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h):
+            buf.copy_(x, non_blocking=True)
+        x.record_stream(self.d2h)  # the caller may free x; its memory waits for the copy
+        self.generation[index] = self.generation.get(index, 0) + 1
+        self.prefetched.pop(index, None)
+        handle = (index, buf, self.generation[index])
+        self.handles[index] = handle
+        return handle
+
+    def prefetch(self, index: int) -> None:
+        """Start copying layer ``index``'s input back to the GPU: the backward pass needs it next."""
+        handle = self.handles.get(index)
+        if not self.offload or handle is None or index in self.prefetched:
+            return
+        _, buf, generation = handle
+        # Allocated on the compute stream, so its memory returns to that stream's pool (no per-stream reserve)
+        x = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
+        self.h2d.wait_stream(torch.cuda.current_stream(self.device))
+        self.h2d.wait_stream(self.d2h)
+        with torch.cuda.stream(self.h2d):
+            x.copy_(buf, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.h2d)
+        x.record_stream(self.h2d)
+        self.prefetched[index] = (x, event, generation)
+
+    def load(self, handle: Any) -> torch.Tensor:
+        if not self.offload:
+            return handle
+        index, buf, generation = handle
+        if self.generation.get(index) != generation:
+            raise RuntimeError(
+                "fast path: a second forward pass with gradients ran before the backward pass of the first one; "
+                "run backward after each forward (gradient accumulation does), or use offload_checkpoints=False."
+            )
+        stream = torch.cuda.current_stream(self.device)
+        if index in self.prefetched:
+            x, event, _ = self.prefetched.pop(index)
+            stream.wait_event(event)
+            return x
+        stream.wait_stream(self.d2h)
+        return buf.to(self.device, non_blocking=True)
+
+
+class _CheckpointedLayer(torch.autograd.Function):
+    """Run a layer without keeping its activations; recompute them (skipping down_proj's GEMM) for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: FastLayer, step: StepContext, store: CheckpointStore,
+                skip_down: bool, dropout_rng: bool) -> torch.Tensor:
+        ctx.layer, ctx.step, ctx.store, ctx.skip_down = layer, step, store, skip_down
+        ctx.rng = _rng_state(x.device) if dropout_rng else None
+        ctx.handle = store.save(layer.index, x)
+        with torch.no_grad():
+            return layer.forward(x, step)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.store.prefetch(ctx.layer.index - 1)
+        x = ctx.store.load(ctx.handle).detach().requires_grad_(True)
+        saved_rng = None
+        if ctx.rng is not None:
+            saved_rng = _rng_state(x.device)
+            _set_rng_state(x.device, ctx.rng)
+        with torch.enable_grad():
+            y = ctx.layer.forward(x, ctx.step, skip_down=ctx.skip_down)
+        if saved_rng is not None:
+            _set_rng_state(x.device, saved_rng)
+        torch.autograd.backward(y, grad)
+        return x.grad, None, None, None, None, None
+
+
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+# --------------------------------------------------------------------------------------------
+# The backbone forward, and switching it on
+# --------------------------------------------------------------------------------------------
+
+
+class FastPath:
+    """The fused layers of one model and the state the forward pass needs."""
+
+    def __init__(self, backbone: torch.nn.Module, dtype: torch.dtype, options: FastPathOptions):
+        config = backbone.config
+        if getattr(config, "model_type", None) != "llama":
+            raise FastPathError(
+                f"the fast path supports Llama models (model_type 'llama'); this one is "
+                f"{getattr(config, 'model_type', '?')!r}. Train it with fast_path=False."
+            )
+        device = backbone.embed_tokens.weight.device
+        self.device = device
+        self.dtype = dtype
+        self.options = options
+        self.kernels = resolve_kernels(options.kernels, device)
+        attention = options.attention
+        if attention == "auto":
+            attention = "varlen" if varlen_supported(device, dtype) else "sdpa"
+        elif attention == "varlen" and not varlen_supported(device, dtype):
+            raise FastPathError("attention='varlen' needs an Ampere-or-newer GPU, fp16/bf16 and PyTorch's "
+                                "torch.nn.attention.varlen; use attention='sdpa' or 'auto'.")
+        self.attention = attention
+        self.residual_dtype = torch.float32 if options.fp32_residual else dtype
+        self.layers = [FastLayer(layer, i, config, dtype, self.kernels, attention)
+                       for i, layer in enumerate(backbone.layers)]
+        self.store = CheckpointStore(options.offload_checkpoints, device)
+        self.dropout = any(p.dropout > 0 for layer in self.layers
+                           for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved choices, for run records."""
+        return {"kernels": self.kernels.name, "attention": self.attention,
+                "compute_dtype": str(self.dtype).replace("torch.", ""),
+                "residual_dtype": str(self.residual_dtype).replace("torch.", ""),
+                "checkpoint": self.options.checkpoint, "offload_checkpoints": self.store.offload, "skip_down_recompute": self.options.skip_down_recompute,
+                "native_gqa": _VARLEN.get("native_gqa")}
+
+    def run(self, backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            position_ids: torch.Tensor | None) -> torch.Tensor:
+        """input ids (B × S) → last hidden state (B × S × hidden), padding positions zero."""
+        batch, seq = input_ids.shape
+        valid = attention_mask.bool() if attention_mask is not None else None
+        if position_ids is None:
+            position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0) if valid is not None else \
+                torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        row_starts = torch.zeros(batch, seq, dtype=torch.bool, device=input_ids.device)
+        if valid is not None:
+            first = valid.long().argmax(-1)
+            row_starts[torch.arange(batch, device=input_ids.device), first] = True
+            ids, pos, row_starts = input_ids[valid], position_ids[valid], row_starts[valid]
+        else:
+            row_starts[:, 0] = True
+            ids, pos, row_starts = input_ids.reshape(-1), position_ids.reshape(-1), row_starts.reshape(-1)
+        segments = find_segments(pos, row_starts)
+        training = backbone.training
+        with torch.autocast(self.device.type, enabled=False):
+            x = backbone.embed_tokens(ids).to(self.residual_dtype)
+            if torch.is_grad_enabled():
+                x = x.detach().requires_grad_(True)  # so the checkpointed layers' backward runs
+            cos, sin = backbone.rotary_emb(x, pos.unsqueeze(0))
+            step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training)
+            rng = training and self.dropout
+            skip = self.options.skip_down_recompute
+            for layer in self.layers:
+                if torch.is_grad_enabled() and self.options.checkpoint:
+                    x = _CheckpointedLayer.apply(x, layer, step, self.store, skip, rng)
+                else:
+                    x = layer.forward(x, step)  # without checkpoints autograd keeps what it needs
+            x = self.kernels.rms_norm(x, backbone.norm.weight, backbone.norm.variance_epsilon).to(self.dtype)
+        if valid is None:
+            return x.view(batch, seq, -1)
+        out = x.new_zeros(batch, seq, x.shape[-1])
+        out[valid] = x
+        return out
+
+
+def _fast_backbone_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                           use_cache=None, **kwargs):
+    """Replacement forward of a Llama backbone: the fast path for training and cache-free evaluation."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    wants_more = kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
+    if input_ids is None or inputs_embeds is not None or use_cache or cache is not None or wants_more:
+        return self._original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise FastPathError("the fast path takes a 2-D padding mask (batch × seq) or none (padding-free batches).")
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    hidden = self._fast_path.run(self, input_ids, attention_mask, position_ids)
+    return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+
+def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``LlamaModel`` inside a causal LM, a PEFT model, or a DDP wrapper of either."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    backbone = getattr(inner, "model", inner)
+    if not hasattr(backbone, "layers") or not hasattr(backbone, "embed_tokens"):
+        raise FastPathError(f"cannot find the decoder layers of {type(model).__name__}; the fast path needs a "
+                            "Llama causal LM (optionally wrapped by PEFT).")
+    return backbone
+
+
+def enable_fast_path(model: torch.nn.Module, dtype: torch.dtype | None = None,
+                     options: FastPathOptions | None = None) -> FastPath:
+    """Switch ``model``'s backbone to the fast forward (call after ``get_peft_model``); returns its state."""
+    backbone = backbone_of(model)
+    if dtype is None:
+        state = getattr(backbone.layers[0].self_attn.q_proj, "base_layer", backbone.layers[0].self_attn.q_proj)
+        dtype = getattr(state, "compute_dtype", None) or backbone.embed_tokens.weight.dtype
+        if dtype == torch.float32 and backbone.embed_tokens.weight.device.type == "cuda":
+            dtype = torch.bfloat16
+    fast = FastPath(backbone, dtype, options or FastPathOptions())
+    if not hasattr(backbone, "_original_forward"):
+        backbone._original_forward = backbone.forward
+    backbone._fast_path = fast
+    backbone.forward = types.MethodType(_fast_backbone_forward, backbone)
+    return fast
+
+
+def disable_fast_path(model: torch.nn.Module) -> None:
+    """Give the backbone its original forward back."""
+    backbone = backbone_of(model)
+    if hasattr(backbone, "_original_forward"):
+        backbone.forward = backbone._original_forward
+        del backbone._original_forward
+        del backbone._fast_path
+
+
+# --------------------------------------------------------------------------------------------
+# Loss over the label positions only, without materialising the logits
+# --------------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                   num_items: int | torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100 (sum / ``num_items`` if given)."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+    shifted = labels[:, 1:]
+    mask = shifted != -100
+    h = hidden[:, :-1][mask]
+    target = shifted[mask]
+    weight = head.weight if head.weight.dtype == h.dtype else head.weight.to(h.dtype)
+    denominator = num_items if num_items is not None else mask.sum().clamp(min=1)
+    if h.is_cuda and liger_available():
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        total = LigerFusedLinearCrossEntropyFunction.apply(h, weight, target, None, None, -100, 0.0, 0.0, "sum")
+        total = total[0] if isinstance(total, tuple) else total
+        return total / denominator
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk):
+        logits = (h[start:start + chunk] @ weight.t()).float()
+        total = total + F.cross_entropy(logits, target[start:start + chunk], reduction="sum")
+    return total / denominator
