@@ -1,0 +1,121 @@
+"""The speed benchmark: its batches, its ratios, its committed results, and a tiny end-to-end run on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from utils import benchmark
+from utils.paths import REPO_ROOT, RESULTS_DIR
+
+
+def _examples(lengths):
+    return [{"ids": list(range(1, n + 1)), "labels": [-100] * (n // 2) + list(range(n // 2 + 1, n + 1))}
+            for n in lengths]
+
+
+def test_fast_corpus_batches_pack_whole_examples_without_padding():
+    config = benchmark.config_by_name("fast_mb32_corpus_bf16")
+    examples = _examples([100, 300, 200, 450, 120, 80] * 20)
+    steps = benchmark.corpus_steps(config, examples, steps=3)
+    for (batch,) in steps:
+        assert batch.input_ids.shape[0] == 1 and batch.attention_mask is None
+        assert batch.tokens == batch.input_ids.numel() <= config.micro_batch * config.seq_len
+        starts = batch.position_ids[0] == 0
+        assert (batch.labels[0][starts] == -100).all()  # no prediction across an example boundary
+    # every example whole, in corpus order (cycling), nothing dropped between steps
+    count = sum(int((b.position_ids[0] == 0).sum()) for (b,) in steps)
+    expected = [t for i in range(count) for t in examples[i % len(examples)]["ids"]]
+    assert torch.cat([b.input_ids[0] for (b,) in steps]).tolist() == expected
+
+
+def test_original_recipe_sees_two_examples_per_step_on_both_paths():
+    examples = _examples([30, 40, 50, 60])
+    original = benchmark.corpus_steps(benchmark.config_by_name("original_corpus_fp16"), examples, steps=2)
+    fast = benchmark.corpus_steps(benchmark.config_by_name("fast_2x1_corpus_fp16"), examples, steps=2)
+    for orig_step, (fast_batch,) in zip(original, fast):
+        assert len(orig_step) == 2 and all(b.input_ids.shape == (1, b.tokens) for b in orig_step)
+        assert torch.equal(torch.cat([b.input_ids for b in orig_step], 1), fast_batch.input_ids)
+        assert sum(b.tokens for b in orig_step) == fast_batch.tokens
+
+
+def _row(name, tps, reserved, impl="fast", dtype="bf16", workload="synthetic", sps=1.0):
+    return {"name": name, "ok": True, "impl": impl, "dtype": dtype, "workload": workload,
+            "tokens_per_second": tps, "peak_reserved_gib": reserved, "seconds_per_step": sps,
+            "peak_allocated_gib": reserved - 0.5}
+
+
+def test_summary_counts_only_configurations_within_the_budget():
+    rows = [_row("original_fp16", 1000, 5.3, impl="hf", dtype="fp16", sps=0.8),
+            _row("fast_big", 30000, 9.0), _row("fast_ok", 20000, 7.4),
+            _row("fast_2x1_fp16", 3000, 3.0, dtype="fp16", sps=0.2),
+            _row("unsloth_x", 25000, 7.0, impl="unsloth")]
+    summary = benchmark.summarize(rows)
+    assert summary["fast_best_bf16"]["name"] == "fast_ok"
+    assert summary["fast_best_bf16"]["x_original_fp16"] == 20.0
+    assert summary["fast_best_bf16"]["x_unsloth_best"] == 0.8
+    assert summary["recipe_fp16"]["x_fewer_seconds"] == 4.0
+
+
+def test_committed_results_are_consistent_and_their_figures_draw(tmp_path, monkeypatch):
+    report = json.loads((RESULTS_DIR / "04_speed_benchmark.json").read_text())
+    assert report["device"].startswith("NVIDIA") and report["date"].startswith("2026-")
+    assert report["summary"] == benchmark.summarize(report["rows"])  # the ratios come from the rows
+    names = {r["name"] for r in report["rows"] if r.get("ok")}
+    assert {"original_fp16", "fast_2x1_fp16"} <= names
+    correctness = json.loads((RESULTS_DIR / "04_fast_path_correctness.json").read_text())
+    assert correctness["comparison"] == benchmark.compare_losses(correctness["runs"])
+    ddp = json.loads((RESULTS_DIR / "04_ddp_scaling.json").read_text())
+    one, two = (r["steady_tokens_per_second"] for r in ddp["runs"])
+    assert ddp["speedup"] == round(two / one, 2)
+    monkeypatch.setenv("QLORA_FIGURES_DIR", str(tmp_path))
+    import matplotlib.pyplot as plt
+
+    for fig in (benchmark.plot_benchmark(report), benchmark.plot_correctness(correctness)):
+        fig.savefig(tmp_path / "f.png")
+        plt.close(fig)
+
+
+def test_run_without_a_gpu_says_how_to_test_the_logic():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, "-m", "utils.benchmark", "run", "--out", "/tmp/x.json"],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 1 and "--tiny" in proc.stderr
+
+
+def test_unknown_configuration_lists_the_known_ones():
+    with pytest.raises(SystemExit, match="original_fp16"):
+        benchmark.config_by_name("nope")
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_runs_both_paths_to_the_same_losses(tmp_path):
+    """Each configuration in its own process; on a 2-layer twin the fast path follows the original's losses."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "utils.benchmark", "run", "--tiny", "--only", "original_fp16,fast_2x1_fp16",
+         "--steps", "2", "--warmup", "1", "--twin-folder", str(tmp_path / "twin"), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["original_fp16"]["ok"] and rows["fast_2x1_fp16"]["ok"], rows
+    assert rows["fast_2x1_fp16"]["losses"] == pytest.approx(rows["original_fp16"]["losses"], abs=1e-3)
+    assert (tmp_path / "04_speed_benchmark.png").exists()  # a test run draws next to its JSON, not in figures/
+
+
+def test_readme_quotes_the_committed_measurements():
+    """The README's speed table and ratios are the numbers of the committed result files."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    report = json.loads((RESULTS_DIR / "04_speed_benchmark.json").read_text())
+    rows = {r["name"]: r for r in report["rows"] if r.get("ok")}
+    for name in ("original_fp16", "fast_2x1_fp16", "fast_mb32_fp16", "fast_mb32_bf16", "fast_mb32_dropout0_bf16",
+                 "fast_mb32_corpus_fp16", "hf_mb16_noprep_liger_bf16"):
+        assert f"{rows[name]['tokens_per_second']:,.0f}" in readme, name
+    assert f"{report['summary']['recipe_fp16']['x_fewer_seconds']}× fewer" in readme
+    ddp = json.loads((RESULTS_DIR / "04_ddp_scaling.json").read_text())
+    assert f"{ddp['speedup']:.2f}×" in readme
