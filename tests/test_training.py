@@ -231,3 +231,38 @@ def test_profiles_set_only_known_settings():
     demo = training.profile_settings("demo")
     assert demo.model_name == "embedded" and demo.gradient_accumulation_steps * demo.per_device_train_batch_size == 8
     assert training.profile_settings("thesis") == training.TrainingSettings(profile="thesis")
+
+
+def test_fast_path_is_the_gpu_default_and_keeps_the_recipe(tmp_path):
+    """auto: on for a CUDA GPU (1 x 2 becomes one padding-free micro-batch of 2), off on the CPU and for the original."""
+    gpu = training.plan_training(
+        training.TrainingSettings(compute_dtype="fp16", quantization="nf4_dq", output_dir=str(tmp_path)), "cuda:0")
+    assert gpu.fast_path and (gpu.per_device_train_batch_size, gpu.gradient_accumulation_steps) == (2, 1)
+    config = training.build_sft_config(training.TrainingSettings(output_dir=str(tmp_path)), gpu)
+    assert config.per_device_train_batch_size == 2 and config.gradient_accumulation_steps == 1
+    original = training.plan_training(training.TrainingSettings(
+        compute_dtype="fp16", quantization="nf4_dq", replicate_original=True, output_dir=str(tmp_path)), "cuda:0")
+    assert not original.fast_path and original.kbit_upcast
+    assert (original.per_device_train_batch_size, original.gradient_accumulation_steps) == (1, 2)
+    assert not training.plan_training(training.TrainingSettings(output_dir=str(tmp_path)), "cpu").fast_path
+    with pytest.raises(training.TrainingConfigError, match="fast_path='on' but replicate_original"):
+        training.plan_training(training.TrainingSettings(fast_path="on", replicate_original=True,
+                                                         output_dir=str(tmp_path)), "cpu")
+    with pytest.raises(training.TrainingConfigError, match="fast_path='maybe'"):
+        training.plan_training(training.TrainingSettings(fast_path="maybe", output_dir=str(tmp_path)), "cpu")
+
+
+@pytest.mark.slow
+def test_fast_path_trains_like_the_standard_forward(tmp_path):
+    """Two steps through SFTTrainer with each forward: the same losses (up to LoRA-dropout masks), an adapter."""
+    results = {}
+    for mode in ("off", "on"):
+        settings = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path / mode), "fast_path": mode,
+                                                "eval_steps": 2, "logging_steps": 1})
+        results[mode] = training.train(settings, verbose=False)
+    assert results["on"]["global_step"] == results["off"]["global_step"] == 2
+    for key in ("first_train_loss", "last_train_loss", "last_eval_loss"):
+        assert results["on"][key] == pytest.approx(results["off"][key], abs=0.02), key
+    assert results["on"]["tokens_trained"] == results["off"]["tokens_trained"]  # padding-free counts real tokens
+    model, _ = training.load_trained(tmp_path / "on")
+    assert any("lora_A" in name for name, _ in model.named_parameters())

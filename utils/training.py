@@ -43,6 +43,7 @@ RUN_FILE = "04_run.json"
 
 QUANTIZATION_CHOICES = ("auto", "none", "fp32", "fp16", "bf16", "int8", "fp4", "nf4", "nf4_dq")
 BNB_QUANTIZATIONS = ("int8", "fp4", "nf4", "nf4_dq")
+FAST_PATH_CHOICES = ("auto", "on", "off")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -103,6 +104,7 @@ class TrainingSettings:
     save_steps: int = 200
     save_total_limit: int = 3
     gradient_checkpointing: bool = True
+    fast_path: str = "auto"  # "auto": utils.fastpath on a CUDA GPU unless replicating the original; "on" | "off"
     replicate_original: bool = False
     resume: bool = False
     seed: int = 42
@@ -134,6 +136,9 @@ class TrainingPlan:
     train_sampling_strategy: str  # "random" (fixed) | "group_by_length" (original)
     kbit_upcast: bool  # prepare_model_for_kbit_training (original)
     recast_trainable_fp32: bool  # undo TRL's bf16 cast of trainable params under fp16
+    fast_path: bool  # utils.fastpath: fused layers, offloaded checkpoints, padding-free batches
+    per_device_train_batch_size: int  # the fast path runs batch x accumulation as one padding-free micro-batch
+    gradient_accumulation_steps: int
     output_dir: str
     checkpoints_dir: str
     resume_from: str | None
@@ -215,6 +220,16 @@ def plan_training(settings: TrainingSettings, device: str | torch.device | None 
             "scaler cannot unscale; they are cast back to fp32 after the trainer is built."
         )
 
+    fast = _resolve_fast_path(settings, on_cuda, quantization, original, notes)
+    batch, accumulation = settings.per_device_train_batch_size, settings.gradient_accumulation_steps
+    if fast and accumulation > 1:
+        batch, accumulation = batch * accumulation, 1
+        notes.append(
+            f"fast path: the {settings.per_device_train_batch_size} x {settings.gradient_accumulation_steps} "
+            f"micro-batches run as one padding-free micro-batch of {batch} sequences (the same sequences and "
+            "loss per optimizer step, one forward/backward instead of several)."
+        )
+
     out = output_dir_of(settings)
     checkpoints = out / CHECKPOINTS_DIR
     resume_from = None
@@ -237,11 +252,44 @@ def plan_training(settings: TrainingSettings, device: str | torch.device | None 
         train_sampling_strategy="group_by_length" if original else "random",
         kbit_upcast=original and quantized,
         recast_trainable_fp32=fp16,
+        fast_path=fast,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
         output_dir=str(out),
         checkpoints_dir=str(checkpoints),
         resume_from=str(resume_from) if resume_from else None,
         notes=notes,
     )
+
+
+def _resolve_fast_path(settings: TrainingSettings, on_cuda: bool, quantization: str | None, original: bool,
+                       notes: list[str]) -> bool:
+    """Whether ``utils.fastpath`` runs: "auto" = on a CUDA GPU, 4-bit or 16-bit weights, not the original."""
+    choice = settings.fast_path
+    if choice not in FAST_PATH_CHOICES:
+        raise TrainingConfigError(f"fast_path={choice!r}: use one of {', '.join(FAST_PATH_CHOICES)}.")
+    if choice == "off":
+        return False
+    blockers = []
+    if original:
+        blockers.append("replicate_original=True trains the original configuration")
+    if quantization == "int8":
+        blockers.append("quantization='int8' (the fast path dequantises nf4/fp4 or reads 16-bit weights)")
+    if choice == "on":
+        if blockers:
+            raise TrainingConfigError(f"fast_path='on' but {'; '.join(blockers)}. Set fast_path='auto' or 'off'.")
+        return True
+    if not on_cuda:
+        return False
+    if blockers:
+        notes.append(f"fast_path='auto' stays off: {'; '.join(blockers)}.")
+        return False
+    notes.append(
+        "fast path (utils.fastpath): fused q/k/v and gate/up GEMMs with fused LoRA, no fp32 upcast, checkpoints "
+        "offloaded to pinned CPU memory, Liger kernels, padding-free batches; fast_path='off' gives the "
+        "standard transformers + PEFT forward."
+    )
+    return True
 
 
 def _check_values(s: TrainingSettings) -> None:
@@ -467,8 +515,8 @@ def build_sft_config(settings: TrainingSettings, plan: TrainingPlan):
         assistant_only_loss=False,
         dataset_text_field="text",
         # the original hyperparameters (TRL's default learning rate is 2e-5)
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        per_device_train_batch_size=plan.per_device_train_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
         learning_rate=settings.learning_rate,
         max_steps=settings.max_steps,
         warmup_steps=settings.warmup_steps,
@@ -479,8 +527,11 @@ def build_sft_config(settings: TrainingSettings, plan: TrainingPlan):
         # precision: TRL turns bf16 on unless told otherwise, which fails on a Turing GPU
         fp16=plan.fp16,
         bf16=plan.bf16,
-        # the original got gradient checkpointing from prepare_model_for_kbit_training
-        **{_checkpointing_field(SFTConfig): settings.gradient_checkpointing},
+        # the original got gradient checkpointing from prepare_model_for_kbit_training; the fast path
+        # checkpoints each layer itself
+        **{_checkpointing_field(SFTConfig): settings.gradient_checkpointing and not plan.fast_path},
+        # DDP: every LoRA parameter gets a gradient each step (and the fast path's checkpoints are reentrant)
+        ddp_find_unused_parameters=False,
         train_sampling_strategy=plan.train_sampling_strategy,
         per_device_eval_batch_size=settings.per_device_eval_batch_size,
         eval_strategy="steps",
@@ -554,6 +605,12 @@ def build_trainer(settings: TrainingSettings, plan: TrainingPlan, model, tokeniz
     if plan.pad_is_eos:
         collator = OriginalPadMaskingCollator(tokenizer.pad_token_id)
         model.config.pad_token_id = tokenizer.pad_token_id
+    elif plan.fast_path:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        # One row of real tokens per micro-batch, positions restarting at 0 for each example. TRL's own
+        # padding_free=True refuses max_length; the examples are truncated to max_length when tokenised.
+        collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
     trainer = SFTTrainer(
         model=model,
         args=build_sft_config(settings, plan),
@@ -566,6 +623,11 @@ def build_trainer(settings: TrainingSettings, plan: TrainingPlan, model, tokeniz
     )
     if plan.recast_trainable_fp32:
         recast_trainable_parameters(trainer.model, torch.float32)
+    if plan.fast_path:
+        from utils.fastpath import enable_fast_path
+
+        fast = enable_fast_path(trainer.model, DTYPES[plan.compute_dtype])
+        plan.notes.append(f"fast path resolved: {fast.describe()}")
     check_bos(trainer.train_dataset, tokenizer)
     return trainer
 
@@ -811,6 +873,26 @@ class HistoryCsvCallback(_CallbackBase):
             history_frame(state.log_history).to_csv(self.path, index=False)
 
 
+class ThroughputCallback(_CallbackBase):
+    """Wall time and tokens seen (all ranks) at the end of every optimizer step: steady-state tokens/s."""
+
+    def __init__(self, skip: int = 3):
+        self.skip = skip
+        self.marks: list[tuple[float, int, int]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append((time.perf_counter(), state.global_step, int(state.num_input_tokens_seen)))
+
+    def steady_tokens_per_second(self) -> float | None:
+        """Tokens/s after the first ``skip`` steps (kernel compilation and caches warm up there)."""
+        if len(self.marks) <= self.skip + 1:
+            return None
+        (t0, _, n0), (t1, _, n1) = self.marks[self.skip], self.marks[-1]
+        return round((n1 - n0) / (t1 - t0), 1) if t1 > t0 else None
+
+
 def in_notebook() -> bool:
     """Whether this runs in a Jupyter kernel (JupyterLab, papermill), where figures can update in place."""
     try:
@@ -988,6 +1070,9 @@ def run_training(trainer, settings: TrainingSettings, plan: TrainingPlan) -> dic
     if plan.resume_from:
         state = json.loads((Path(plan.resume_from) / "trainer_state.json").read_text())
         tokens_before = state.get("num_input_tokens_seen", 0)
+    throughput = ThroughputCallback()
+    if hasattr(trainer, "add_callback"):
+        trainer.add_callback(throughput)
     start = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=plan.resume_from)
@@ -1007,6 +1092,8 @@ def run_training(trainer, settings: TrainingSettings, plan: TrainingPlan) -> dic
         "train_runtime_s": output.metrics.get("train_runtime"),
         "tokens_trained": int(tokens),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "steady_tokens_per_second": throughput.steady_tokens_per_second(),
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
         "peak_memory_gib": round(peak_memory_gib(plan.device), 3),
         "peak_memory_kind": "max_memory_allocated" if device.type == "cuda" else "peak RSS of the process",
         "first_train_loss": float(train_losses.iloc[0]) if len(train_losses) else None,
