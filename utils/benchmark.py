@@ -349,6 +349,8 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
     ``seed`` sets the LoRA initialisation and dropout; the data (fixed random rows, or the corpus in one
     seeded order) is the same for every seed, so two seeds measure run-to-run noise.
     """
+    from utils.memory import clip_and_step
+
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     torch.manual_seed(seed)
@@ -395,15 +397,7 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
             loss = loss_fn(batch, num_items)
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.detach()
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, THESIS.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip_and_step(params, optimizer, scaler)
         if scheduler:
             scheduler.step()
         if cuda:

@@ -967,6 +967,19 @@ def _build_optimizer(params: list, optim: str):
     raise ValueError(f"optim={optim!r}: use paged_adamw_8bit, adamw_8bit or adamw_torch")
 
 
+def clip_and_step(params: list, optimizer, scaler=None, max_grad_norm: float = THESIS.max_grad_norm) -> None:
+    """One optimizer step as the trainer does it: unscale (fp16), clip the norm, step, clear the gradients."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _task_train_step(task: dict) -> dict:
     """Load, prepare, attach LoRA and run optimizer steps on random tokens; measure peak memory."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -1037,16 +1050,8 @@ def _task_train_step(task: dict) -> dict:
                 loss = model(input_ids=ids, labels=ids).loss / accum
             (scaler.scale(loss) if scaler else loss).backward()
             losses.append(float(loss) * accum)
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, THESIS.max_grad_norm)
         grad_bytes = _tensor_bytes(p.grad for p in params)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip_and_step(params, optimizer, scaler)
         if cuda:
             torch.cuda.synchronize()
         if step >= task.get("warmup_steps", 0):
