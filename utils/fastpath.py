@@ -651,7 +651,11 @@ def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
 
 def enable_fast_path(model: torch.nn.Module, dtype: torch.dtype | None = None,
                      options: FastPathOptions | None = None) -> FastPath:
-    """Switch ``model``'s backbone to the fast forward (call after ``get_peft_model``); returns its state."""
+    """Switch ``model``'s backbone to the fast forward (call after ``get_peft_model``); returns its state.
+
+    The fused layers hold references to the active adapter's LoRA tensors: after loading or switching
+    adapters, call it again. ``disable_fast_path`` restores the original forward.
+    """
     backbone = backbone_of(model)
     if dtype is None:
         state = getattr(backbone.layers[0].self_attn.q_proj, "base_layer", backbone.layers[0].self_attn.q_proj)
