@@ -266,3 +266,18 @@ def test_fast_path_trains_like_the_standard_forward(tmp_path):
     assert results["on"]["tokens_trained"] == results["off"]["tokens_trained"]  # padding-free counts real tokens
     model, _ = training.load_trained(tmp_path / "on")
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_a_model_the_fast_path_cannot_run_falls_back_or_fails_clearly(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    auto = training.plan_training(training.TrainingSettings(
+        compute_dtype="fp16", quantization="nf4_dq", output_dir=str(tmp_path)), "cuda:0")
+    training._check_fast_path_model(training.TrainingSettings(output_dir=str(tmp_path)), auto, gpt2)
+    assert not auto.fast_path and (auto.per_device_train_batch_size, auto.gradient_accumulation_steps) == (1, 2)
+    assert any("stays off" in note and "gpt2" in note for note in auto.notes)
+    on = training.TrainingSettings(fast_path="on", output_dir=str(tmp_path))
+    plan = training.plan_training(on, "cpu")
+    with pytest.raises(training.TrainingConfigError, match="model_type 'llama'"):
+        training._check_fast_path_model(on, plan, gpt2)

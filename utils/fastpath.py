@@ -649,6 +649,19 @@ def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
     return backbone
 
 
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot use the fast path (None when it can): checked before a trainer is built."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type != "llama":
+        return f"the fast path supports Llama models (model_type 'llama'), not {model_type!r}"
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "the fast path supports Llama layers without biases"
+    if any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
+        return "the fast path does not support 8-bit weights (use nf4_dq, nf4, fp4 or 16-bit)"
+    return None
+
+
 def enable_fast_path(model: torch.nn.Module, dtype: torch.dtype | None = None,
                      options: FastPathOptions | None = None) -> FastPath:
     """Switch ``model``'s backbone to the fast forward (call after ``get_peft_model``); returns its state.

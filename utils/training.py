@@ -574,6 +574,21 @@ class OriginalPadMaskingCollator:
         return batch
 
 
+def _check_fast_path_model(settings: TrainingSettings, plan: TrainingPlan, model) -> None:
+    """A model the fast path cannot run: an error for fast_path='on', the standard forward for 'auto'."""
+    from utils.fastpath import unsupported_reason
+
+    reason = unsupported_reason(model)
+    if reason is None:
+        return
+    if settings.fast_path == "on":
+        raise TrainingConfigError(f"fast_path='on' but {reason}. Set fast_path='auto' or 'off'.")
+    plan.fast_path = False
+    plan.per_device_train_batch_size = settings.per_device_train_batch_size
+    plan.gradient_accumulation_steps = settings.gradient_accumulation_steps
+    plan.notes.append(f"fast_path='auto' stays off: {reason}; the standard forward trains this model.")
+
+
 def recast_trainable_parameters(model, dtype: torch.dtype = torch.float32) -> int:
     """Cast every trainable parameter to ``dtype`` (fp32 for fp16's gradient scaler); return how many."""
     count = 0
@@ -601,6 +616,8 @@ def build_trainer(settings: TrainingSettings, plan: TrainingPlan, model, tokeniz
 
     from utils.modeling import build_lora_config
 
+    if plan.fast_path:
+        _check_fast_path_model(settings, plan, model)
     collator = None
     if plan.pad_is_eos:
         collator = OriginalPadMaskingCollator(tokenizer.pad_token_id)
