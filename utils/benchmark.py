@@ -36,12 +36,12 @@ from typing import Any, Sequence
 import torch
 
 from utils.config import THESIS
+from utils.memory import save_json
 from utils.paths import REPO_ROOT, resolve_path
 
 GIB = 1024**3
 BUDGET_GIB = 7.5  # an 8 GB card minus the CUDA context
 CARD_GIB = 8.0
-RESULT_MARK = "@@RESULT@@"
 DEFAULT_OUT = "results/04_speed_benchmark.json"
 DEFAULT_CORRECTNESS_OUT = "results/04_fast_path_correctness.json"
 FIGURE = "04_speed_benchmark"
@@ -473,21 +473,16 @@ def _child(task: dict) -> dict:
 
 
 def run_child(task: dict, timeout: float = 900, env: dict | None = None) -> dict:
-    """Run one measurement in a fresh ``python -m utils.benchmark child`` process; its JSON result."""
-    cmd = [sys.executable, "-m", "utils.benchmark", "child", json.dumps(task)]
-    child_env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
-                 "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})}
-    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
+    """Run one measurement in a fresh ``python -m utils.benchmark child`` process; a failure becomes its row."""
+    from utils.memory import ChildProcessFailed, run_module_child
+
     config = task["config"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=child_env)
+        return run_module_child("utils.benchmark", task, timeout, env)
     except subprocess.TimeoutExpired:
         return {**config, "ok": False, "error": f"stopped after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
-    return {**config, "ok": False, "error": f"child process failed (exit {proc.returncode}): {tail}"}
+    except ChildProcessFailed as exc:
+        return {**config, "ok": False, "error": f"child process failed ({exc}"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,15 +596,9 @@ def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8,
             print(f"[benchmark] {config.name:>30}: {row.get('error')}", flush=True)
         report["summary"] = summarize(report["rows"])
         report["wall_seconds"] = round(time.perf_counter() - started, 1)
-        write_json(report, out)
+        save_json(report, out)
     print("[benchmark] summary " + json.dumps(report["summary"], indent=1), flush=True)
     return report
-
-
-def write_json(data: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,9 +630,9 @@ def run_correctness(out: Path, model: str = "embedded", steps: int = 50, seeds: 
             print(f"[correctness] {config.name}: " + (f"loss {row['losses'][0]:.3f} -> {row['losses'][-1]:.3f}, "
                   f"{row['seconds_per_step']:.3f} s/step" if row.get("ok") else row.get("error", "")), flush=True)
             report["runs"].append(row)
-            write_json(report, out)
+            save_json(report, out)
     report["comparison"] = compare_losses(report["runs"])
-    write_json(report, out)
+    save_json(report, out)
     print("[correctness] " + json.dumps(report["comparison"]), flush=True)
     return report
 
@@ -719,12 +708,12 @@ def run_ddp(out: Path, model: str, gpus: int = 2, steps: int = 30, batch: int = 
         print(f"[ddp] {n} GPU(s): " + (f"{row.get('steady_tokens_per_second')} tokens/s (steady), "
               f"{row.get('tokens_per_second')} overall" if "error" not in row else row["error"]), flush=True)
         report["runs"].append(row)
-        write_json(report, out)
+        save_json(report, out)
     one, many = report["runs"][0].get("steady_tokens_per_second"), report["runs"][-1].get("steady_tokens_per_second")
     if one and many:
         report["speedup"] = round(many / one, 2)
         print(f"[ddp] speed-up {gpus} GPUs / 1 GPU: {report['speedup']}x", flush=True)
-    write_json(report, out)
+    save_json(report, out)
     return report
 
 
@@ -924,6 +913,8 @@ def main(argv: list[str] | None = None) -> int:
     child.add_argument("task")
     args = parser.parse_args(argv)
     if args.command == "child":
+        from utils.memory import RESULT_MARK
+
         print(RESULT_MARK + json.dumps(_child(json.loads(args.task)), default=str), flush=True)
         return 0
     if args.command == "list":

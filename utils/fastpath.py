@@ -25,6 +25,7 @@ per token; PEFT draws one mask per module. Each module still sees inputs dropped
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import types
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class FastPathOptions:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def liger_available() -> bool:
     """True when Liger's Triton kernels can run here (CUDA and the ``liger-kernel`` package)."""
     if not torch.cuda.is_available():
@@ -314,20 +316,15 @@ class FusedProjection:
             return w if w.dtype == self.dtype else w.to(self.dtype)
         device = self.bases[0].weight.device
         out = torch.empty(self.out_features, self.in_features, dtype=self.dtype, device=device)
-        row = 0
-        for base, state, size in zip(self.bases, self.quant_states, self.out_sizes):
-            part = out[row:row + size]
+        if any(state is not None for state in self.quant_states):
+            import bitsandbytes.functional as bnbf
+        for base, state, part in zip(self.bases, self.quant_states, out.split(self.out_sizes)):
             if state is None:
                 part.copy_(base.weight)
             elif device.type == "cuda":
-                import bitsandbytes.functional as bnbf
-
                 bnbf.dequantize_4bit(base.weight.data, state, out=part)
-            else:
-                import bitsandbytes.functional as bnbf
-
+            else:  # bitsandbytes' CPU backend has no out= variant
                 part.copy_(bnbf.dequantize_4bit(base.weight.data, state))
-            row += size
         return out
 
     def lora_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,8 +386,8 @@ class FastLayer:
                  attention: str):
         where = f"model.layers.{index}"
         attn, mlp = layer.self_attn, layer.mlp
-        if getattr(attn, "q_norm", None) is not None or getattr(config, "attention_bias", False):
-            raise FastPathError(f"{where}: only Llama-style attention (no bias, no q/k norm) is supported.")
+        if getattr(attn, "q_norm", None) is not None:  # biases are refused for the whole model by FastPath
+            raise FastPathError(f"{where}: only Llama-style attention (no q/k norm) is supported.")
         self.index = index
         self.dtype = dtype
         self.kernels = kernels
@@ -438,7 +435,7 @@ class CheckpointStore:
         self.buffers: dict[int, torch.Tensor] = {}
         self.handles: dict[int, tuple] = {}
         self.generation: dict[int, int] = {}
-        self.prefetched: dict[int, tuple[torch.Tensor, Any]] = {}
+        self.prefetched: dict[int, tuple[torch.Tensor, Any]] = {}  # index -> (GPU copy, copy-done event)
         if self.offload:
             self.d2h = torch.cuda.Stream(device)
             self.h2d = torch.cuda.Stream(device)
@@ -469,7 +466,7 @@ class CheckpointStore:
         handle = self.handles.get(index)
         if not self.offload or handle is None or index in self.prefetched:
             return
-        _, buf, generation = handle
+        _, buf, _ = handle
         # Allocated on the compute stream, so its memory returns to that stream's pool (no per-stream reserve)
         x = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
         self.h2d.wait_stream(torch.cuda.current_stream(self.device))
@@ -479,7 +476,7 @@ class CheckpointStore:
             event = torch.cuda.Event()
             event.record(self.h2d)
         x.record_stream(self.h2d)
-        self.prefetched[index] = (x, event, generation)
+        self.prefetched[index] = (x, event)
 
     def load(self, handle: Any) -> torch.Tensor:
         if not self.offload:
@@ -492,7 +489,7 @@ class CheckpointStore:
             )
         stream = torch.cuda.current_stream(self.device)
         if index in self.prefetched:
-            x, event, _ = self.prefetched.pop(index)
+            x, event = self.prefetched.pop(index)
             stream.wait_event(event)
             return x
         stream.wait_stream(self.d2h)
@@ -548,11 +545,9 @@ class FastPath:
 
     def __init__(self, backbone: torch.nn.Module, dtype: torch.dtype, options: FastPathOptions):
         config = backbone.config
-        if getattr(config, "model_type", None) != "llama":
-            raise FastPathError(
-                f"the fast path supports Llama models (model_type 'llama'); this one is "
-                f"{getattr(config, 'model_type', '?')!r}. Train it with fast_path=False."
-            )
+        reason = unsupported_reason(backbone)
+        if reason:
+            raise FastPathError(f"{reason}. Train it with fast_path='off'.")
         device = backbone.embed_tokens.weight.device
         self.device = device
         self.dtype = dtype
@@ -577,8 +572,8 @@ class FastPath:
         return {"kernels": self.kernels.name, "attention": self.attention,
                 "compute_dtype": str(self.dtype).replace("torch.", ""),
                 "residual_dtype": str(self.residual_dtype).replace("torch.", ""),
-                "checkpoint": self.options.checkpoint, "offload_checkpoints": self.store.offload, "skip_down_recompute": self.options.skip_down_recompute,
-                "native_gqa": _VARLEN.get("native_gqa")}
+                "checkpoint": self.options.checkpoint, "offload_checkpoints": self.store.offload,
+                "skip_down_recompute": self.options.skip_down_recompute, "native_gqa": _VARLEN.get("native_gqa")}
 
     def run(self, backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
             position_ids: torch.Tensor | None) -> torch.Tensor:

@@ -1130,28 +1130,46 @@ def _task_id(task: dict) -> dict:
 RESULT_MARK = "@@RESULT@@"
 
 
-def run_child(task: dict, timeout: float = 1800, env: dict | None = None) -> dict:
-    """Run ``task`` in a fresh ``python -m utils.memory child`` process and return its JSON result."""
-    cmd = [sys.executable, "-m", "utils.memory", "child", json.dumps(task)]
+class ChildProcessFailed(RuntimeError):
+    """A ``python -m <module> child`` process ended without printing its result line."""
+
+    def __init__(self, returncode: int, tail: str):
+        super().__init__(f"exit {returncode}):\n{tail}")
+        self.returncode, self.tail = returncode, tail
+
+
+def run_module_child(module: str, task: dict, timeout: float, env: dict | None = None) -> dict:
+    """Run ``python -m <module> child <task as JSON>`` and return the JSON it prints after ``RESULT_MARK``.
+
+    Raises ``subprocess.TimeoutExpired`` past ``timeout`` and ``ChildProcessFailed`` (exit code and the last lines
+    of its output) when no result line comes back.
+    """
+    cmd = [sys.executable, "-m", module, "child", json.dumps(task)]
     # OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin while waiting make a CPU shared with other
     # processes several times slower (measured here: a forward pass 4-6x slower with 2 spinning threads).
     child_env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TRANSFORMERS_VERBOSITY": "error",
                  "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=child_env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    raise ChildProcessFailed(proc.returncode, "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:]))
+
+
+def run_child(task: dict, timeout: float = 1800, env: dict | None = None) -> dict:
+    """Run ``task`` in a fresh ``python -m utils.memory child`` process and return its JSON result."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=child_env)
+        return run_module_child("utils.memory", task, timeout, env)
     except subprocess.TimeoutExpired:
         raise MeasurementError(
             f"measurement {_task_id(task) or task['task']} took over {timeout:.0f} s and was stopped; raise the "
             "notebook's measure_timeout_s parameter or measure fewer formats."
         ) from None
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-    raise MeasurementError(
-        f"measurement {_task_id(task) or task['task']} failed in its child process (exit {proc.returncode}):\n{tail}"
-    )
+    except ChildProcessFailed as exc:
+        raise MeasurementError(
+            f"measurement {_task_id(task) or task['task']} failed in its child process ({exc}"
+        ) from None
 
 
 def measure_formats(model: str, formats: Sequence[str], tokenizer: str | None = None, eval_file: str | None = None,
