@@ -67,6 +67,8 @@ def test_committed_results_are_consistent_and_their_figures_draw(tmp_path, monke
     assert report["summary"] == benchmark.summarize(report["rows"])  # the ratios come from the rows
     names = {r["name"] for r in report["rows"] if r.get("ok")}
     assert {"original_fp16", "fast_2x1_fp16"} <= names
+    for run in json.loads((RESULTS_DIR / "04_speed_runs_h200.json").read_text())["invocations"]:
+        assert run["summary"] == benchmark.summarize(run["rows"]), run["invocation"]
     correctness = json.loads((RESULTS_DIR / "04_fast_path_correctness.json").read_text())
     assert correctness["comparison"] == benchmark.compare_losses(correctness["runs"])
     ddp = json.loads((RESULTS_DIR / "04_ddp_scaling.json").read_text())
@@ -113,9 +115,16 @@ def test_readme_quotes_the_committed_measurements():
     readme = (REPO_ROOT / "README.md").read_text()
     report = json.loads((RESULTS_DIR / "04_speed_benchmark.json").read_text())
     rows = {r["name"]: r for r in report["rows"] if r.get("ok")}
-    for name in ("original_fp16", "fast_2x1_fp16", "fast_mb32_fp16", "fast_mb32_bf16", "fast_mb32_dropout0_bf16",
-                 "fast_mb32_corpus_fp16", "hf_mb16_noprep_liger_bf16"):
+    for name in ("original_fp16", "fast_2x1_fp16", "fast_mb32_bf16", "fast_mb32_dropout0_bf16",
+                 "fast_mb32_dropout0_fp16", "unsloth_2x1_bf16", "unsloth_mb32_bf16", "unsloth_mb40_bf16",
+                 "unsloth_mb32_fp16"):
         assert f"{rows[name]['tokens_per_second']:,.0f}" in readme, name
-    assert f"{report['summary']['recipe_fp16']['x_fewer_seconds']}× fewer" in readme
+    summary = report["summary"]
+    assert f"{summary['recipe_fp16']['x_fewer_seconds']}× fewer" in readme
+    assert f"{summary['fast_best_bf16']['x_original_fp16']:.1f}×" in readme
+    assert f"{summary['fast_best_bf16']['x_unsloth_best']:.2f}× Unsloth" in readme
+    previous = json.loads((RESULTS_DIR / "04_speed_benchmark_h100_v1.json").read_text())
+    corpus = {r["name"]: r for r in previous["rows"] if r.get("ok")}["fast_mb32_corpus_fp16"]
+    assert f"{corpus['tokens_per_second']:,.0f} real tokens/s" in readme
     ddp = json.loads((RESULTS_DIR / "04_ddp_scaling.json").read_text())
     assert f"{ddp['speedup']:.2f}×" in readme

@@ -52,15 +52,16 @@ def _fast_loss(model, ids, mask, labels, **kw):
     return causal_lm_loss(model, hidden, labels)
 
 
+@pytest.mark.parametrize("options", [FastPathOptions(), FastPathOptions(checkpoint=False)], ids=["recompute", "keep"])
 @pytest.mark.parametrize("targets", [TARGETS, ["q_proj", "v_proj", "down_proj"]], ids=["all-seven", "q-v-down"])
-def test_fast_path_matches_peft_loss_and_lora_gradients(targets):
+def test_fast_path_matches_peft_loss_and_lora_gradients(targets, options):
     model = _tiny_peft(targets=targets)
     ids, mask, labels = _batch()
     reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     reference.backward()
     expected = _grads(model)
     model.zero_grad()
-    enable_fast_path(model, torch.float32)
+    enable_fast_path(model, torch.float32, options)
     loss = _fast_loss(model, ids, mask, labels)
     loss.backward()
     assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
@@ -150,3 +151,35 @@ def test_unsupported_models_and_settings_fail_with_one_clear_message():
     if not torch.cuda.is_available():
         with pytest.raises(FastPathError, match="needs a CUDA GPU"):
             enable_fast_path(_tiny_peft(), torch.float32, FastPathOptions(kernels="liger"))
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "nf4"])
+def test_direct_dequantisation_equals_bitsandbytes(nested):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from utils.fastpath import dequantize_4bit_into
+
+    weight = torch.randn(96, 128, dtype=torch.float16)
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    expected = bnbf.dequantize_4bit(packed, state)
+    out = torch.empty(96, 128, dtype=torch.float16)
+    assert torch.equal(dequantize_4bit_into(packed, state, out), expected)
+    assert (expected - weight).abs().mean() < 0.1  # it is a 4-bit copy of the weight, not zeros
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's kernels need a CUDA GPU")
+def test_flash_varlen_matches_sdpa_forward_and_backward_on_gpu():
+    from utils.fastpath import attention_sdpa, attention_varlen
+
+    torch.manual_seed(0)
+    seg = find_segments(torch.cat([torch.arange(n) for n in (7, 130, 64)]).cuda())
+    q, k, v = (torch.randn(201, heads, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for heads in (8, 2, 2))
+    results = []
+    for attention in (attention_varlen, attention_sdpa):
+        out = attention(q, k, v, seg)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach().float()] + [t.grad.float() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    for fast, reference in zip(*results):
+        assert (fast - reference).abs().max().item() < 3e-2

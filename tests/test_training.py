@@ -281,3 +281,23 @@ def test_a_model_the_fast_path_cannot_run_falls_back_or_fails_clearly(tmp_path):
     plan = training.plan_training(on, "cpu")
     with pytest.raises(training.TrainingConfigError, match="model_type 'llama'"):
         training._check_fast_path_model(on, plan, gpt2)
+
+
+def test_fast_path_trainer_updates_all_lora_tensors_in_one_optimizer_call(tmp_path):
+    """paged AdamW 8-bit under the fast path: one flat buffer, the library's own hyperparameters, and it trains."""
+    from utils.optim import FlatOptimizer
+
+    trainer, _, _, plan = _trainer(tmp_path, fast_path="on", max_steps=1, warmup_steps=0, eval_steps=10)
+    trainer.args.optim = plan.optim = "paged_adamw_8bit"  # the CUDA default; bitsandbytes also runs it on the CPU
+    assert training.use_flat_optimizer(trainer, plan)
+    reference_cls, reference_kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, FlatOptimizer) and isinstance(optimizer.inner, reference_cls)
+    inner = optimizer.inner.param_groups[0]
+    assert all(inner[k] == v for k, v in reference_kwargs.items() if k in inner)
+    lora = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in lora) == sum(flat.numel() for _, flat in optimizer.flats)
+    before = [p.detach().clone() for p in lora]
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora))  # the update reached the LoRA tensors

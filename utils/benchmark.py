@@ -63,7 +63,7 @@ class BenchConfig:
     workload: str = "synthetic"  # "synthetic": full rows of random ids; "corpus": the shipped training examples
     prepare: bool = False  # hf: prepare_model_for_kbit_training (fp32 upcast + reentrant checkpointing)
     liger: bool = False  # hf: Liger's monkey patch (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)
-    optim: str = "paged_adamw_8bit"  # or "adamw_torch_fused"
+    optim: str = "paged_adamw_8bit"  # per tensor; "paged_adamw_8bit_flat" (utils.optim) or "adamw_torch_fused"
     lora_dropout: float = THESIS.lora_dropout
     offload: bool = True  # fast: checkpoints in pinned CPU memory
     skip_down: bool = True  # fast: no down_proj GEMM when recomputing
@@ -79,7 +79,7 @@ def _c(name: str, impl: str, dtype: str, **kw: Any) -> BenchConfig:
 
 
 ORIGINAL = dict(micro_batch=1, accumulation=2, prepare=True)
-FAST = dict(expandable_segments=True)
+FAST = dict(expandable_segments=True, optim="paged_adamw_8bit_flat")
 
 CONFIGS: list[BenchConfig] = [
     # The original configuration, in the student's fp16 and in bf16
@@ -93,14 +93,20 @@ CONFIGS: list[BenchConfig] = [
     _c("fast_2x1_fp16", "fast", "fp16", micro_batch=2, **FAST, group="recipe",
        prediction="fused layers: ~5x fewer kernels per layer -> >= 4x fewer s/step than the original, < 4 GiB"),
     _c("fast_2x1_bf16", "fast", "bf16", micro_batch=2, **FAST, group="recipe"),
-    _c("fast_2x1_fused_adamw_fp16", "fast", "fp16", micro_batch=2, optim="adamw_torch_fused", **FAST,
+    _c("fast_2x1_per_tensor_optim_fp16", "fast", "fp16", micro_batch=2, **{**FAST, "optim": "paged_adamw_8bit"},
+       group="recipe", prediction="bitsandbytes updating 392 tensors one by one (a GPU sync after each): "
+       "~45 ms more per step than one flat update"),
+    _c("fast_2x1_fused_adamw_fp16", "fast", "fp16", micro_batch=2, **{**FAST, "optim": "adamw_torch_fused"},
        group="recipe", prediction="fused AdamW: one kernel instead of ~450 per step; ~10 ms less per step"),
     # Throughput within the 8 GB budget
     _c("fast_mb16_bf16", "fast", "bf16", micro_batch=16, **FAST, group="throughput"),
     _c("fast_mb32_bf16", "fast", "bf16", micro_batch=32, **FAST, group="throughput",
        prediction="~85 % of the GEMM ceiling: >= 25,000 tokens/s under 7.5 GiB reserved"),
+    _c("fast_mb40_bf16", "fast", "bf16", micro_batch=40, **FAST, group="throughput"),
     _c("fast_mb48_bf16", "fast", "bf16", micro_batch=48, **FAST, group="throughput"),
-    _c("fast_mb32_fused_adamw_bf16", "fast", "bf16", micro_batch=32, optim="adamw_torch_fused", **FAST,
+    _c("fast_mb32_per_tensor_optim_bf16", "fast", "bf16", micro_batch=32, **{**FAST, "optim": "paged_adamw_8bit"},
+       group="throughput", prediction="per-tensor bitsandbytes update: ~45 ms (6 %) more per step"),
+    _c("fast_mb32_fused_adamw_bf16", "fast", "bf16", micro_batch=32, **{**FAST, "optim": "adamw_torch_fused"},
        group="throughput", prediction="the profile showed 50 ms in PagedAdamW8bit.step: fused AdamW saves ~6 %"),
     _c("fast_mb32_fp16", "fast", "fp16", micro_batch=32, **FAST, group="throughput",
        prediction="fp16 as fast as bf16 on the H100 (same tensor-core rate), same memory"),
@@ -114,6 +120,7 @@ CONFIGS: list[BenchConfig] = [
        prediction="PyTorch RMSNorm/RoPE/SwiGLU instead of Liger: ~10 % slower, more memory"),
     _c("fast_mb32_dropout0_bf16", "fast", "bf16", micro_batch=32, lora_dropout=0.0, **FAST, group="ablation",
        prediction="no LoRA dropout: ~5 % faster, less memory (Unsloth's fast LoRA needs dropout 0)"),
+    _c("fast_mb32_dropout0_fp16", "fast", "fp16", micro_batch=32, lora_dropout=0.0, **FAST, group="ablation"),
     _c("hf_mb16_noprep_liger_bf16", "hf", "bf16", micro_batch=16, liger=True, group="ablation",
        prediction="Hugging Face path with Liger, no upcast, GC: ~13k tokens/s within 6 GiB (shared/bench)"),
     # Real examples (the shipped corpus): padding must not eat the gain
@@ -123,6 +130,9 @@ CONFIGS: list[BenchConfig] = [
        prediction="padding-free packing keeps the synthetic throughput (-5 % for shorter attention rows)"),
     _c("fast_mb32_corpus_fp16", "fast", "fp16", micro_batch=32, workload="corpus", **FAST, group="corpus"),
     # The peer, where it is installed next to the benchmark
+    _c("unsloth_2x1_bf16", "unsloth", "bf16", micro_batch=2, lora_dropout=0.0, group="peer"),
+    _c("unsloth_mb32_bf16", "unsloth", "bf16", micro_batch=32, lora_dropout=0.0, group="peer"),
+    _c("unsloth_mb40_bf16", "unsloth", "bf16", micro_batch=40, lora_dropout=0.0, group="peer"),
     _c("unsloth_mb48_bf16", "unsloth", "bf16", micro_batch=48, lora_dropout=0.0, group="peer"),
     _c("unsloth_mb32_fp16", "unsloth", "fp16", micro_batch=32, lora_dropout=0.0, group="peer"),
 ]
@@ -255,7 +265,11 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def build_optimizer(params: list, optim: str, lr: float = THESIS.learning_rate):
-    """The optimizer of a configuration: bitsandbytes' paged AdamW 8-bit or PyTorch's fused AdamW."""
+    """The optimizer of a configuration: bitsandbytes' paged AdamW 8-bit (per tensor or flat) or fused AdamW."""
+    if optim == "paged_adamw_8bit_flat":
+        from utils.optim import build_flat_paged_adamw_8bit
+
+        return build_flat_paged_adamw_8bit(params, lr=lr, weight_decay=THESIS.weight_decay)
     if optim == "paged_adamw_8bit":
         import bitsandbytes as bnb
 
@@ -264,7 +278,7 @@ def build_optimizer(params: list, optim: str, lr: float = THESIS.learning_rate):
             return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=THESIS.weight_decay)
     if optim == "adamw_torch_fused":
         return torch.optim.AdamW(params, lr=lr, weight_decay=THESIS.weight_decay, fused=torch.cuda.is_available())
-    raise ValueError(f"optim={optim!r}: use paged_adamw_8bit or adamw_torch_fused")
+    raise ValueError(f"optim={optim!r}: use paged_adamw_8bit, paged_adamw_8bit_flat or adamw_torch_fused")
 
 
 def load_model_for(config: BenchConfig, model: str, device: str):
@@ -834,6 +848,12 @@ def describe_speed(speed: dict, correctness: dict, ddp: dict) -> str:
                          f"`{best['name']}`, {best['tokens_per_second']:,.0f} tokens/s con "
                          f"{best['peak_reserved_gib']} GiB, **{best['x_original_fp16']}×** la configuración "
                          f"original ({orig['tokens_per_second']:,.0f} tokens/s, fp16).")
+    for dtype in ("bf16", "fp16"):
+        best, peer = s.get(f"fast_best_{dtype}"), s.get(f"unsloth_best_{dtype}")
+        if best and peer:
+            lines.append(f"- Unsloth en la misma corrida ({dtype}, dentro del mismo presupuesto): `{peer['name']}`, "
+                         f"{peer['tokens_per_second']:,.0f} tokens/s; el camino rápido hace "
+                         f"**{best['x_unsloth_best']}×** eso (objetivo del proyecto: 1,1×).")
     recipe = s.get("recipe_fp16")
     if recipe:
         lines.append(f"- La receta original (2 secuencias por paso, fp16): {recipe['original_seconds_per_step']} → "

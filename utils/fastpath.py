@@ -14,6 +14,8 @@ saving, loading and merging adapters are unchanged. What changes, and why it pay
 - Every decoder layer is checkpointed; only its input is kept, in pinned CPU memory, copied on side streams
   (and fetched back one layer ahead in the backward pass). The recomputation skips the frozen GEMM of
   ``down_proj``: its output only feeds the layer's output, which the backward pass does not need.
+- The LoRA matrices are cast, stacked and scaled once per forward pass and shared by the recomputation;
+  the LoRA scaling rides on the GEMM (``alpha``) instead of costing a multiplication per matrix.
 - RMSNorm, RoPE and SwiGLU run as Liger's Triton kernels on CUDA (PyTorch ops elsewhere); attention is
   FlashAttention's variable-length kernel over the real tokens only (no padding), or PyTorch SDPA over one
   padded row per sequence where that kernel is unavailable (CPU, GPUs older than Ampere).
@@ -26,9 +28,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -183,27 +184,38 @@ def find_segments(position_ids: torch.Tensor, row_starts: torch.Tensor | None = 
     return Segments(cu, int(lengths.max()), int(starts.numel()), index, position)
 
 
-_VARLEN: dict[str, Any] = {}
+_FLASH: dict[str, Any] = {}  # "native_gqa": whether the kernel reads grouped k/v heads as they are
 
 
-def _varlen_function():
-    """PyTorch's FlashAttention varlen entry point and the keywords this version takes (None if absent)."""
-    if "fn" not in _VARLEN:
-        try:
-            from torch.nn.attention.varlen import varlen_attn
+class _FlashVarlen(torch.autograd.Function):
+    """Causal FlashAttention over sequences packed in one stream: PyTorch's own kernels, called directly.
 
-            params = inspect.signature(varlen_attn).parameters
-            _VARLEN["fn"] = varlen_attn
-            _VARLEN["causal"] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-            _VARLEN["gqa"] = "enable_gqa" in params
-        except (ImportError, ValueError, TypeError):
-            _VARLEN["fn"] = None
-    return _VARLEN["fn"]
+    ``torch.nn.attention.varlen.varlen_attn`` reaches the same kernels through a Python custom op, whose
+    dispatch cost ~1 ms of CPU time per call in the original recipe's launch-bound step.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int):
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False)
+        empty = q.new_empty(0)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, empty if seed is None else seed,
+                              empty if offset is None else offset)
+        ctx.max_len = max_len
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, seed, offset)
+        return dq, dk, dv, None, None
 
 
 def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """FlashAttention's varlen kernel runs on Ampere or newer GPUs in fp16/bf16."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _varlen_function() is not None
+    """FlashAttention's variable-length kernel runs on Ampere or newer GPUs in fp16/bf16."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and hasattr(torch.ops.aten, "_flash_attention_forward")
             and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
@@ -213,25 +225,22 @@ def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
     """Causal attention within each sequence; q (T, Hq, D), k/v (T, Hk, D) → (T, Hq, D)."""
-    fn = _varlen_function()
     n_rep = q.shape[1] // k.shape[1]
-    kwargs = dict(_VARLEN["causal"])
-    args = (seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len)
-    if n_rep > 1 and _VARLEN["gqa"]:
-        kwargs["enable_gqa"] = True
-    elif n_rep > 1:
-        # FlashAttention's kernel reads grouped k/v heads natively; older PyTorch wrappers only lack the flag.
-        # Checked once against repeated heads; where it fails or differs, heads are repeated from then on.
-        if "native_gqa" not in _VARLEN:
-            expanded = fn(q, _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1), *args, **kwargs)
-            try:
-                native = fn(q, k, v, *args, **kwargs)
-                _VARLEN["native_gqa"] = bool(torch.allclose(native.float(), expanded.float(), atol=2e-2, rtol=0))
-            except RuntimeError:
-                _VARLEN["native_gqa"] = False
-        if not _VARLEN["native_gqa"]:
+    if n_rep > 1:
+        # FlashAttention reads grouped k/v heads natively; checked once against repeated heads, and where that
+        # fails or differs, heads are repeated from then on.
+        if "native_gqa" not in _FLASH:
+            with torch.no_grad():
+                expanded = _FlashVarlen.apply(q, _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1),
+                                              seg.cu_seqlens, seg.max_len)
+                try:
+                    native = _FlashVarlen.apply(q, k, v, seg.cu_seqlens, seg.max_len)
+                    _FLASH["native_gqa"] = bool(torch.allclose(native.float(), expanded.float(), atol=2e-2, rtol=0))
+                except RuntimeError:
+                    _FLASH["native_gqa"] = False
+        if not _FLASH["native_gqa"]:
             k, v = _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1)
-    return fn(q, k, v, *args, **kwargs)
+    return _FlashVarlen.apply(q, k, v, seg.cu_seqlens, seg.max_len)
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
@@ -290,6 +299,9 @@ class FusedProjection:
             if state is not None:
                 state = copy.copy(state)  # shares the packed data; only the output dtype differs
                 state.dtype = dtype
+                if state.nested:  # bitsandbytes moves the nested code table to the device on every call
+                    state.state2 = copy.copy(state.state2)
+                    state.state2.code = state.state2.code.to(base.weight.device)
             self.quant_states.append(state)
 
     def _lora_of(self, module: torch.nn.Module) -> dict | None:
@@ -316,39 +328,76 @@ class FusedProjection:
             return w if w.dtype == self.dtype else w.to(self.dtype)
         device = self.bases[0].weight.device
         out = torch.empty(self.out_features, self.in_features, dtype=self.dtype, device=device)
-        if any(state is not None for state in self.quant_states):
-            import bitsandbytes.functional as bnbf
         for base, state, part in zip(self.bases, self.quant_states, out.split(self.out_sizes)):
             if state is None:
                 part.copy_(base.weight)
-            elif device.type == "cuda":
-                bnbf.dequantize_4bit(base.weight.data, state, out=part)
-            else:  # bitsandbytes' CPU backend has no out= variant
-                part.copy_(bnbf.dequantize_4bit(base.weight.data, state))
+            else:
+                dequantize_4bit_into(base.weight.data, state, part)
         return out
 
-    def lora_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A`` stacked (r_total × in) and ``B`` block-diagonal with the scaling folded in (out × r_total)."""
+    def lora_matrices(self, step: StepContext | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``A`` stacked (r_total × in), ``B`` block-diagonal (out × r_total) and the scaling for the GEMM.
+
+        With one scaling for all modules (the usual case) it becomes the GEMM's ``alpha``; otherwise it is
+        folded into ``B``. ``step`` keeps the result for the rest of the pass and its recomputation; a pass that
+        records a graph prepares them with autograd on, even inside a checkpointed layer's no-grad forward.
+        """
+        if step is not None and id(self) in step.lora:
+            return step.lora[id(self)]
+        if step is not None and step.grad and not torch.is_grad_enabled():
+            with torch.enable_grad():
+                return self.lora_matrices(step)
         a_parts, b_parts = [], []
         device = self.bases[0].weight.device
+        scales = {lora["scale"] for lora in self.loras if lora is not None}
+        alpha = scales.pop() if len(scales) == 1 else 1.0
         for lora, size in zip(self.loras, self.out_sizes):
             if lora is None:
                 b_parts.append(torch.zeros(size, 0, dtype=self.dtype, device=device))
                 continue
             a_parts.append(lora["A"].to(self.dtype))
-            b_parts.append(lora["B"].to(self.dtype) * lora["scale"])
+            b_parts.append(lora["B"].to(self.dtype) if alpha != 1.0 or lora["scale"] == 1.0
+                           else lora["B"].to(self.dtype) * lora["scale"])
         a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)
         b = b_parts[0] if len(b_parts) == 1 else torch.block_diag(*b_parts)
-        return a, b
+        if step is not None:
+            step.lora[id(self)] = (a, b, alpha)
+        return a, b, alpha
 
-    def __call__(self, x: torch.Tensor, training: bool, skip_base: bool = False) -> torch.Tensor:
-        """``x`` (T × in) → (T × out): the frozen GEMM plus every module's LoRA update."""
-        y = _BackwardOnlyLinear.apply(x, self) if skip_base else x @ self.frozen_weight().t()
+    def __call__(self, x: torch.Tensor, step: StepContext, base: str = "mm") -> torch.Tensor:
+        """``x`` (T × in) → (T × out): the frozen GEMM plus every module's LoRA update.
+
+        ``base``: "mm" (autograd keeps the dequantised weight for the backward pass) or "skip" (no forward GEMM).
+        """
+        if base == "skip":
+            y = _BackwardOnlyLinear.apply(x, self)
+        else:
+            y = x @ self.frozen_weight().t()
         if self.has_lora:
-            a, b = self.lora_matrices()
-            xd = F.dropout(x, self.dropout, training) if self.dropout > 0 else x
-            y = y.addmm_(xd @ a.t(), b.t())
+            a, b, alpha = self.lora_matrices(step)
+            xd = F.dropout(x, self.dropout, step.training) if self.dropout > 0 else x
+            y = y.addmm_(xd @ a.t(), b.t(), alpha=alpha)
         return y
+
+
+def dequantize_4bit_into(packed: torch.Tensor, state, out: torch.Tensor) -> torch.Tensor:
+    """``bitsandbytes.functional.dequantize_4bit(packed, state, out=out)`` as its two kernel calls.
+
+    The library's Python layers (checks, code-table moves) cost ~0.1 ms of CPU time per weight, and the fast
+    path dequantises each frozen weight two or three times per step.
+    """
+    absmax = state.absmax
+    if state.nested:  # double quantisation: the block scales are themselves 8-bit blockwise-quantised
+        nested = state.state2
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, nested.absmax, nested.code,
+                                                                     nested.blocksize, torch.float32)
+        absmax += state.offset
+    args = (packed, absmax, state.blocksize, state.quant_type, state.shape, out.dtype)
+    if out.device.type == "cuda":
+        torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out)
+    else:  # bitsandbytes' CPU backend has no out= variant
+        out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(*args))
+    return out
 
 
 class _BackwardOnlyLinear(torch.autograd.Function):
@@ -377,6 +426,8 @@ class StepContext:
     sin: torch.Tensor
     segments: Segments
     training: bool
+    grad: bool = False  # the pass records a graph: the LoRA matrices are prepared with autograd on
+    lora: dict = field(default_factory=dict)  # each projection's LoRA matrices for this pass (and its recomputation)
 
 
 class FastLayer:
@@ -404,22 +455,25 @@ class FastLayer:
         self.gate_up = FusedProjection([mlp.gate_proj, mlp.up_proj], dtype, f"{where}.mlp.gate/up_proj")
         self.down = FusedProjection([mlp.down_proj], dtype, f"{where}.mlp.down_proj")
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, skip_down: bool = False) -> torch.Tensor:
-        """x (T × hidden), in the residual dtype → the layer's output, same shape and dtype."""
+    def forward(self, x: torch.Tensor, ctx: StepContext, down: str = "mm") -> torch.Tensor:
+        """x (T × hidden), in the residual dtype → the layer's output, same shape and dtype.
+
+        ``down="skip"``: no forward GEMM for down_proj's frozen weight (the recomputation does not need it).
+        """
         k_ = self.kernels
         tokens = x.shape[0]
         h = k_.rms_norm(x, self.norm_in, self.eps_in).to(self.dtype)
-        qkv = self.qkv(h, ctx.training)
+        qkv = self.qkv(h, ctx)
         nq, nk = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q = qkv[:, :nq].view(tokens, self.heads, self.head_dim)
         k = qkv[:, nq:nq + nk].view(tokens, self.kv_heads, self.head_dim)
         v = qkv[:, nq + nk:].reshape(tokens, self.kv_heads, self.head_dim).contiguous()
         q, k = k_.rope(q, k, ctx.cos, ctx.sin)
         a = self.attention(q, k, v, ctx.segments).reshape(tokens, nq)
-        x = x + self.o(a, ctx.training)
+        x = x + self.o(a, ctx)
         h = k_.rms_norm(x, self.norm_post, self.eps_post).to(self.dtype)
-        c = k_.swiglu(self.gate_up(h, ctx.training))
-        return x + self.down(c, ctx.training, skip_base=skip_down)
+        c = k_.swiglu(self.gate_up(h, ctx))
+        return x + self.down(c, ctx, down)
 
 
 class CheckpointStore:
@@ -517,7 +571,7 @@ class _CheckpointedLayer(torch.autograd.Function):
             saved_rng = _rng_state(x.device)
             _set_rng_state(x.device, ctx.rng)
         with torch.enable_grad():
-            y = ctx.layer.forward(x, ctx.step, skip_down=ctx.skip_down)
+            y = ctx.layer.forward(x, ctx.step, down="skip" if ctx.skip_down else "mm")
         if saved_rng is not None:
             _set_rng_state(x.device, saved_rng)
         torch.autograd.backward(y, grad)
@@ -570,10 +624,11 @@ class FastPath:
     def describe(self) -> dict[str, Any]:
         """The resolved choices, for run records."""
         return {"kernels": self.kernels.name, "attention": self.attention,
+
                 "compute_dtype": str(self.dtype).replace("torch.", ""),
                 "residual_dtype": str(self.residual_dtype).replace("torch.", ""),
                 "checkpoint": self.options.checkpoint, "offload_checkpoints": self.store.offload,
-                "skip_down_recompute": self.options.skip_down_recompute, "native_gqa": _VARLEN.get("native_gqa")}
+                "skip_down_recompute": self.options.skip_down_recompute, "native_gqa": _FLASH.get("native_gqa")}
 
     def run(self, backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
             position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -598,11 +653,12 @@ class FastPath:
             if torch.is_grad_enabled():
                 x = x.detach().requires_grad_(True)  # so the checkpointed layers' backward runs
             cos, sin = backbone.rotary_emb(x, pos.unsqueeze(0))
-            step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training)
+            grad = torch.is_grad_enabled()
+            step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training, grad)
             rng = training and self.dropout
             skip = self.options.skip_down_recompute
             for layer in self.layers:
-                if torch.is_grad_enabled() and self.options.checkpoint:
+                if grad and self.options.checkpoint:
                     x = _CheckpointedLayer.apply(x, layer, step, self.store, skip, rng)
                 else:
                     x = layer.forward(x, step)  # without checkpoints autograd keeps what it needs

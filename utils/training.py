@@ -589,6 +589,23 @@ def _check_fast_path_model(settings: TrainingSettings, plan: TrainingPlan, model
     plan.notes.append(f"fast_path='auto' stays off: {reason}; the standard forward trains this model.")
 
 
+def use_flat_optimizer(trainer, plan: TrainingPlan) -> bool:
+    """With the fast path, bitsandbytes' 8-bit optimizer updates all LoRA tensors in one call (same numbers)."""
+    from utils.optim import FlatOptimizer, flat_supported
+
+    if "8bit" not in plan.optim:
+        return False
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    if not flat_supported(params):
+        plan.notes.append(f"{plan.optim} updates tensor by tensor: some LoRA tensors are not whole 256-value "
+                          "blocks of at least 4096 values.")
+        return False
+    inner_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    trainer.optimizer_cls_and_kwargs = (FlatOptimizer, {"inner_cls": inner_cls, **kwargs})
+    plan.notes.append(f"{plan.optim} updates every LoRA tensor in one call (utils.optim.FlatOptimizer).")
+    return True
+
+
 def recast_trainable_parameters(model, dtype: torch.dtype = torch.float32) -> int:
     """Cast every trainable parameter to ``dtype`` (fp32 for fp16's gradient scaler); return how many."""
     count = 0
@@ -645,6 +662,7 @@ def build_trainer(settings: TrainingSettings, plan: TrainingPlan, model, tokeniz
 
         fast = enable_fast_path(trainer.model, DTYPES[plan.compute_dtype])
         plan.notes.append(f"fast path resolved: {fast.describe()}")
+        use_flat_optimizer(trainer, plan)
     check_bos(trainer.train_dataset, tokenizer)
     return trainer
 
