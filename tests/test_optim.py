@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from utils.optim import FlatOptimizer, build_flat_paged_adamw_8bit, flat_supported
+from utils.optim import FlatOptimizer, build_flat_paged_adamw_8bit, flat_unsupported_reason
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -59,10 +59,10 @@ def test_state_dict_round_trip_and_layout_check():
 
 def test_refuses_sizes_that_would_change_the_state_blocks_and_moved_parameters():
     for shape in [(3, 2000), (8, 256)]:  # not whole blocks; under min_8bit_size (32-bit states per tensor)
-        assert not flat_supported([torch.nn.Parameter(torch.zeros(shape))])
+        assert flat_unsupported_reason([torch.nn.Parameter(torch.zeros(shape))]) is not None
         with pytest.raises(ValueError, match="multiple of 256"):
             build_flat_paged_adamw_8bit([torch.nn.Parameter(torch.zeros(shape))], lr=1e-3)
-    assert flat_supported(lora_like(0))
+    assert flat_unsupported_reason(lora_like(0)) is None
     params = lora_like(0)
     optimizer = FlatOptimizer(params, bnb.optim.PagedAdamW8bit, lr=1e-3)
     params[0].data = params[0].data.clone()

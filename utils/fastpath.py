@@ -263,10 +263,6 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segme
 # --------------------------------------------------------------------------------------------
 
 
-def _is_4bit(weight: torch.nn.Parameter) -> bool:
-    return getattr(weight, "quant_state", None) is not None
-
-
 class FusedProjection:
     """Linear layers that read the same input (q/k/v, gate/up, or one alone), run as one GEMM plus fused LoRA."""
 
@@ -350,14 +346,15 @@ class FusedProjection:
         a_parts, b_parts = [], []
         device = self.bases[0].weight.device
         scales = {lora["scale"] for lora in self.loras if lora is not None}
-        alpha = scales.pop() if len(scales) == 1 else 1.0
+        shared = len(scales) == 1
+        alpha = next(iter(scales)) if shared else 1.0
         for lora, size in zip(self.loras, self.out_sizes):
             if lora is None:
                 b_parts.append(torch.zeros(size, 0, dtype=self.dtype, device=device))
                 continue
             a_parts.append(lora["A"].to(self.dtype))
-            b_parts.append(lora["B"].to(self.dtype) if alpha != 1.0 or lora["scale"] == 1.0
-                           else lora["B"].to(self.dtype) * lora["scale"])
+            b = lora["B"].to(self.dtype)
+            b_parts.append(b if shared else b * lora["scale"])
         a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)
         b = b_parts[0] if len(b_parts) == 1 else torch.block_diag(*b_parts)
         if step is not None:
@@ -612,7 +609,7 @@ class FastPath:
             attention = "varlen" if varlen_supported(device, dtype) else "sdpa"
         elif attention == "varlen" and not varlen_supported(device, dtype):
             raise FastPathError("attention='varlen' needs an Ampere-or-newer GPU, fp16/bf16 and PyTorch's "
-                                "torch.nn.attention.varlen; use attention='sdpa' or 'auto'.")
+                                "FlashAttention kernels (torch.ops.aten._flash_attention_forward); use attention='sdpa' or 'auto'.")
         self.attention = attention
         self.residual_dtype = torch.float32 if options.fp32_residual else dtype
         self.layers = [FastLayer(layer, i, config, dtype, self.kernels, attention)
@@ -624,7 +621,6 @@ class FastPath:
     def describe(self) -> dict[str, Any]:
         """The resolved choices, for run records."""
         return {"kernels": self.kernels.name, "attention": self.attention,
-
                 "compute_dtype": str(self.dtype).replace("torch.", ""),
                 "residual_dtype": str(self.residual_dtype).replace("torch.", ""),
                 "checkpoint": self.options.checkpoint, "offload_checkpoints": self.store.offload,
@@ -648,12 +644,12 @@ class FastPath:
             ids, pos, row_starts = input_ids.reshape(-1), position_ids.reshape(-1), row_starts.reshape(-1)
         segments = find_segments(pos, row_starts)
         training = backbone.training
+        grad = torch.is_grad_enabled()
         with torch.autocast(self.device.type, enabled=False):
             x = backbone.embed_tokens(ids).to(self.residual_dtype)
-            if torch.is_grad_enabled():
+            if grad:
                 x = x.detach().requires_grad_(True)  # so the checkpointed layers' backward runs
             cos, sin = backbone.rotary_emb(x, pos.unsqueeze(0))
-            grad = torch.is_grad_enabled()
             step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training, grad)
             rng = training and self.dropout
             skip = self.options.skip_down_recompute

@@ -6,7 +6,7 @@ makes every parameter of a group a view into one flat fp32 buffer and gives the 
 buffer instead, so a step is one kernel and one synchronisation. The update is the same number for number
 when every tensor's size is a multiple of the optimizer's block (256 values: each block's scale covers the same
 values as before) and at least the optimizer's ``min_8bit_size`` (4096: smaller tensors get 32-bit states), which
-the LoRA matrices of the thesis models are; other sizes are refused (``flat_supported`` says so beforehand).
+the LoRA matrices of the thesis models are; other sizes are refused (``flat_unsupported_reason`` says why beforehand).
 """
 
 from __future__ import annotations
@@ -19,11 +19,20 @@ BLOCK = 256  # values per quantisation block of bitsandbytes' 8-bit optimizer st
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep 32-bit states
 
 
-def flat_supported(params, min_8bit_size: int = MIN_8BIT_SIZE) -> bool:
-    """Whether ``FlatOptimizer`` gives these parameters exactly the per-tensor 8-bit update."""
+def flat_unsupported_reason(params, min_8bit_size: int = MIN_8BIT_SIZE) -> str | None:
+    """Why ``FlatOptimizer`` would not give these parameters exactly the per-tensor 8-bit update (None: it would)."""
     params = list(params)
-    return bool(params) and all(p.numel() % BLOCK == 0 and p.numel() >= min_8bit_size and p.dtype == params[0].dtype
-                                and p.device == params[0].device for p in params)
+    if not params:
+        return "no parameters"
+    first = params[0]
+    for p in params:
+        if p.dtype != first.dtype or p.device != first.device:
+            return (f"all parameters of a group need one dtype and device; found {first.dtype}/{first.device} and "
+                    f"{p.dtype}/{p.device}")
+        if p.numel() % BLOCK or p.numel() < min_8bit_size:
+            return (f"a parameter of shape {tuple(p.shape)} is not a multiple of {BLOCK} values of at least "
+                    f"{min_8bit_size}, so its optimizer state would change")
+    return None
 
 
 class FlatOptimizer(torch.optim.Optimizer):
@@ -46,16 +55,11 @@ class FlatOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _flatten(params: list[torch.Tensor], min_size: int) -> torch.Tensor:
         """Copy ``params`` into one buffer and make each of them a view into it."""
+        reason = flat_unsupported_reason(params, min_size)
+        if reason:
+            raise ValueError(f"FlatOptimizer: {reason}; use the per-tensor optimizer (training setting "
+                             "fast_path='off').")
         first = params[0]
-        for p in params:
-            if p.dtype != first.dtype or p.device != first.device:
-                raise ValueError(f"FlatOptimizer: all parameters of a group need one dtype and device; found "
-                                 f"{first.dtype}/{first.device} and {p.dtype}/{p.device}. Use the optimizer's "
-                                 "per-tensor form (training setting fast_path='off').")
-            if p.numel() % BLOCK or p.numel() < min_size:
-                raise ValueError(f"FlatOptimizer: a parameter of shape {tuple(p.shape)} is not a multiple of "
-                                 f"{BLOCK} values of at least {min_size}, so its optimizer state would change; "
-                                 "use the per-tensor optimizer for it.")
         flat = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
         offset = 0
         for p in params:
@@ -91,15 +95,17 @@ class FlatOptimizer(torch.optim.Optimizer):
             flat.grad = None
         return loss
 
+    def _layout(self) -> list[list[tuple[int, ...]]]:
+        return [[tuple(p.shape) for p in self.param_groups[i]["params"]] for i, _ in self.flats]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"flat_layout": [[tuple(p.shape) for p in self.param_groups[i]["params"]] for i, _ in self.flats],
+        return {"flat_layout": self._layout(),
                 "param_groups": [self._hyper(i) for i in range(len(self.param_groups))],
                 "inner": self.inner.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        layout = [[tuple(p.shape) for p in self.param_groups[i]["params"]] for i, _ in self.flats]
         saved = state_dict.get("flat_layout")
-        if saved is None or [[tuple(s) for s in g] for g in saved] != layout:
+        if saved is None or [[tuple(s) for s in g] for g in saved] != self._layout():
             raise ValueError("FlatOptimizer: the saved optimizer state was written for other parameters (or by "
                              "the per-tensor optimizer); resume with the same model, LoRA and fast_path setting.")
         for group, hyper in zip(self.param_groups, state_dict["param_groups"]):

@@ -591,14 +591,13 @@ def _check_fast_path_model(settings: TrainingSettings, plan: TrainingPlan, model
 
 def use_flat_optimizer(trainer, plan: TrainingPlan) -> bool:
     """With the fast path, bitsandbytes' 8-bit optimizer updates all LoRA tensors in one call (same numbers)."""
-    from utils.optim import FlatOptimizer, flat_supported
+    from utils.optim import FlatOptimizer, flat_unsupported_reason
 
     if "8bit" not in plan.optim:
         return False
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-    if not flat_supported(params):
-        plan.notes.append(f"{plan.optim} updates tensor by tensor: some LoRA tensors are not whole 256-value "
-                          "blocks of at least 4096 values.")
+    reason = flat_unsupported_reason(p for p in trainer.model.parameters() if p.requires_grad)
+    if reason:
+        plan.notes.append(f"{plan.optim} updates tensor by tensor: {reason}.")
         return False
     inner_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
     trainer.optimizer_cls_and_kwargs = (FlatOptimizer, {"inner_cls": inner_cls, **kwargs})
