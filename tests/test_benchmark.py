@@ -101,10 +101,13 @@ def test_tiny_benchmark_runs_both_paths_to_the_same_losses(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "utils.benchmark", "run", "--tiny", "--only", "original_fp16,fast_2x1_fp16",
-         "--steps", "2", "--warmup", "1", "--twin-folder", str(tmp_path / "twin"), "--out", str(out)],
+         "--steps", "2", "--warmup", "1", "--twin-folder", str(tmp_path / "twin"), "--out", str(out),
+         "--memory-cap-gib", "7.5"],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    report = json.loads(out.read_text())
+    assert report["memory_cap_gib"] == 7.5 and "capped at 7.5 GiB" in report["method"]  # recorded with the run
+    rows = {r["name"]: r for r in report["rows"]}
     assert rows["original_fp16"]["ok"] and rows["fast_2x1_fp16"]["ok"], rows
     assert rows["fast_2x1_fp16"]["losses"] == pytest.approx(rows["original_fp16"]["losses"], abs=1e-3)
     assert (tmp_path / "04_speed_benchmark.png").exists()  # a test run draws next to its JSON, not in figures/

@@ -52,10 +52,13 @@ def _fast_loss(model, ids, mask, labels, **kw):
     return causal_lm_loss(model, hidden, labels)
 
 
-@pytest.mark.parametrize("options", [FastPathOptions(), FastPathOptions(checkpoint=False)], ids=["recompute", "keep"])
+@pytest.mark.parametrize("options", [FastPathOptions(), FastPathOptions(checkpoint_keep="mid"),
+                                     FastPathOptions(checkpoint_keep="mid+qkv"), FastPathOptions(checkpoint=False)],
+                         ids=["recompute", "recompute-mid", "recompute-mid-qkv", "no-checkpoint"])
 @pytest.mark.parametrize("targets", [TARGETS, ["q_proj", "v_proj", "down_proj"]], ids=["all-seven", "q-v-down"])
-def test_fast_path_matches_peft_loss_and_lora_gradients(targets, options):
-    model = _tiny_peft(targets=targets)
+@pytest.mark.parametrize("dropout", [0.0, 1e-9], ids=["no-dropout", "dropout-path"])  # 1e-9: never drops
+def test_fast_path_matches_peft_loss_and_lora_gradients(targets, options, dropout):
+    model = _tiny_peft(dropout=dropout, targets=targets)
     ids, mask, labels = _batch()
     reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     reference.backward()
@@ -84,10 +87,11 @@ def test_one_padding_free_row_equals_the_padded_batch():
     assert packed.item() == pytest.approx(padded.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("options", [FastPathOptions(checkpoint=False), FastPathOptions(skip_down_recompute=False)],
-                         ids=["no-checkpoint", "recompute-down"])
+@pytest.mark.parametrize("options", [FastPathOptions(checkpoint=False), FastPathOptions(skip_down_recompute=False),
+                                     FastPathOptions(checkpoint_keep="mid"), FastPathOptions(checkpoint_keep="mid+qkv")],
+                         ids=["no-checkpoint", "recompute-down", "keep-mid", "keep-mid-qkv"])
 def test_checkpoints_replay_the_same_dropout_and_skip_down_changes_nothing(options):
-    """Recomputation must draw the same LoRA-dropout masks, and skipping down_proj's GEMM must not change grads."""
+    """Recomputation must draw the same LoRA-dropout masks, and skipping frozen GEMMs must not change grads."""
     model = _tiny_peft(dropout=0.3)
     ids, mask, labels = _batch()
     results = []
@@ -148,6 +152,8 @@ def test_unsupported_models_and_settings_fail_with_one_clear_message():
         enable_fast_path(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
     with pytest.raises(FastPathError, match="kernels="):
         FastPathOptions(kernels="cuda")
+    with pytest.raises(FastPathError, match="checkpoint_keep="):
+        FastPathOptions(checkpoint_keep="everything")
     if not torch.cuda.is_available():
         with pytest.raises(FastPathError, match="needs a CUDA GPU"):
             enable_fast_path(_tiny_peft(), torch.float32, FastPathOptions(kernels="liger"))

@@ -11,11 +11,16 @@ saving, loading and merging adapters are unchanged. What changes, and why it pay
 - No fp32 upcast of the embedding and norms (``prepare_model_for_kbit_training``): the trainable LoRA
   parameters are fp32, the rest (the residual stream too) runs in the compute dtype, as transformers' own
   forward does without the upcast; ``fp32_residual=True`` keeps the residual in fp32 at a memory cost.
-- Every decoder layer is checkpointed; only its input is kept, in pinned CPU memory, copied on side streams
-  (and fetched back one layer ahead in the backward pass). The recomputation skips the frozen GEMM of
-  ``down_proj``: its output only feeds the layer's output, which the backward pass does not need.
+- Every decoder layer is checkpointed. With checkpoints offloaded (the default on CUDA) each layer keeps its
+  input, the residual after attention and the q/k/v projection in pinned CPU memory, copied on side streams
+  that may run at most two layers behind the compute (and fetched back one layer ahead in the backward pass);
+  the recomputation then skips the frozen GEMMs of q/k/v, ``o_proj`` and ``down_proj`` (the last two only
+  feed the residual stream, whose values the backward pass does not need) and runs the MLP half, then the
+  attention half, so only one half's activations are alive at a time. ``checkpoint_keep`` chooses less.
 - The LoRA matrices are cast, stacked and scaled once per forward pass and shared by the recomputation;
-  the LoRA scaling rides on the GEMM (``alpha``) instead of costing a multiplication per matrix.
+  the LoRA scaling rides on the GEMM (``alpha``) instead of costing a multiplication per matrix. Each fused
+  projection is one autograd function: the LoRA part of the input gradient is added inside the frozen
+  GEMM of the backward pass (beta = 1) rather than as a separate sum.
 - RMSNorm, RoPE and SwiGLU run as Liger's Triton kernels on CUDA (PyTorch ops elsewhere); attention is
   FlashAttention's variable-length kernel over the real tokens only (no padding), or PyTorch SDPA over one
   padded row per sequence where that kernel is unavailable (CPU, GPUs older than Ampere).
@@ -36,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 KERNEL_CHOICES = ("auto", "liger", "torch")
+KEEP_CHOICES = ("auto", "input", "mid", "mid+qkv")
 ATTENTION_CHOICES = ("auto", "varlen", "sdpa")
 
 
@@ -50,6 +56,11 @@ class FastPathOptions:
     checkpoint: bool = True  # recompute each layer in the backward pass (off: keeps every activation)
     offload_checkpoints: bool = True  # keep each layer's input in pinned CPU memory instead of on the GPU
     skip_down_recompute: bool = True  # the recomputation skips down_proj's frozen GEMM (not needed for grads)
+    # What each checkpointed layer keeps: "input" (the layer's input only), "mid" (also the residual after
+    # attention: the recomputation skips o_proj's frozen GEMM), "mid+qkv" (also the q/k/v projection: the
+    # recomputation skips that GEMM and its LoRA too). "auto": "mid+qkv" where checkpoints are offloaded (it costs
+    # pinned CPU memory and copies that overlap the compute), "input" where they stay on the GPU
+    checkpoint_keep: str = "auto"
     kernels: str = "auto"  # "liger" (Triton, CUDA), "torch", or "auto" (liger where it can run)
     attention: str = "auto"  # "varlen" (FlashAttention), "sdpa" (one padded row per sequence), or "auto"
     fp32_residual: bool = False  # keep the residual stream in fp32 (costs memory; for activations beyond fp16)
@@ -59,6 +70,8 @@ class FastPathOptions:
             raise FastPathError(f"kernels={self.kernels!r}: use one of {KERNEL_CHOICES}.")
         if self.attention not in ATTENTION_CHOICES:
             raise FastPathError(f"attention={self.attention!r}: use one of {ATTENTION_CHOICES}.")
+        if self.checkpoint_keep not in KEEP_CHOICES:
+            raise FastPathError(f"checkpoint_keep={self.checkpoint_keep!r}: use one of {KEEP_CHOICES}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,17 +377,14 @@ class FusedProjection:
     def __call__(self, x: torch.Tensor, step: StepContext, base: str = "mm") -> torch.Tensor:
         """``x`` (T × in) → (T × out): the frozen GEMM plus every module's LoRA update.
 
-        ``base``: "mm" (autograd keeps the dequantised weight for the backward pass) or "skip" (no forward GEMM).
+        ``base``: "mm" (the forward GEMM runs) or "skip" (a recomputation whose output nobody reads: no forward
+        work at all, the same backward).
         """
-        if base == "skip":
-            y = _BackwardOnlyLinear.apply(x, self)
-        else:
-            y = x @ self.frozen_weight().t()
-        if self.has_lora:
-            a, b, alpha = self.lora_matrices(step)
-            xd = F.dropout(x, self.dropout, step.training) if self.dropout > 0 else x
-            y = y.addmm_(xd @ a.t(), b.t(), alpha=alpha)
-        return y
+        if not self.has_lora:
+            return _FrozenLinear.apply(x, self, base)
+        a, b, alpha = self.lora_matrices(step)
+        xd = F.dropout(x, self.dropout, step.training) if self.dropout > 0 else None
+        return _LoraLinear.apply(x, xd, a, b, self, alpha, base)
 
 
 def dequantize_4bit_into(packed: torch.Tensor, state, out: torch.Tensor) -> torch.Tensor:
@@ -397,17 +407,61 @@ def dequantize_4bit_into(packed: torch.Tensor, state, out: torch.Tensor) -> torc
     return out
 
 
-class _BackwardOnlyLinear(torch.autograd.Function):
-    """A frozen linear layer whose forward output is never read: no GEMM forward, the usual one backward."""
+class _FrozenLinear(torch.autograd.Function):
+    """``x @ W.T`` for a frozen (dequantised) ``W``; with ``base="skip"`` only its backward runs."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, projection: FusedProjection) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, projection: FusedProjection, base: str) -> torch.Tensor:
         ctx.projection = projection
-        return x.new_empty(x.shape[0], projection.out_features)
+        if base == "skip":
+            ctx.weight = None
+            return x.new_empty(x.shape[0], projection.out_features)
+        ctx.weight = projection.frozen_weight()
+        return x @ ctx.weight.t()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.projection.frozen_weight(), None
+        weight = ctx.weight if ctx.weight is not None else ctx.projection.frozen_weight()
+        ctx.weight = None
+        return grad @ weight, None, None
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``x @ W.T + alpha · (xd @ A.T) @ B.T`` with ``W`` frozen; ``xd`` is the LoRA input after dropout (None: x).
+
+    Written out so the backward pass adds the LoRA part of the input gradient inside the frozen GEMM (beta = 1)
+    instead of as a separate sum of two (tokens × in) tensors, and so a skipped recomputation runs nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, xd: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                projection: FusedProjection, alpha: float, base: str) -> torch.Tensor:
+        ctx.projection, ctx.alpha, ctx.dropped = projection, alpha, xd is not None
+        lora_in = xd if xd is not None else x
+        if base == "skip":  # the caller never reads the output; the backward computes x @ A.T itself
+            ctx.weight = None
+            ctx.save_for_backward(x, lora_in, a, b, None)
+            return x.new_empty(x.shape[0], projection.out_features)
+        ctx.weight = projection.frozen_weight()
+        xa = lora_in @ a.t()
+        y = (x @ ctx.weight.t()).addmm_(xa, b.t(), alpha=alpha)
+        ctx.save_for_backward(x, lora_in, a, b, xa)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, lora_in, a, b, xa = ctx.saved_tensors
+        weight = ctx.weight if ctx.weight is not None else ctx.projection.frozen_weight()
+        ctx.weight = None
+        if xa is None:
+            xa = lora_in @ a.t()
+        grad_xa = (grad @ b).mul_(ctx.alpha)  # (T × r): small
+        grad_b = (grad.t() @ xa).mul_(ctx.alpha)
+        grad_a = grad_xa.t() @ lora_in
+        if ctx.dropped:  # the LoRA input is a different tensor: its gradient goes back through the dropout
+            return grad @ weight, grad_xa @ a, grad_a, grad_b, None, None, None
+        grad_x = (grad_xa @ a).addmm_(grad, weight)
+        return grad_x, None, grad_a, grad_b, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,7 +493,7 @@ class FastLayer:
         self.index = index
         self.dtype = dtype
         self.kernels = kernels
-        self.attention = attention_varlen if attention == "varlen" else attention_sdpa
+        self.attention_kernel = attention_varlen if attention == "varlen" else attention_sdpa
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -452,70 +506,108 @@ class FastLayer:
         self.gate_up = FusedProjection([mlp.gate_proj, mlp.up_proj], dtype, f"{where}.mlp.gate/up_proj")
         self.down = FusedProjection([mlp.down_proj], dtype, f"{where}.mlp.down_proj")
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, down: str = "mm") -> torch.Tensor:
-        """x (T × hidden), in the residual dtype → the layer's output, same shape and dtype.
+    def qkv_projection(self, x: torch.Tensor, ctx: StepContext, base: str = "mm") -> torch.Tensor:
+        """x (T × hidden), in the residual dtype → the q/k/v projection (T × (q + k + v features)), before RoPE.
 
-        ``down="skip"``: no forward GEMM for down_proj's frozen weight (the recomputation does not need it).
+        ``base="skip"``: no forward work (a recomputation whose output is read from a checkpoint instead).
         """
-        k_ = self.kernels
-        tokens = x.shape[0]
-        h = k_.rms_norm(x, self.norm_in, self.eps_in).to(self.dtype)
-        qkv = self.qkv(h, ctx)
+        return self.qkv(self.kernels.rms_norm(x, self.norm_in, self.eps_in).to(self.dtype), ctx, base)
+
+    def attend(self, qkv: torch.Tensor, ctx: StepContext, o: str = "mm") -> torch.Tensor:
+        """The q/k/v projection → what attention adds to the residual stream (T × hidden).
+
+        ``o="skip"``: no forward GEMM for o_proj's frozen weight (a recomputation that only needs the graph).
+        """
+        tokens = qkv.shape[0]
         nq, nk = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q = qkv[:, :nq].view(tokens, self.heads, self.head_dim)
-        k = qkv[:, nq:nq + nk].view(tokens, self.kv_heads, self.head_dim)
-        v = qkv[:, nq + nk:].reshape(tokens, self.kv_heads, self.head_dim).contiguous()
-        q, k = k_.rope(q, k, ctx.cos, ctx.sin)
-        a = self.attention(q, k, v, ctx.segments).reshape(tokens, nq)
-        x = x + self.o(a, ctx)
-        h = k_.rms_norm(x, self.norm_post, self.eps_post).to(self.dtype)
-        c = k_.swiglu(self.gate_up(h, ctx))
-        return x + self.down(c, ctx, down)
+        # split (one concatenation in the backward pass), not three slices (three zero-filled full-size grads)
+        q, k, v = qkv.split([nq, nk, nk], dim=1)
+        q = q.view(tokens, self.heads, self.head_dim)
+        k = k.view(tokens, self.kv_heads, self.head_dim)
+        v = v.reshape(tokens, self.kv_heads, self.head_dim).contiguous()
+        q, k = self.kernels.rope(q, k, ctx.cos, ctx.sin)
+        a = self.attention_kernel(q, k, v, ctx.segments).reshape(tokens, nq)
+        return self.o(a, ctx, o)
+
+    def attention(self, x: torch.Tensor, ctx: StepContext, o: str = "mm") -> torch.Tensor:
+        """x (T × hidden), in the residual dtype → what attention adds to the residual stream (T × hidden)."""
+        return self.attend(self.qkv_projection(x, ctx), ctx, o)
+
+    def mlp(self, x: torch.Tensor, ctx: StepContext, down: str = "mm") -> torch.Tensor:
+        """x (T × hidden) → what the MLP adds to the residual stream; ``down="skip"`` as ``o`` above."""
+        h = self.kernels.rms_norm(x, self.norm_post, self.eps_post).to(self.dtype)
+        return self.down(self.kernels.swiglu(self.gate_up(h, ctx)), ctx, down)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """x (T × hidden), in the residual dtype → the layer's output, same shape and dtype."""
+        x = x + self.attention(x, ctx)
+        return x + self.mlp(x, ctx)
 
 
 class CheckpointStore:
-    """Keeps each layer's checkpointed input: on the GPU, or in pinned CPU memory copied on side streams.
+    """Keeps the checkpointed tensors of each layer: on the GPU, or in pinned CPU memory copied on side streams.
 
-    One pinned buffer per layer is reused from step to step, so a second forward pass with gradients before the
-    first one's backward would overwrite it: ``load`` detects that and raises instead of computing wrong grads.
+    Tensors are kept under a key, ``(layer index, slot)``: slot 0 is the layer's input, 1 the residual after
+    attention, 2 the q/k/v projection. One pinned buffer per key is reused from step to step, so a second forward
+    pass with gradients before the first one's backward would overwrite it: ``load`` detects that and raises
+    instead of computing wrong grads.
+
+    A GPU tensor being copied cannot be reused until its copy ends, so copies that fall behind the compute hold
+    GPU memory: ``throttle`` makes the compute stream wait whenever they are more than ``lag`` layers behind.
     """
 
-    def __init__(self, offload: bool, device: torch.device):
+    def __init__(self, offload: bool, device: torch.device, lag: int = 2):
         self.offload = offload and device.type == "cuda"
         self.device = device
-        self.buffers: dict[int, torch.Tensor] = {}
-        self.handles: dict[int, tuple] = {}
-        self.generation: dict[int, int] = {}
-        self.prefetched: dict[int, tuple[torch.Tensor, Any]] = {}  # index -> (GPU copy, copy-done event)
+        self.lag = lag
+        self.copied: dict[int, Any] = {}  # layer index -> event recorded after that layer's copies
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.handles: dict[tuple, tuple] = {}
+        self.generation: dict[tuple, int] = {}
+        self.prefetched: dict[tuple, tuple[torch.Tensor, Any]] = {}  # key -> (GPU copy, copy-done event)
         if self.offload:
             self.d2h = torch.cuda.Stream(device)
             self.h2d = torch.cuda.Stream(device)
 
-    def _buffer(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        buf = self.buffers.get(index)
+    def _buffer(self, key: tuple, x: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(key)
         if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype:
             buf = torch.empty(x.numel(), dtype=x.dtype, pin_memory=True)
-            self.buffers[index] = buf
+            self.buffers[key] = buf
         return buf[:x.numel()].view(x.shape)
 
-    def save(self, index: int, x: torch.Tensor) -> Any:
-        if not self.offload:
+    def save(self, key: tuple, x: torch.Tensor, on_gpu: bool = False) -> Any:
+        """Keep ``x`` for the backward pass; ``on_gpu``: as it is, even when offloading (needed first)."""
+        if not self.offload or on_gpu:
             return x
-        buf = self._buffer(index, x)
+        buf = self._buffer(key, x)
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.d2h):
             buf.copy_(x, non_blocking=True)
         x.record_stream(self.d2h)  # the caller may free x; its memory waits for the copy
-        self.generation[index] = self.generation.get(index, 0) + 1
-        self.prefetched.pop(index, None)
-        handle = (index, buf, self.generation[index])
-        self.handles[index] = handle
+        self.generation[key] = self.generation.get(key, 0) + 1
+        self.prefetched.pop(key, None)
+        handle = (key, buf, self.generation[key])
+        self.handles[key] = handle
         return handle
 
-    def prefetch(self, index: int) -> None:
-        """Start copying layer ``index``'s input back to the GPU: the backward pass needs it next."""
-        handle = self.handles.get(index)
-        if not self.offload or handle is None or index in self.prefetched:
+    def throttle(self, index: int) -> None:
+        """Before layer ``index`` runs: the compute stream waits for layer ``index - lag``'s copies to end."""
+        event = self.copied.pop(index - self.lag, None) if self.offload else None
+        if event is not None and not event.query():
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def mark(self, index: int) -> None:
+        """After layer ``index``'s copies are queued: remember where they end."""
+        if self.offload:
+            event = torch.cuda.Event()
+            event.record(self.d2h)
+            self.copied[index] = event
+
+    def prefetch(self, key: tuple) -> None:
+        """Start copying ``key``'s tensor back to the GPU: the backward pass needs it next."""
+        handle = self.handles.get(key)
+        if not self.offload or handle is None or key in self.prefetched:
             return
         _, buf, _ = handle
         # Allocated on the compute stream, so its memory returns to that stream's pool (no per-stream reserve)
@@ -527,52 +619,102 @@ class CheckpointStore:
             event = torch.cuda.Event()
             event.record(self.h2d)
         x.record_stream(self.h2d)
-        self.prefetched[index] = (x, event)
+        self.prefetched[key] = (x, event)
 
     def load(self, handle: Any) -> torch.Tensor:
-        if not self.offload:
+        if isinstance(handle, torch.Tensor):
             return handle
-        index, buf, generation = handle
-        if self.generation.get(index) != generation:
+        key, buf, generation = handle
+        if self.generation.get(key) != generation:
             raise RuntimeError(
                 "fast path: a second forward pass with gradients ran before the backward pass of the first one; "
                 "run backward after each forward (gradient accumulation does), or use offload_checkpoints=False."
             )
         stream = torch.cuda.current_stream(self.device)
-        if index in self.prefetched:
-            x, event = self.prefetched.pop(index)
+        if key in self.prefetched:
+            x, event = self.prefetched.pop(key)
             stream.wait_event(event)
             return x
         stream.wait_stream(self.d2h)
         return buf.to(self.device, non_blocking=True)
 
 
+@dataclass(frozen=True)
+class _Recompute:
+    """How a checkpointed layer is recomputed."""
+
+    skip_down: bool  # no forward GEMM for down_proj's frozen weight
+    mid: bool  # the residual after attention is kept too: no forward GEMM for o_proj's frozen weight either
+    qkv: bool  # the q/k/v projection is kept too (with mid): no q/k/v GEMM, LoRA or RMSNorm forward work
+    rng: bool  # LoRA dropout is on: replay the forward pass's random masks
+    last: int  # the last layer's index: its checkpoints stay on the GPU (the backward pass starts with them)
+
+
 class _CheckpointedLayer(torch.autograd.Function):
-    """Run a layer without keeping its activations; recompute them (skipping down_proj's GEMM) for backward."""
+    """Run a layer without keeping its activations; recompute them, one half at a time, for the backward pass.
+
+    The backward pass recomputes the MLP half and runs its backward, then the attention half: only one half's
+    activations are alive at a time. The frozen GEMMs whose outputs only feed the residual stream (down_proj, and
+    o_proj when the residual after attention is kept) are not recomputed: the backward pass never reads them.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: FastLayer, step: StepContext, store: CheckpointStore,
-                skip_down: bool, dropout_rng: bool) -> torch.Tensor:
-        ctx.layer, ctx.step, ctx.store, ctx.skip_down = layer, step, store, skip_down
-        ctx.rng = _rng_state(x.device) if dropout_rng else None
-        ctx.handle = store.save(layer.index, x)
+                plan: _Recompute) -> torch.Tensor:
+        ctx.layer, ctx.step, ctx.store, ctx.plan = layer, step, store, plan
+        ctx.rng = _rng_state(x.device) if plan.rng else None
+        on_gpu = layer.index == plan.last
+        store.throttle(layer.index)
+        ctx.handle = store.save((layer.index, 0), x, on_gpu)
         with torch.no_grad():
-            return layer.forward(x, step)
+            qkv = layer.qkv_projection(x, step)
+            ctx.qkv = store.save((layer.index, 2), qkv, on_gpu) if plan.qkv else None
+            mid = x + layer.attend(qkv, step)
+            del qkv
+            ctx.rng_mid = _rng_state(x.device) if plan.rng else None
+            ctx.mid = store.save((layer.index, 1), mid, on_gpu) if plan.mid else None
+            store.mark(layer.index)
+            return mid + layer.mlp(mid, step)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.store.prefetch(ctx.layer.index - 1)
-        x = ctx.store.load(ctx.handle).detach().requires_grad_(True)
-        saved_rng = None
-        if ctx.rng is not None:
-            saved_rng = _rng_state(x.device)
-            _set_rng_state(x.device, ctx.rng)
+        layer, step, store, plan = ctx.layer, ctx.step, ctx.store, ctx.plan
+        for slot in (1, 2, 0) if plan.qkv else (1, 0) if plan.mid else (0,):  # in the order they are needed
+            store.prefetch((layer.index - 1, slot))
+        restore = _rng_state(grad.device) if plan.rng else None
         with torch.enable_grad():
-            y = ctx.layer.forward(x, ctx.step, down="skip" if ctx.skip_down else "mm")
-        if saved_rng is not None:
-            _set_rng_state(x.device, saved_rng)
-        torch.autograd.backward(y, grad)
-        return x.grad, None, None, None, None, None
+            attention = None
+            if ctx.mid is not None:
+                mid = store.load(ctx.mid).detach().requires_grad_(True)
+            else:
+                x = store.load(ctx.handle).detach().requires_grad_(True)
+                if plan.rng:
+                    _set_rng_state(x.device, ctx.rng)
+                attention = layer.attention(x, step)
+                with torch.no_grad():
+                    mid = (x + attention).requires_grad_(True)
+            if plan.rng:
+                _set_rng_state(grad.device, ctx.rng_mid)
+            torch.autograd.backward(layer.mlp(mid, step, "skip" if plan.skip_down else "mm"), grad)
+            grad_mid = mid.grad.add_(grad)  # the residual connection passes the gradient on unchanged
+            del mid
+            if attention is None:
+                x = store.load(ctx.handle).detach().requires_grad_(True)
+                if plan.rng:
+                    _set_rng_state(x.device, ctx.rng)
+                if ctx.qkv is None:
+                    torch.autograd.backward(layer.attention(x, step, o="skip"), grad_mid)
+                else:  # the projection's graph first (its dropout mask comes first), its values from the checkpoint
+                    projection = layer.qkv_projection(x, step, base="skip")
+                    qkv = store.load(ctx.qkv).detach().requires_grad_(True)
+                    torch.autograd.backward(layer.attend(qkv, step, o="skip"), grad_mid)
+                    torch.autograd.backward(projection, qkv.grad)
+                    del qkv, projection
+            else:
+                torch.autograd.backward(attention, grad_mid)
+        if restore is not None:
+            _set_rng_state(grad.device, restore)
+        return x.grad.add_(grad_mid), None, None, None, None
 
 
 def _rng_state(device: torch.device):
@@ -615,6 +757,8 @@ class FastPath:
         self.layers = [FastLayer(layer, i, config, dtype, self.kernels, attention)
                        for i, layer in enumerate(backbone.layers)]
         self.store = CheckpointStore(options.offload_checkpoints, device)
+        keep = options.checkpoint_keep
+        self.checkpoint_keep = ("mid+qkv" if self.store.offload else "input") if keep == "auto" else keep
         self.dropout = any(p.dropout > 0 for layer in self.layers
                            for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
 
@@ -624,7 +768,8 @@ class FastPath:
                 "compute_dtype": str(self.dtype).replace("torch.", ""),
                 "residual_dtype": str(self.residual_dtype).replace("torch.", ""),
                 "checkpoint": self.options.checkpoint, "offload_checkpoints": self.store.offload,
-                "skip_down_recompute": self.options.skip_down_recompute, "native_gqa": _FLASH.get("native_gqa")}
+                "skip_down_recompute": self.options.skip_down_recompute, "checkpoint_keep": self.checkpoint_keep,
+                "native_gqa": _FLASH.get("native_gqa")}
 
     def run(self, backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
             position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -651,11 +796,12 @@ class FastPath:
                 x = x.detach().requires_grad_(True)  # so the checkpointed layers' backward runs
             cos, sin = backbone.rotary_emb(x, pos.unsqueeze(0))
             step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training, grad)
-            rng = training and self.dropout
-            skip = self.options.skip_down_recompute
+            keep = self.checkpoint_keep
+            plan = _Recompute(self.options.skip_down_recompute, keep != "input", keep == "mid+qkv",
+                              training and self.dropout, len(self.layers) - 1)
             for layer in self.layers:
                 if grad and self.options.checkpoint:
-                    x = _CheckpointedLayer.apply(x, layer, step, self.store, skip, rng)
+                    x = _CheckpointedLayer.apply(x, layer, step, self.store, plan)
                 else:
                     x = layer.forward(x, step)  # without checkpoints autograd keeps what it needs
             x = self.kernels.rms_norm(x, backbone.norm.weight, backbone.norm.variance_epsilon).to(self.dtype)
