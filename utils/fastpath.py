@@ -59,7 +59,8 @@ class FastPathOptions:
     # What each checkpointed layer keeps: "input" (the layer's input only), "mid" (also the residual after
     # attention: the recomputation skips o_proj's frozen GEMM), "mid+qkv" (also the q/k/v projection: the
     # recomputation skips that GEMM and its LoRA too). "auto": "mid+qkv" where checkpoints are offloaded (it costs
-    # pinned CPU memory and copies that overlap the compute), "input" where they stay on the GPU
+    # pinned CPU memory and copies that overlap the compute: for Llama-3.2-3B ~630 KB per token of a step, against
+    # ~172 KB for "input"), "input" where they stay on the GPU
     checkpoint_keep: str = "auto"
     kernels: str = "auto"  # "liger" (Triton, CUDA), "torch", or "auto" (liger where it can run)
     attention: str = "auto"  # "varlen" (FlashAttention), "sdpa" (one padded row per sequence), or "auto"
