@@ -154,6 +154,10 @@ def test_unsupported_models_and_settings_fail_with_one_clear_message():
         FastPathOptions(kernels="cuda")
     with pytest.raises(FastPathError, match="checkpoint_keep="):
         FastPathOptions(checkpoint_keep="everything")
+    unfrozen = _tiny_peft()
+    unfrozen.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight.requires_grad_(True)
+    with pytest.raises(FastPathError, match="layers.0.mlp.down_proj.*trainable"):
+        enable_fast_path(unfrozen, torch.float32)
     if not torch.cuda.is_available():
         with pytest.raises(FastPathError, match="needs a CUDA GPU"):
             enable_fast_path(_tiny_peft(), torch.float32, FastPathOptions(kernels="liger"))

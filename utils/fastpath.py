@@ -289,6 +289,9 @@ class FusedProjection:
             if getattr(base, "bias", None) is not None:
                 raise FastPathError(f"{where}: linear layers with a bias are not supported by the fast path.")
             weight = base.weight
+            if weight.requires_grad:  # the projections' backward computes no gradient for frozen weights
+                raise FastPathError(f"{where}: the base weight is trainable; the fast path trains LoRA adapters only. "
+                                    "Freeze the base model (get_peft_model does) or use fast_path='off'.")
             if type(base).__name__ == "Linear8bitLt" or getattr(weight, "SCB", None) is not None:
                 raise FastPathError(f"{where}: 8-bit weights are not supported by the fast path; "
                                     "use quantization='nf4_dq' (or nf4, fp4) or unquantised weights.")
@@ -441,17 +444,17 @@ class _LoraLinear(torch.autograd.Function):
         lora_in = xd if xd is not None else x
         if base == "skip":  # the caller never reads the output; the backward computes x @ A.T itself
             ctx.weight = None
-            ctx.save_for_backward(x, lora_in, a, b, None)
+            ctx.save_for_backward(lora_in, a, b, None)
             return x.new_empty(x.shape[0], projection.out_features)
         ctx.weight = projection.frozen_weight()
         xa = lora_in @ a.t()
         y = (x @ ctx.weight.t()).addmm_(xa, b.t(), alpha=alpha)
-        ctx.save_for_backward(x, lora_in, a, b, xa)
+        ctx.save_for_backward(lora_in, a, b, xa)  # x itself is not needed: W is frozen
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, lora_in, a, b, xa = ctx.saved_tensors
+        lora_in, a, b, xa = ctx.saved_tensors
         weight = ctx.weight if ctx.weight is not None else ctx.projection.frozen_weight()
         ctx.weight = None
         if xa is None:
