@@ -61,6 +61,22 @@ def test_summary_counts_only_configurations_within_the_budget():
     assert summary["recipe_fp16"]["x_fewer_seconds"] == 4.0
 
 
+def test_repeats_are_merged_into_medians_and_the_largest_peaks():
+    rows = [_row("original_fp16", tps, 5.3, impl="hf", dtype="fp16", sps=sps)
+            for tps, sps in ((1000, 1.0), (800, 1.25), (1250, 0.8))]
+    rows += [_row("fast_2x1_fp16", 3000, reserved, dtype="fp16", sps=sps)
+             for reserved, sps in ((3.0, 0.3), (3.2, 0.25), (3.1, 0.5))]
+    rows.append({"name": "fast_2x1_fp16", "ok": False, "error": "out of memory"})  # a failed repeat is left out
+    merged = {r["name"]: r for r in benchmark.merged_rows(rows)}
+    assert merged["original_fp16"]["seconds_per_step"] == 1.0 and merged["original_fp16"]["repeats"] == 3
+    assert merged["fast_2x1_fp16"]["seconds_per_step"] == 0.3
+    assert merged["fast_2x1_fp16"]["peak_reserved_gib"] == 3.2
+    assert merged["fast_2x1_fp16"]["seconds_per_step_repeats"] == [0.3, 0.25, 0.5]
+    assert benchmark.summarize(rows)["recipe_fp16"]["x_fewer_seconds"] == 3.33
+    single = [_row("fast_ok", 20000, 7.4)]
+    assert benchmark.merged_rows(single) == single  # without repeats a row is kept as it is
+
+
 def test_committed_results_are_consistent_and_their_figures_draw(tmp_path, monkeypatch):
     report = json.loads((RESULTS_DIR / "04_speed_benchmark.json").read_text())
     assert report["device"].startswith("NVIDIA") and report["date"].startswith("2026-")
@@ -102,11 +118,14 @@ def test_tiny_benchmark_runs_both_paths_to_the_same_losses(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "utils.benchmark", "run", "--tiny", "--only", "original_fp16,fast_2x1_fp16",
          "--steps", "2", "--warmup", "1", "--twin-folder", str(tmp_path / "twin"), "--out", str(out),
-         "--memory-cap-gib", "7.5"],
+         "--memory-cap-gib", "7.5", "--repeat", "2"],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["memory_cap_gib"] == 7.5 and "capped at 7.5 GiB" in report["method"]  # recorded with the run
+    assert [(r["name"], r["repeat"]) for r in report["rows"]] == [  # round robin
+        ("original_fp16", 0), ("fast_2x1_fp16", 0), ("original_fp16", 1), ("fast_2x1_fp16", 1)]
+    assert report["summary"] == benchmark.summarize(report["rows"]) and "recipe_fp16" in report["summary"]
     rows = {r["name"]: r for r in report["rows"]}
     assert rows["original_fp16"]["ok"] and rows["fast_2x1_fp16"]["ok"], rows
     assert rows["fast_2x1_fp16"]["losses"] == pytest.approx(rows["original_fp16"]["losses"], abs=1e-3)

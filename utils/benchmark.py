@@ -547,9 +547,33 @@ def save_twin(folder: Path, tiny: bool, device: str) -> dict:
     return {"folder": str(folder), "seconds": round(time.perf_counter() - start, 1)}
 
 
+def merged_rows(rows: Sequence[dict]) -> list[dict]:
+    """One row per configuration that ran: with repeats (``run --repeat``), the median tokens/s and s/step over
+    them and the largest peaks; the first repeat's other fields. Rows without repeats come back as they are."""
+    by_name: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("ok"):
+            by_name.setdefault(row["name"], []).append(row)
+    merged = []
+    for name, group in by_name.items():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        row = dict(group[0])
+        for key in ("tokens_per_second", "seconds_per_step"):
+            row[key] = round(statistics.median(r[key] for r in group), 5)
+            row[f"{key}_repeats"] = [r[key] for r in group]
+        for key in ("peak_allocated_gib", "peak_reserved_gib"):
+            values = [r[key] for r in group if r.get(key) is not None]
+            row[key] = max(values) if values else None
+        row["repeats"] = len(group)
+        merged.append(row)
+    return merged
+
+
 def summarize(rows: Sequence[dict]) -> dict[str, Any]:
-    """The ratios the issue asks for, from rows of one run (None where a row is missing)."""
-    ok = {r["name"]: r for r in rows if r.get("ok")}
+    """The ratios the issue asks for, from rows of one run (None where a row is missing; repeats merged)."""
+    ok = {r["name"]: r for r in merged_rows(rows)}
 
     def best(prefix: str, dtype: str, workload: str = "synthetic") -> dict | None:
         fits = [r for r in ok.values() if r["impl"] == prefix and r["dtype"] == dtype and r["workload"] == workload
@@ -592,11 +616,15 @@ def summarize(rows: Sequence[dict]) -> dict[str, Any]:
 
 def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8, warmup: int = 3,
                   tiny: bool = False, twin_folder: str | None = None, timeout: float = 900,
-                  memory_cap_gib: float | None = None) -> dict:
+                  memory_cap_gib: float | None = None, repeat: int = 1) -> dict:
     """Measure every configuration (or ``names``) in its own process; write the JSON and the figure.
 
     ``memory_cap_gib``: every row runs with the GPU allocator capped there (see ``measure``), like an 8 GB card.
+    ``repeat``: run the whole list that many times, round robin, so that slow spells of a shared host fall on
+    every configuration alike; the summary takes each configuration's median (``merged_rows``).
     """
+    if repeat < 1:
+        raise SystemExit(f"--repeat {repeat}: use 1 or more.")
     from utils.provenance import device_info, library_versions
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -619,17 +647,22 @@ def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8,
                    "over all steps. LoRA r=32, alpha=64 on q,k,v,o,gate,up,down; clip 0.5; GradScaler for fp16. "
                    "Synthetic rows: fixed random ids, 512 tokens, no padding. Corpus rows: the shipped training "
                    "examples (Llama-3.2 chat template, completion-only labels)."
+                   + (f" The list ran {repeat} times, round robin; the summary takes each configuration's median."
+                      if repeat > 1 else "")
                    + (f" Every row ran with PyTorch's caching allocator capped at {memory_cap_gib} GiB "
                       "(torch.cuda.set_per_process_memory_fraction), as on an 8 GB card: past the cap it returns "
                       "cached blocks and retries (allocator.num_alloc_retries) or fails out of memory."
                       if memory_cap_gib else "")),
         "memory_cap_gib": memory_cap_gib,
+        "repeat": repeat,
         "rows": [],
     }
-    for config in configs:
+    for round_index, config in ((i, c) for i in range(repeat) for c in configs):
         env = EXPANDABLE if config.expandable_segments else {}
         row = run_child({"config": asdict(config), "model": str(folder), "steps": steps, "warmup": warmup,
                          "memory_cap_gib": memory_cap_gib}, timeout, env)
+        if repeat > 1:
+            row["repeat"] = round_index
         report["rows"].append(row)
         if row.get("ok"):
             print(f"[benchmark] {config.name:>30}: {row['tokens_per_second']:>9,.0f} tokens/s  "
@@ -780,7 +813,7 @@ def plot_benchmark(report: dict):
     """Tokens/s against peak reserved memory, one numbered point per configuration, the 8 GiB line drawn."""
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["rows"] if r.get("ok") and r.get("peak_reserved_gib") is not None]
+    rows = [r for r in merged_rows(report["rows"]) if r.get("peak_reserved_gib") is not None]
     fig, (ax, key) = plt.subplots(1, 2, figsize=(11.5, 5.4), gridspec_kw={"width_ratios": [2.1, 1]})
     seen, lines = set(), []
     for n, row in enumerate(rows, 1):
@@ -866,14 +899,14 @@ def speed_table(report: dict):
         "tokens/s": round(r["tokens_per_second"]), "s/paso": r["seconds_per_step"],
         "GiB asignados (pico)": r.get("peak_allocated_gib"), "GiB reservados (pico)": r.get("peak_reserved_gib"),
         "reintentos del asignador": (r.get("allocator") or {}).get("num_alloc_retries"),
-    } for r in report["rows"] if r.get("ok")]
+    } for r in merged_rows(report["rows"])]
     return pd.DataFrame(rows).set_index("configuración")
 
 
 def describe_speed(speed: dict, correctness: dict, ddp: dict) -> str:
     """What the committed GPU measurements show, with every number read from them (Markdown, Spanish)."""
     s = speed["summary"]
-    rows = {r["name"]: r for r in speed["rows"] if r.get("ok")}
+    rows = {r["name"]: r for r in merged_rows(speed["rows"])}
     orig = rows["original_fp16"]
     lines = [f"Medido en {speed['device']} el {speed['date'][:10]} sobre el gemelo de Llama-3.2-3B "
              "(pesos aleatorios: la velocidad y la memoria no dependen de los valores)."]
@@ -960,6 +993,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--twin-folder", help="where the bf16 twin is saved (reused if present)")
     run.add_argument("--tiny", action="store_true", help="a 2-layer twin on the CPU: tests the logic")
     run.add_argument("--no-figure", action="store_true", help="write the JSON only")
+    run.add_argument("--repeat", type=int, default=1, help="run the list this many times, round robin; the "
+                     "summary takes each configuration's median (default 1)")
     run.add_argument("--memory-cap-gib", type=float, help="cap the GPU allocator of every row (e.g. 7.5: an 8 GB "
                      "card less its CUDA context)")
     cor = sub.add_parser("correctness", help="fast vs original loss on the embedded model")
@@ -1018,7 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
         out = resolve_path(args.out)
         names = [n.strip() for n in args.only.split(",")] if args.only else None
         run_benchmark(out, names, args.steps, args.warmup, args.tiny, args.twin_folder,
-                      memory_cap_gib=args.memory_cap_gib)
+                      memory_cap_gib=args.memory_cap_gib, repeat=args.repeat)
     else:
         out = resolve_path(args.out)
         run_correctness(out, args.model, args.steps, dtype=args.dtype)
