@@ -18,10 +18,8 @@ def run(params, optimizer, steps: int = 5, clip: float = 0.5) -> None:
     g = torch.Generator().manual_seed(1)
     for step in range(steps):
         for i, p in enumerate(params):
-            # the last tensor gets no gradient in step 2: counted as a zero gradient
-            p.grad = None if (step == 2 and i == len(params) - 1) else torch.randn(p.shape, generator=g)
-        if step == 2:
-            params[-1].grad = torch.zeros_like(params[-1])
+            # a zero gradient for the last tensor in step 2 (what the flat optimizer makes of a missing one)
+            p.grad = torch.zeros_like(p) if (step == 2 and i == len(params) - 1) else torch.randn(p.shape, generator=g)
         torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         optimizer.zero_grad()

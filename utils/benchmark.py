@@ -150,11 +150,13 @@ CONFIGS: list[BenchConfig] = [
 ]
 
 
+CONFIGS_BY_NAME = {config.name: config for config in CONFIGS}
+
+
 def config_by_name(name: str) -> BenchConfig:
     """The configuration called ``name``; an unknown name lists the known ones."""
-    for config in CONFIGS:
-        if config.name == name:
-            return config
+    if name in CONFIGS_BY_NAME:
+        return CONFIGS_BY_NAME[name]
     raise SystemExit(f"error: unknown configuration {name!r}. Known: {', '.join(c.name for c in CONFIGS)}")
 
 
@@ -272,10 +274,6 @@ def corpus_steps(config: BenchConfig, examples: list[dict], steps: int) -> list[
 # --------------------------------------------------------------------------------------------
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 def build_optimizer(params: list, optim: str, lr: float = THESIS.learning_rate):
     """The optimizer of a configuration: bitsandbytes' paged AdamW 8-bit (per tensor or flat) or fused AdamW."""
     if optim == "paged_adamw_8bit_flat":
@@ -298,8 +296,9 @@ def load_model_for(config: BenchConfig, model: str, device: str):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from utils.modeling import build_lora_config, load_model
+    from utils.training import DTYPES
 
-    dtype = _dtype(config.dtype)
+    dtype = DTYPES[config.dtype]
     cuda = device.startswith("cuda")
     quantization = "nf4_dq" if cuda else None
     if config.impl == "hf" and config.liger:
@@ -324,7 +323,7 @@ def load_model_for(config: BenchConfig, model: str, device: str):
     if config.impl == "fast":
         from utils.fastpath import FastPathOptions, causal_lm_loss, enable_fast_path
 
-        fast = enable_fast_path(peft_model, dtype if cuda else torch.float32, FastPathOptions(
+        enable_fast_path(peft_model, dtype if cuda else torch.float32, FastPathOptions(
             checkpoint=config.checkpoint, offload_checkpoints=config.offload, skip_down_recompute=config.skip_down,
             checkpoint_keep=config.checkpoint_keep, kernels=config.kernels))
         backbone_forward = peft_model.get_base_model().model
@@ -334,8 +333,8 @@ def load_model_for(config: BenchConfig, model: str, device: str):
                                       position_ids=batch.position_ids).last_hidden_state
             return causal_lm_loss(peft_model, hidden, batch.labels, num_items)
 
-        return peft_model, loss_fn, {"fast_path": fast.describe(),
-                                     "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+        # measure() adds the fast path's resolved choices after the first step (some are settled there)
+        return peft_model, loss_fn, {"alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
 
     def hf_loss(batch: Batch, num_items: int) -> torch.Tensor:
         with (torch.autocast("cuda", dtype=dtype) if cuda else nullcontext()):
@@ -352,7 +351,9 @@ def load_unsloth_for(config: BenchConfig, model: str):
     import unsloth  # noqa: F401  (must come before transformers)
     from unsloth import FastLanguageModel
 
-    dtype = _dtype(config.dtype)
+    from utils.training import DTYPES  # after unsloth, which must patch transformers before it loads
+
+    dtype = DTYPES[config.dtype]
     base, _ = FastLanguageModel.from_pretrained(model, max_seq_length=config.seq_len, dtype=dtype, load_in_4bit=True)
     peft_model = FastLanguageModel.get_peft_model(
         base, r=THESIS.lora_r, lora_alpha=THESIS.lora_alpha, lora_dropout=config.lora_dropout,
@@ -452,7 +453,6 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
         # real tokens over real time: sum of tokens / sum of seconds of the measured steps
         "tokens_per_second": round(sum(measured_tokens) / sum(times), 1),
         "tokens_per_step": round(statistics.mean(measured_tokens), 1),
-        "sequences_per_step": None,
         "losses": losses, "first_loss": losses[0], "last_loss": losses[-1],
         "label_tokens_per_step": label_tokens,
         "lora_parameters": sum(p.numel() for p in params),
@@ -817,7 +817,7 @@ def plot_benchmark(report: dict):
     fig, (ax, key) = plt.subplots(1, 2, figsize=(11.5, 5.4), gridspec_kw={"width_ratios": [2.1, 1]})
     seen, lines = set(), []
     for n, row in enumerate(rows, 1):
-        known = next((c for c in CONFIGS if c.name == row["name"]), None)  # today's grouping of a known row
+        known = CONFIGS_BY_NAME.get(row["name"])  # today's grouping of a known row
         group = known.group if known else row.get("group") or "ablation"
         color, marker, label = GROUP_STYLE.get(group, GROUP_STYLE["ablation"])
         filled = row["dtype"] == "bf16"

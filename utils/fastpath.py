@@ -411,6 +411,13 @@ def dequantize_4bit_into(packed: torch.Tensor, state, out: torch.Tensor) -> torc
     return out
 
 
+def _weight_for_backward(ctx) -> torch.Tensor:
+    """The dequantised weight the forward kept, or (after a skipped forward) a fresh one; released from ``ctx``."""
+    weight = ctx.weight if ctx.weight is not None else ctx.projection.frozen_weight()
+    ctx.weight = None
+    return weight
+
+
 class _FrozenLinear(torch.autograd.Function):
     """``x @ W.T`` for a frozen (dequantised) ``W``; with ``base="skip"`` only its backward runs."""
 
@@ -425,9 +432,7 @@ class _FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        weight = ctx.weight if ctx.weight is not None else ctx.projection.frozen_weight()
-        ctx.weight = None
-        return grad @ weight, None, None
+        return grad @ _weight_for_backward(ctx), None, None
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -455,8 +460,7 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         lora_in, a, b, xa = ctx.saved_tensors
-        weight = ctx.weight if ctx.weight is not None else ctx.projection.frozen_weight()
-        ctx.weight = None
+        weight = _weight_for_backward(ctx)
         if xa is None:
             xa = lora_in @ a.t()
         grad_xa = (grad @ b).mul_(ctx.alpha)  # (T × r): small
