@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +110,8 @@ def test_run_without_a_gpu_says_how_to_test_the_logic():
 def test_unknown_configuration_lists_the_known_ones():
     with pytest.raises(SystemExit, match="original_fp16"):
         benchmark.config_by_name("nope")
+    with pytest.raises(SystemExit, match="--repeat-only fast_mb32_bf16: not in the list"):
+        benchmark.run_benchmark(Path("unused.json"), ["original_fp16"], repeat=2, repeat_only=["fast_mb32_bf16"])
 
 
 @pytest.mark.slow
@@ -118,13 +121,14 @@ def test_tiny_benchmark_runs_both_paths_to_the_same_losses(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "utils.benchmark", "run", "--tiny", "--only", "original_fp16,fast_2x1_fp16",
          "--steps", "2", "--warmup", "1", "--twin-folder", str(tmp_path / "twin"), "--out", str(out),
-         "--memory-cap-gib", "7.5", "--repeat", "2"],
+         "--memory-cap-gib", "7.5", "--repeat", "2", "--repeat-only", "fast_2x1_fp16"],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["memory_cap_gib"] == 7.5 and "capped at 7.5 GiB" in report["method"]  # recorded with the run
-    assert [(r["name"], r["repeat"]) for r in report["rows"]] == [  # round robin
-        ("original_fp16", 0), ("fast_2x1_fp16", 0), ("original_fp16", 1), ("fast_2x1_fp16", 1)]
+    assert [(r["name"], r["repeat"]) for r in report["rows"]] == [  # round robin, the second round: fast only
+        ("original_fp16", 0), ("fast_2x1_fp16", 0), ("fast_2x1_fp16", 1)]
+    assert "fast_2x1_fp16 only, after the first round" in report["method"]
     assert report["summary"] == benchmark.summarize(report["rows"]) and "recipe_fp16" in report["summary"]
     rows = {r["name"]: r for r in report["rows"]}
     assert rows["original_fp16"]["ok"] and rows["fast_2x1_fp16"]["ok"], rows

@@ -163,17 +163,49 @@ def test_unsupported_models_and_settings_fail_with_one_clear_message():
             enable_fast_path(_tiny_peft(), torch.float32, FastPathOptions(kernels="liger"))
 
 
-@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "nf4"])
-def test_direct_dequantisation_equals_bitsandbytes(nested):
-    bnbf = pytest.importorskip("bitsandbytes.functional")
-    from utils.fastpath import dequantize_4bit_into
+def test_auto_kernels_use_pytorch_ops_for_small_passes(monkeypatch):
+    """Under kernels="auto", passes below ``small_pass_tokens`` run PyTorch's ops, larger ones the resolved set."""
+    import utils.fastpath as fastpath
 
-    weight = torch.randn(96, 128, dtype=torch.float16)
+    calls = []
+    torch_set = fastpath.KERNELS["torch"]
+    recording = fastpath._Kernels(
+        "recording", lambda *a: calls.append("rms_norm") or torch_set.rms_norm(*a),
+        lambda *a: calls.append("rope") or torch_set.rope(*a), lambda *a: calls.append("swiglu") or torch_set.swiglu(*a))
+    monkeypatch.setattr(fastpath, "resolve_kernels", lambda choice, device: recording)
+    ids, mask, labels = _batch()
+    tokens = int(mask.sum())
+    losses = []
+    for threshold, large in ((tokens + 1, False), (tokens, True)):
+        model = _tiny_peft()
+        fast = enable_fast_path(model, torch.float32, FastPathOptions(small_pass_tokens=threshold,
+                                                                      checkpoint=False))
+        calls.clear()
+        losses.append(_fast_loss(model, ids, mask, labels).item())
+        # a large pass: 3 layers x (2 norms, RoPE, SwiGLU) and the final norm through the resolved set
+        assert len(calls) == (3 * 4 + 1 if large else 0), (threshold, calls)
+        assert "torch below" in fast.describe()["kernels"]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    with pytest.raises(FastPathError, match="small_pass_tokens"):
+        FastPathOptions(small_pass_tokens=-1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the direct kernel calls need a CUDA GPU"))])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "nf4"])
+def test_direct_dequantisation_equals_bitsandbytes(nested, dtype, device):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from utils.fastpath import _bnb_kernels, dequantize_4bit_into
+
+    weight = torch.randn(96, 128, dtype=dtype, device=device)
     packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
     expected = bnbf.dequantize_4bit(packed, state)
-    out = torch.empty(96, 128, dtype=torch.float16)
+    out = torch.empty(2, 96, 128, dtype=dtype, device=device)[1]  # not at the start of its buffer
     assert torch.equal(dequantize_4bit_into(packed, state, out), expected)
     assert (expected - weight).abs().mean() < 0.1  # it is a 4-bit copy of the weight, not zeros
+    if device == "cuda":  # the kernels were called through ctypes, not through bitsandbytes' dispatcher
+        assert _bnb_kernels(out) is not None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's kernels need a CUDA GPU")

@@ -94,6 +94,13 @@ CONFIGS: list[BenchConfig] = [
     _c("fast_2x1_fp16", "fast", "fp16", micro_batch=2, **FAST, group="recipe",
        prediction="fused layers: ~5x fewer kernels per layer -> >= 4x fewer s/step than the original, < 4 GiB"),
     _c("fast_2x1_bf16", "fast", "bf16", micro_batch=2, **FAST, group="recipe"),
+    _c("fast_2x1_on_gpu_fp16", "fast", "fp16", micro_batch=2, offload=False, **FAST, group="recipe",
+       prediction="the 2 x 512 tokens' checkpoints (0.6 GiB) kept on the GPU: ~8 stream operations fewer per "
+       "checkpoint on a CPU-bound step, ~10 % faster, 0.6 GiB more on the GPU"),
+    _c("fast_2x1_torch_kernels_fp16", "fast", "fp16", micro_batch=2, kernels="torch", **FAST, group="recipe",
+       prediction="PyTorch's RMSNorm/RoPE/SwiGLU ops instead of Liger's Triton kernels: Triton's launcher costs "
+                  "~60 us of CPU per kernel in the profile, an ATen op ~10-20 us; more kernels but less CPU: ~5 % "
+                  "faster on the CPU-bound 2 x 1 step"),
     _c("fast_2x1_per_tensor_optim_fp16", "fast", "fp16", micro_batch=2, **{**FAST, "optim": "paged_adamw_8bit"},
        group="recipe", prediction="bitsandbytes updating 392 tensors one by one (a GPU sync after each): "
        "~45 ms more per step than one flat update"),
@@ -469,8 +476,16 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
 
 
 def profile_step(config: BenchConfig, model: str, warmup: int = 2, rows: int = 30,
-                 shapes: bool = False) -> dict[str, Any]:
-    """One optimizer step of ``config`` under torch.profiler: the kernels (or, ``shapes``, ops by shape) by GPU time."""
+                 shapes: bool = False, sort: str = "gpu") -> dict[str, Any]:
+    """One optimizer step of ``config`` under torch.profiler: the kernels (or, ``shapes``, ops by shape) by GPU time.
+
+    ``sort="cpu"``: ops by their own CPU time, then (a second step under cProfile) Python functions by their own
+    time: where a launch-bound step spends its CPU.
+    """
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     holder: dict[str, Any] = {}
@@ -482,11 +497,21 @@ def profile_step(config: BenchConfig, model: str, warmup: int = 2, rows: int = 3
         elif step == warmup + 1 and "prof" in holder:
             torch.cuda.synchronize()
             holder["prof"].__exit__(None, None, None)
+            if sort == "cpu":
+                holder["python"] = cProfile.Profile()
+                holder["python"].enable()
+        elif step == warmup + 2 and "python" in holder:
+            holder["python"].disable()
 
-    result = measure(config, model, steps=1, warmup=warmup, step_hook=hook)
+    result = measure(config, model, steps=2 if sort == "cpu" else 1, warmup=warmup, step_hook=hook)
     prof = holder["prof"]
-    table = prof.key_averages(group_by_input_shape=shapes).table(sort_by="self_cuda_time_total", row_limit=rows,
+    key = "self_cpu_time_total" if sort == "cpu" else "self_cuda_time_total"
+    table = prof.key_averages(group_by_input_shape=shapes).table(sort_by=key, row_limit=rows,
                                                                  max_name_column_width=60, max_shapes_column_width=90)
+    if "python" in holder:
+        text = io.StringIO()
+        pstats.Stats(holder["python"], stream=text).sort_stats("tottime").print_stats(rows)
+        table += "\n\nPython functions of the next step by own time (cProfile):\n" + text.getvalue()
     events = prof.key_averages()
     cuda_total = sum(e.self_device_time_total for e in events) / 1e3
     return {"name": config.name, "seconds_per_step": result["seconds_per_step"], "gpu_busy_ms": round(cuda_total, 1),
@@ -616,15 +641,21 @@ def summarize(rows: Sequence[dict]) -> dict[str, Any]:
 
 def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8, warmup: int = 3,
                   tiny: bool = False, twin_folder: str | None = None, timeout: float = 900,
-                  memory_cap_gib: float | None = None, repeat: int = 1) -> dict:
+                  memory_cap_gib: float | None = None, repeat: int = 1,
+                  repeat_only: Sequence[str] | None = None) -> dict:
     """Measure every configuration (or ``names``) in its own process; write the JSON and the figure.
 
     ``memory_cap_gib``: every row runs with the GPU allocator capped there (see ``measure``), like an 8 GB card.
     ``repeat``: run the whole list that many times, round robin, so that slow spells of a shared host fall on
     every configuration alike; the summary takes each configuration's median (``merged_rows``).
+    ``repeat_only``: only these configurations run again after the first round (the host-bound ones, whose
+    time moves with the host's load; the GPU-bound rows are steady within ±1 %).
     """
     if repeat < 1:
         raise SystemExit(f"--repeat {repeat}: use 1 or more.")
+    unknown = sorted(set(repeat_only or ()) - set(names or CONFIGS_BY_NAME))
+    if unknown:
+        raise SystemExit(f"--repeat-only {','.join(unknown)}: not in the list of configurations to run.")
     from utils.provenance import device_info, library_versions
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -647,8 +678,9 @@ def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8,
                    "over all steps. LoRA r=32, alpha=64 on q,k,v,o,gate,up,down; clip 0.5; GradScaler for fp16. "
                    "Synthetic rows: fixed random ids, 512 tokens, no padding. Corpus rows: the shipped training "
                    "examples (Llama-3.2 chat template, completion-only labels)."
-                   + (f" The list ran {repeat} times, round robin; the summary takes each configuration's median."
-                      if repeat > 1 else "")
+                   + (f" The list ran {repeat} times, round robin"
+                      + (f" ({', '.join(repeat_only)} only, after the first round)" if repeat_only else "")
+                      + "; the summary takes each configuration's median." if repeat > 1 else "")
                    + (f" Every row ran with PyTorch's caching allocator capped at {memory_cap_gib} GiB "
                       "(torch.cuda.set_per_process_memory_fraction), as on an 8 GB card: past the cap it returns "
                       "cached blocks and retries (allocator.num_alloc_retries) or fails out of memory."
@@ -657,7 +689,9 @@ def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8,
         "repeat": repeat,
         "rows": [],
     }
-    for round_index, config in ((i, c) for i in range(repeat) for c in configs):
+    rounds = ((i, c) for i in range(repeat) for c in configs
+              if i == 0 or not repeat_only or c.name in repeat_only)
+    for round_index, config in rounds:
         env = EXPANDABLE if config.expandable_segments else {}
         row = run_child({"config": asdict(config), "model": str(folder), "steps": steps, "warmup": warmup,
                          "memory_cap_gib": memory_cap_gib}, timeout, env)
@@ -995,6 +1029,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-figure", action="store_true", help="write the JSON only")
     run.add_argument("--repeat", type=int, default=1, help="run the list this many times, round robin; the "
                      "summary takes each configuration's median (default 1)")
+    run.add_argument("--repeat-only", help="comma-separated: only these configurations run again after the first "
+                     "round (default: all)")
     run.add_argument("--memory-cap-gib", type=float, help="cap the GPU allocator of every row (e.g. 7.5: an 8 GB "
                      "card less its CUDA context)")
     cor = sub.add_parser("correctness", help="fast vs original loss on the embedded model")
@@ -1017,6 +1053,8 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--model", required=True, help="model folder (e.g. the saved twin) or name")
     prof.add_argument("--shapes", action="store_true", help="group the ops by input shape")
     prof.add_argument("--rows", type=int, default=30, help="table rows")
+    prof.add_argument("--sort", choices=("gpu", "cpu"), default="gpu",
+                      help="ops by GPU time, or by CPU time followed by a cProfile of Python functions")
     child = sub.add_parser("child", help="internal: measure one configuration given as JSON")
     child.add_argument("task")
     args = parser.parse_args(argv)
@@ -1034,7 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
             config = config_by_name(name.strip())
             env = {**os.environ, **(EXPANDABLE if config.expandable_segments else {})}
             code = (f"import json,sys; from utils.benchmark import *; r=profile_step(config_by_name({name!r}), "
-                    f"{args.model!r}, rows={args.rows}, shapes={args.shapes}); print(r['table']); print('STEP', r['seconds_per_step'], 'GPU busy ms', "
+                    f"{args.model!r}, rows={args.rows}, shapes={args.shapes}, sort={args.sort!r}); print(r['table']); print('STEP', r['seconds_per_step'], 'GPU busy ms', "
                     "r['gpu_busy_ms'])")
             subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, check=False)
         return 0
@@ -1053,7 +1091,8 @@ def main(argv: list[str] | None = None) -> int:
         out = resolve_path(args.out)
         names = [n.strip() for n in args.only.split(",")] if args.only else None
         run_benchmark(out, names, args.steps, args.warmup, args.tiny, args.twin_folder,
-                      memory_cap_gib=args.memory_cap_gib, repeat=args.repeat)
+                      memory_cap_gib=args.memory_cap_gib, repeat=args.repeat,
+                      repeat_only=[n.strip() for n in args.repeat_only.split(",")] if args.repeat_only else None)
     else:
         out = resolve_path(args.out)
         run_correctness(out, args.model, args.steps, dtype=args.dtype)

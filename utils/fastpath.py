@@ -21,7 +21,9 @@ saving, loading and merging adapters are unchanged. What changes, and why it pay
   the LoRA scaling rides on the GEMM (``alpha``) instead of costing a multiplication per matrix. Each fused
   projection is one autograd function: the LoRA part of the input gradient is added inside the frozen
   GEMM of the backward pass (beta = 1) rather than as a separate sum.
-- RMSNorm, RoPE and SwiGLU run as Liger's Triton kernels on CUDA (PyTorch ops elsewhere); attention is
+- RMSNorm, RoPE and SwiGLU run as Liger's Triton kernels on CUDA for passes of 4096 tokens or more, as PyTorch
+  ops for smaller passes (where the CPU's kernel launches set the pace and Triton's launcher costs more CPU time
+  than the extra ATen kernels) and off CUDA; attention is
   FlashAttention's variable-length kernel over the real tokens only (no padding), or PyTorch SDPA over one
   padded row per sequence where that kernel is unavailable (CPU, GPUs older than Ampere).
 
@@ -62,7 +64,11 @@ class FastPathOptions:
     # pinned CPU memory and copies that overlap the compute: for Llama-3.2-3B ~630 KB per token of a step, against
     # ~172 KB for "input"), "input" where they stay on the GPU
     checkpoint_keep: str = "auto"
-    kernels: str = "auto"  # "liger" (Triton, CUDA), "torch", or "auto" (liger where it can run)
+    # "liger" (Triton, CUDA), "torch", or "auto": liger where it can run, for passes of ``small_pass_tokens`` tokens
+    # or more; smaller passes are bound by the CPU's kernel launches, and Triton's launcher costs ~3 times the CPU
+    # time of an ATen op (the original recipe's 2 × 512 tokens ran ~10 % faster with PyTorch's ops)
+    kernels: str = "auto"
+    small_pass_tokens: int = 4096
     attention: str = "auto"  # "varlen" (FlashAttention), "sdpa" (one padded row per sequence), or "auto"
     fp32_residual: bool = False  # keep the residual stream in fp32 (costs memory; for activations beyond fp16)
 
@@ -73,6 +79,9 @@ class FastPathOptions:
             raise FastPathError(f"attention={self.attention!r}: use one of {ATTENTION_CHOICES}.")
         if self.checkpoint_keep not in KEEP_CHOICES:
             raise FastPathError(f"checkpoint_keep={self.checkpoint_keep!r}: use one of {KEEP_CHOICES}.")
+        if not isinstance(self.small_pass_tokens, int) or self.small_pass_tokens < 0:
+            raise FastPathError(f"small_pass_tokens={self.small_pass_tokens!r}: use a whole number of tokens, 0 or "
+                                "more (0: Liger's kernels for every pass where they can run).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,15 +374,16 @@ class FusedProjection:
         scales = {lora["scale"] for lora in self.loras if lora is not None}
         shared = len(scales) == 1
         alpha = next(iter(scales)) if shared else 1.0
+        lora_dtype = next(lora["B"].dtype for lora in self.loras if lora is not None)
         for lora, size in zip(self.loras, self.out_sizes):
             if lora is None:
-                b_parts.append(torch.zeros(size, 0, dtype=self.dtype, device=device))
+                b_parts.append(torch.zeros(size, 0, dtype=lora_dtype, device=device))
                 continue
-            a_parts.append(lora["A"].to(self.dtype))
-            b = lora["B"].to(self.dtype)
-            b_parts.append(b if shared else b * lora["scale"])
-        a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)
-        b = b_parts[0] if len(b_parts) == 1 else torch.block_diag(*b_parts)
+            a_parts.append(lora["A"])
+            b_parts.append(lora["B"] if shared else lora["B"] * lora["scale"])
+        # stacked in the parameters' dtype, then cast once (one cast per matrix, and one back in the backward)
+        a = (a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)).to(self.dtype)
+        b = (b_parts[0] if len(b_parts) == 1 else torch.block_diag(*b_parts)).to(self.dtype)
         if step is not None:
             step.lora[id(self)] = (a, b, alpha)
         return a, b, alpha
@@ -397,6 +407,9 @@ def dequantize_4bit_into(packed: torch.Tensor, state, out: torch.Tensor) -> torc
     The library's Python layers (checks, code-table moves) cost ~0.1 ms of CPU time per weight, and the fast
     path dequantises each frozen weight two or three times per step.
     """
+    kernels = _bnb_kernels(out) if out.device.type == "cuda" else None
+    if kernels is not None:
+        return _dequantize_4bit_direct(packed, state, out, kernels)
     absmax = state.absmax
     if state.nested:  # double quantisation: the block scales are themselves 8-bit blockwise-quantised
         nested = state.state2
@@ -408,6 +421,56 @@ def dequantize_4bit_into(packed: torch.Tensor, state, out: torch.Tensor) -> torc
         torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out)
     else:  # bitsandbytes' CPU backend has no out= variant
         out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(*args))
+    return out
+
+
+@functools.cache
+def _bnb_library():
+    """bitsandbytes' CUDA library with its argument types declared (by importing its CUDA backend), or None."""
+    try:
+        import bitsandbytes.backends.cuda.ops  # noqa: F401  (declares the ctypes argument types)
+        from bitsandbytes.cextension import lib
+    except Exception:  # noqa: BLE001 - no CUDA backend: the torch.ops route stays
+        return None
+    return lib
+
+
+def _bnb_kernels(out: torch.Tensor) -> tuple | None:
+    """(nested-absmax kernel, 4-bit kernel by (dtype, quant type)) when they can be called directly, else None.
+
+    Only for a tensor on the current device (the library launches on the current device's stream).
+    """
+    lib = _bnb_library()
+    if lib is None or out.device.index != torch.cuda.current_device():
+        return None
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    if out.dtype not in names:
+        return None
+    try:
+        return (lib.cdequantize_blockwise_fp32,
+                {q: getattr(lib, f"cdequantize_blockwise_{names[out.dtype]}_{q}") for q in ("nf4", "fp4")})
+    except AttributeError:
+        return None
+
+
+def _dequantize_4bit_direct(packed: torch.Tensor, state, out: torch.Tensor, kernels: tuple) -> torch.Tensor:
+    """The two bitsandbytes kernels that ``dequantize_4bit`` runs, called straight through ctypes.
+
+    Same kernels, same arguments as bitsandbytes' own CUDA backend (``bitsandbytes/backends/cuda/ops.py``):
+    what it skips is the dispatcher and Python checks around them, ~40 µs of CPU time per call, which add up in
+    the original recipe's launch-bound step (every frozen weight is dequantised twice per step).
+    """
+    nested_kernel, four_bit = kernels
+    stream = torch._C._cuda_getCurrentRawStream(out.device.index)
+    absmax = state.absmax
+    if state.nested:
+        nested = state.state2
+        scales = torch.empty(absmax.shape, dtype=torch.float32, device=out.device)
+        nested_kernel(nested.code.data_ptr(), absmax.data_ptr(), nested.absmax.data_ptr(), scales.data_ptr(),
+                      nested.blocksize, absmax.numel(), stream)
+        absmax = scales.add_(state.offset)
+    four_bit[state.quant_type](None, packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), state.blocksize,
+                               out.numel(), stream)
     return out
 
 
@@ -438,8 +501,9 @@ class _FrozenLinear(torch.autograd.Function):
 class _LoraLinear(torch.autograd.Function):
     """``x @ W.T + alpha · (xd @ A.T) @ B.T`` with ``W`` frozen; ``xd`` is the LoRA input after dropout (None: x).
 
-    Written out so the backward pass adds the LoRA part of the input gradient inside the frozen GEMM (beta = 1)
-    instead of as a separate sum of two (tokens × in) tensors, and so a skipped recomputation runs nothing.
+    Written out so that each LoRA part rides inside a frozen GEMM (as its beta) instead of costing a separate pass
+    over a (tokens × features) tensor, in the forward and in the backward pass, and so a skipped recomputation
+    runs nothing.
     """
 
     @staticmethod
@@ -453,7 +517,10 @@ class _LoraLinear(torch.autograd.Function):
             return x.new_empty(x.shape[0], projection.out_features)
         ctx.weight = projection.frozen_weight()
         xa = lora_in @ a.t()
-        y = (x @ ctx.weight.t()).addmm_(xa, b.t(), alpha=alpha)
+        # The LoRA update first (K = r: a pass that writes the output), then the frozen GEMM adds itself to it
+        # (beta = the LoRA scaling), reading it in the epilogue of a compute-bound GEMM; adding the update after
+        # the frozen GEMM instead costs a second read and write of the (T × out) output
+        y = (xa @ b.t()).addmm_(x, ctx.weight.t(), beta=alpha)
         ctx.save_for_backward(lora_in, a, b, xa)  # x itself is not needed: W is frozen
         return y
 
@@ -485,6 +552,7 @@ class StepContext:
     sin: torch.Tensor
     segments: Segments
     training: bool
+    kernels: _Kernels  # RMSNorm, RoPE and SwiGLU for this pass (and its recomputation)
     grad: bool = False  # the pass records a graph: the LoRA matrices are prepared with autograd on
     lora: dict = field(default_factory=dict)  # each projection's LoRA matrices for this pass (and its recomputation)
 
@@ -492,15 +560,13 @@ class StepContext:
 class FastLayer:
     """One Llama decoder layer as fused operations on a flat (tokens × hidden) stream."""
 
-    def __init__(self, layer: torch.nn.Module, index: int, config, dtype: torch.dtype, kernels: _Kernels,
-                 attention: str):
+    def __init__(self, layer: torch.nn.Module, index: int, config, dtype: torch.dtype, attention: str):
         where = f"model.layers.{index}"
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(attn, "q_norm", None) is not None:  # biases are refused for the whole model by FastPath
             raise FastPathError(f"{where}: only Llama-style attention (no q/k norm) is supported.")
         self.index = index
         self.dtype = dtype
-        self.kernels = kernels
         self.attention_kernel = attention_varlen if attention == "varlen" else attention_sdpa
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -519,7 +585,7 @@ class FastLayer:
 
         ``base="skip"``: no forward work (a recomputation whose output is read from a checkpoint instead).
         """
-        return self.qkv(self.kernels.rms_norm(x, self.norm_in, self.eps_in).to(self.dtype), ctx, base)
+        return self.qkv(ctx.kernels.rms_norm(x, self.norm_in, self.eps_in).to(self.dtype), ctx, base)
 
     def attend(self, qkv: torch.Tensor, ctx: StepContext, o: str = "mm") -> torch.Tensor:
         """The q/k/v projection → what attention adds to the residual stream (T × hidden).
@@ -533,7 +599,7 @@ class FastLayer:
         q = q.view(tokens, self.heads, self.head_dim)
         k = k.view(tokens, self.kv_heads, self.head_dim)
         v = v.reshape(tokens, self.kv_heads, self.head_dim).contiguous()
-        q, k = self.kernels.rope(q, k, ctx.cos, ctx.sin)
+        q, k = ctx.kernels.rope(q, k, ctx.cos, ctx.sin)
         a = self.attention_kernel(q, k, v, ctx.segments).reshape(tokens, nq)
         return self.o(a, ctx, o)
 
@@ -543,8 +609,8 @@ class FastLayer:
 
     def mlp(self, x: torch.Tensor, ctx: StepContext, down: str = "mm") -> torch.Tensor:
         """x (T × hidden) → what the MLP adds to the residual stream; ``down="skip"`` as ``o`` above."""
-        h = self.kernels.rms_norm(x, self.norm_post, self.eps_post).to(self.dtype)
-        return self.down(self.kernels.swiglu(self.gate_up(h, ctx)), ctx, down)
+        h = ctx.kernels.rms_norm(x, self.norm_post, self.eps_post).to(self.dtype)
+        return self.down(ctx.kernels.swiglu(self.gate_up(h, ctx)), ctx, down)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """x (T × hidden), in the residual dtype → the layer's output, same shape and dtype."""
@@ -754,6 +820,7 @@ class FastPath:
         self.dtype = dtype
         self.options = options
         self.kernels = resolve_kernels(options.kernels, device)
+        self.small_kernels = KERNELS["torch"] if options.kernels == "auto" else self.kernels
         attention = options.attention
         if attention == "auto":
             attention = "varlen" if varlen_supported(device, dtype) else "sdpa"
@@ -762,7 +829,7 @@ class FastPath:
                                 "FlashAttention kernels (torch.ops.aten._flash_attention_forward); use attention='sdpa' or 'auto'.")
         self.attention = attention
         self.residual_dtype = torch.float32 if options.fp32_residual else dtype
-        self.layers = [FastLayer(layer, i, config, dtype, self.kernels, attention)
+        self.layers = [FastLayer(layer, i, config, dtype, attention)
                        for i, layer in enumerate(backbone.layers)]
         self.store = CheckpointStore(options.offload_checkpoints, device)
         keep = options.checkpoint_keep
@@ -772,7 +839,10 @@ class FastPath:
 
     def describe(self) -> dict[str, Any]:
         """The resolved choices, for run records."""
-        return {"kernels": self.kernels.name, "attention": self.attention,
+        kernels = self.kernels.name
+        if self.small_kernels is not self.kernels:
+            kernels += f" ({self.small_kernels.name} below {self.options.small_pass_tokens} tokens per pass)"
+        return {"kernels": kernels, "attention": self.attention,
                 "compute_dtype": str(self.dtype).replace("torch.", ""),
                 "residual_dtype": str(self.residual_dtype).replace("torch.", ""),
                 "checkpoint": self.options.checkpoint, "offload_checkpoints": self.store.offload,
@@ -803,7 +873,8 @@ class FastPath:
             if grad:
                 x = x.detach().requires_grad_(True)  # so the checkpointed layers' backward runs
             cos, sin = backbone.rotary_emb(x, pos.unsqueeze(0))
-            step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training, grad)
+            kernels = self.small_kernels if ids.numel() < self.options.small_pass_tokens else self.kernels
+            step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training, kernels, grad)
             keep = self.checkpoint_keep
             plan = _Recompute(self.options.skip_down_recompute, keep != "input", keep == "mid+qkv",
                               training and self.dropout, len(self.layers) - 1)
@@ -812,7 +883,7 @@ class FastPath:
                     x = _CheckpointedLayer.apply(x, layer, step, self.store, plan)
                 else:
                     x = layer.forward(x, step)  # without checkpoints autograd keeps what it needs
-            x = self.kernels.rms_norm(x, backbone.norm.weight, backbone.norm.variance_epsilon).to(self.dtype)
+            x = kernels.rms_norm(x, backbone.norm.weight, backbone.norm.variance_epsilon).to(self.dtype)
         if valid is None:
             return x.view(batch, seq, -1)
         out = x.new_zeros(batch, seq, x.shape[-1])
