@@ -140,15 +140,22 @@ def test_readme_quotes_the_committed_measurements():
     """The README's speed table and ratios are the numbers of the committed result files."""
     readme = (REPO_ROOT / "README.md").read_text()
     report = json.loads((RESULTS_DIR / "04_speed_benchmark.json").read_text())
-    rows = {r["name"]: r for r in report["rows"] if r.get("ok")}
-    for name in ("original_fp16", "fast_2x1_fp16", "fast_mb32_bf16", "fast_mb32_dropout0_bf16",
-                 "fast_mb32_dropout0_fp16", "unsloth_2x1_bf16", "unsloth_mb32_bf16", "unsloth_mb40_bf16",
-                 "unsloth_mb32_fp16"):
-        assert f"{rows[name]['tokens_per_second']:,.0f}" in readme, name
+    rows = {r["name"]: r for r in benchmark.merged_rows(report["rows"])}  # repeated rows: their medians
+    for name, row in rows.items():
+        assert f"| {row['tokens_per_second']:,.0f} | {row['seconds_per_step']:.3f} |" in readme, name
+    original = rows["original_fp16"]["seconds_per_step"]
+    assert f"**{original / rows['fast_2x1_torch_kernels_fp16']['seconds_per_step']:.2f}× fewer s/step**" in readme
     summary = report["summary"]
-    assert f"{summary['recipe_fp16']['x_fewer_seconds']}× fewer" in readme
-    assert f"{summary['fast_best_bf16']['x_original_fp16']:.1f}×" in readme
-    assert f"{summary['fast_best_bf16']['x_unsloth_best']:.2f}× Unsloth" in readme
+    assert f"**{summary['recipe_fp16']['x_fewer_seconds']}× fewer s/step**" in readme
+    assert f"**{summary['fast_best_bf16']['x_original_fp16']:.1f}×** the original" in readme
+    assert f"**{summary['fast_best_bf16']['x_unsloth_best']:.2f}× Unsloth" in readme
+    assert f"**{summary['fast_best_fp16']['x_unsloth_best']:.2f}×** its fp16 row" in readme
+    after = json.loads((RESULTS_DIR / "04_speed_after_auto_kernels.json").read_text())["summary"]
+    assert f"**{after['fast_best_bf16']['x_original_fp16']:.1f}×**" in readme
+    assert f"**{after['recipe_fp16']['x_fewer_seconds']:.2f}×** fewer seconds per step" in readme
+    correctness = json.loads((RESULTS_DIR / "04_fast_path_correctness.json").read_text())["comparison"]
+    for key in ("fast_vs_original_seed0", "fast_vs_original_seed1", "original_seed_vs_seed"):
+        assert f"{correctness[key]:.4f}" in readme, key
     previous = json.loads((RESULTS_DIR / "04_speed_benchmark_h100_v1.json").read_text())
     corpus = {r["name"]: r for r in previous["rows"] if r.get("ok")}["fast_mb32_corpus_fp16"]
     assert f"{corpus['tokens_per_second']:,.0f} real tokens/s" in readme

@@ -98,9 +98,9 @@ CONFIGS: list[BenchConfig] = [
        prediction="the 2 x 512 tokens' checkpoints (0.6 GiB) kept on the GPU: ~8 stream operations fewer per "
        "checkpoint on a CPU-bound step, ~10 % faster, 0.6 GiB more on the GPU"),
     _c("fast_2x1_torch_kernels_fp16", "fast", "fp16", micro_batch=2, kernels="torch", **FAST, group="recipe",
-       prediction="PyTorch's RMSNorm/RoPE/SwiGLU ops instead of Liger's Triton kernels: Triton's launcher costs "
-                  "~60 us of CPU per kernel in the profile, an ATen op ~10-20 us; more kernels but less CPU: ~5 % "
-                  "faster on the CPU-bound 2 x 1 step"),
+       prediction="PyTorch's RMSNorm/RoPE/SwiGLU ops instead of Liger's Triton kernels (the default below "
+                  "small_pass_tokens since): a Triton launch costs several times an ATen op's CPU time; more "
+                  "kernels but less CPU: ~5 % faster on the CPU-bound 2 x 1 step"),
     _c("fast_2x1_per_tensor_optim_fp16", "fast", "fp16", micro_batch=2, **{**FAST, "optim": "paged_adamw_8bit"},
        group="recipe", prediction="bitsandbytes updating 392 tensors one by one (a GPU sync after each): "
        "~45 ms more per step than one flat update"),
@@ -971,6 +971,12 @@ def describe_speed(speed: dict, correctness: dict, ddp: dict) -> str:
                      f"{recipe['fast_peak_allocated_gib']} GiB. Los dos pasos de 2 secuencias están limitados por la "
                      "CPU de la máquina, compartida: su cociente varía de una corrida a otra (ver "
                      "`results/04_speed_notes.md`).")
+        torch_ops = rows.get("fast_2x1_torch_kernels_fp16")
+        if torch_ops:
+            lines[-1] += (f" Con las operaciones de PyTorch en lugar de los núcleos de Liger (lo que el camino rápido "
+                          f"elige hoy para pasadas de menos de 4096 tokens): {torch_ops['seconds_per_step']} s por "
+                          f"paso, **{recipe['original_seconds_per_step'] / torch_ops['seconds_per_step']:.2f}×** "
+                          "menos.")
     corpus = s.get("corpus_fast_best_bf16")
     if corpus:
         lines.append(f"- Con los ejemplos reales del corpus (sin relleno): `{corpus['name']}`, "
@@ -984,8 +990,8 @@ def describe_speed(speed: dict, correctness: dict, ddp: dict) -> str:
                      f"diferencia media por paso rápido–original {comp['fast_vs_original_seed0']}, {word} que la "
                      f"diferencia entre dos semillas del original ({noise}).")
         if str(correctness.get("date", "")) < str(speed.get("date", "")):
-            lines[-1] += (" Se midió con una versión anterior del camino rápido; los cambios posteriores están "
-                          "cubiertos por pruebas que comparan pérdida y gradientes con PEFT.")
+            lines[-1] += (" Se midió antes que esta corrida de velocidad; los cambios posteriores del camino rápido, "
+                          "si los hay, están cubiertos por pruebas que comparan pérdida y gradientes con PEFT.")
     if ddp.get("speedup"):
         lines.append(f"- Con `accelerate launch` en {ddp['runs'][-1]['gpus']} GPU: **{ddp['speedup']}×** los tokens/s "
                      "de una GPU con la misma configuración por GPU.")
