@@ -30,6 +30,9 @@ import torch
 from utils.config import HUB_MODEL_ID, THESIS
 from utils.paths import MODELS_CACHE_DIR, TWIN_CONFIG_FILE, resolve_path
 
+# Compute and storage dtypes by the names the settings, profiles and command lines use
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 EMBEDDED = "embedded"
 TWIN = "llama-3.2-3b-twin"
 
@@ -429,10 +432,7 @@ def load_model(
                 "a quantised twin must be loaded from saved weights: save build_twin(...) with "
                 "save_pretrained() and load that folder."
             )
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            quantization or "", compute_dtype
-        )
-        return build_twin(device, dtype)
+        return build_twin(device, DTYPES.get(quantization or "", compute_dtype))
     folder = model_folder(name)
     kwargs: dict = {"trust_remote_code": False, "use_safetensors": True}
     if quantization in {"int8", "fp4", "nf4", "nf4_dq"}:
@@ -440,9 +440,7 @@ def load_model(
         kwargs["dtype"] = compute_dtype
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     else:
-        kwargs["dtype"] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            quantization or "", compute_dtype
-        )
+        kwargs["dtype"] = DTYPES.get(quantization or "", compute_dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as exc:

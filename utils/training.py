@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from utils.config import HUB_MODEL_ID, THESIS, load_profile, notebook_parameters
+from utils.modeling import DTYPES
 from utils.paths import resolve_path, run_dir
 
 NOTEBOOK = "04"
@@ -44,7 +45,6 @@ RUN_FILE = "04_run.json"
 QUANTIZATION_CHOICES = ("auto", "none", "fp32", "fp16", "bf16", "int8", "fp4", "nf4", "nf4_dq")
 BNB_QUANTIZATIONS = ("int8", "fp4", "nf4", "nf4_dq")
 FAST_PATH_CHOICES = ("auto", "on", "off")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # Parameters of notebook 04 that are not training settings (the stop-rate measurement after training).
