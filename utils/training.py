@@ -286,8 +286,8 @@ def _resolve_fast_path(settings: TrainingSettings, on_cuda: bool, quantization: 
         return False
     notes.append(
         "fast path (utils.fastpath): fused q/k/v and gate/up GEMMs with fused LoRA, no fp32 upcast, checkpoints "
-        "offloaded to pinned CPU memory, Liger kernels, padding-free batches; fast_path='off' gives the "
-        "standard transformers + PEFT forward."
+        "offloaded to pinned CPU memory, Liger kernels on passes of 4096 tokens or more, padding-free batches; "
+        "fast_path='off' gives the standard transformers + PEFT forward."
     )
     return True
 
