@@ -993,8 +993,9 @@ def describe_speed(speed: dict, correctness: dict, ddp: dict) -> str:
             lines[-1] += (" Se midió antes que esta corrida de velocidad; los cambios posteriores del camino rápido, "
                           "si los hay, están cubiertos por pruebas que comparan pérdida y gradientes con PEFT.")
     if ddp.get("speedup"):
-        lines.append(f"- Con `accelerate launch` en {ddp['runs'][-1]['gpus']} GPU: **{ddp['speedup']}×** los tokens/s "
-                     "de una GPU con la misma configuración por GPU.")
+        lines.append(f"- Con `accelerate launch` en {ddp['runs'][-1]['gpus']} GPU ({ddp.get('device', 'GPU')}, "
+                     f"{str(ddp.get('date', ''))[:10]}): **{ddp['speedup']}×** los tokens/s de una GPU con la misma "
+                     "configuración por GPU.")
     goal = 28 * orig["tokens_per_second"]
     best = max((s.get(f"fast_best_{d}", {}).get("tokens_per_second", 0) for d in ("bf16", "fp16")), default=0)
     lines.append(f"- Objetivo de velocidad del proyecto: 28× el original = {goal:,.0f} tokens/s. "
