@@ -73,6 +73,34 @@ def test_fast_path_matches_peft_loss_and_lora_gradients(targets, options, dropou
         assert (grad - expected[name]).abs().max().item() / scale < 1e-4, name
 
 
+def test_fused_modules_with_their_own_rank_and_scaling_match_peft():
+    """q/k/v (and gate/up) fused into one GEMM still apply each module's own LoRA rank and scaling."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM",
+                      rank_pattern={"k_proj": 2, "up_proj": 6}, alpha_pattern={"k_proj": 16, "gate_proj": 2})
+    model = get_peft_model(LlamaForCausalLM(config), lora)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    ids, mask, labels = _batch()
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    reference.backward()
+    expected = _grads(model)
+    model.zero_grad()
+    enable_fast_path(model, torch.float32)
+    loss = _fast_loss(model, ids, mask, labels)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    for name, grad in _grads(model).items():
+        scale = expected[name].abs().max().item() + 1e-12
+        assert (grad - expected[name]).abs().max().item() / scale < 1e-4, name
+
+
 def test_one_padding_free_row_equals_the_padded_batch():
     model = _tiny_peft()
     ids, mask, labels = _batch()
