@@ -107,6 +107,13 @@ def test_run_without_a_gpu_says_how_to_test_the_logic():
     assert proc.returncode == 1 and "--tiny" in proc.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
+def test_gpu_commands_refuse_a_cpu_machine_with_one_message(capsys):
+    assert benchmark.main(["profile", "fast_2x1_fp16", "--model", "unused"]) == 1
+    assert benchmark.main(["run", "--only", "original_fp16"]) == 1
+    assert capsys.readouterr().err.count("needs a CUDA GPU") == 2
+
+
 def test_unknown_configuration_lists_the_known_ones():
     with pytest.raises(SystemExit, match="original_fp16"):
         benchmark.config_by_name("nope")

@@ -1075,6 +1075,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{c.name:32} {c.impl:8} {c.dtype} {c.micro_batch}x{c.accumulation}x{c.seq_len} {c.workload}")
         return 0
     if args.command == "profile":
+        if not torch.cuda.is_available():
+            print("error: the profile times GPU kernels and needs a CUDA GPU (torch.cuda.is_available() is False "
+                  "here).", file=sys.stderr)
+            return 1
         for name in args.names.split(","):
             config = config_by_name(name.strip())
             env = {**os.environ, **(EXPANDABLE if config.expandable_segments else {})}
