@@ -17,7 +17,7 @@ from utils.fastpath import (
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _tiny_peft(dropout: float = 0.0, targets=TARGETS, seed: int = 0):
+def _tiny_peft(dropout: float = 0.0, targets=TARGETS, seed: int = 0, **lora_options):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,7 +26,8 @@ def _tiny_peft(dropout: float = 0.0, targets=TARGETS, seed: int = 0):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True)
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                                target_modules=list(targets), task_type="CAUSAL_LM"))
+                                                                target_modules=list(targets), task_type="CAUSAL_LM",
+                                                                **lora_options))
     for name, param in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; non-zero B makes every LoRA term count in the check
             torch.nn.init.normal_(param, std=0.05)
@@ -52,13 +53,8 @@ def _fast_loss(model, ids, mask, labels, **kw):
     return causal_lm_loss(model, hidden, labels)
 
 
-@pytest.mark.parametrize("options", [FastPathOptions(), FastPathOptions(checkpoint_keep="mid"),
-                                     FastPathOptions(checkpoint_keep="mid+qkv"), FastPathOptions(checkpoint=False)],
-                         ids=["recompute", "recompute-mid", "recompute-mid-qkv", "no-checkpoint"])
-@pytest.mark.parametrize("targets", [TARGETS, ["q_proj", "v_proj", "down_proj"]], ids=["all-seven", "q-v-down"])
-@pytest.mark.parametrize("dropout", [0.0, 1e-9], ids=["no-dropout", "dropout-path"])  # 1e-9: never drops
-def test_fast_path_matches_peft_loss_and_lora_gradients(targets, options, dropout):
-    model = _tiny_peft(dropout=dropout, targets=targets)
+def _assert_fast_path_matches_peft(model, options: FastPathOptions | None = None):
+    """PEFT's loss and LoRA gradients, then the fast path's on the same batch: equal within fp32 noise."""
     ids, mask, labels = _batch()
     reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     reference.backward()
@@ -73,32 +69,19 @@ def test_fast_path_matches_peft_loss_and_lora_gradients(targets, options, dropou
         assert (grad - expected[name]).abs().max().item() / scale < 1e-4, name
 
 
+@pytest.mark.parametrize("options", [FastPathOptions(), FastPathOptions(checkpoint_keep="mid"),
+                                     FastPathOptions(checkpoint_keep="mid+qkv"), FastPathOptions(checkpoint=False)],
+                         ids=["recompute", "recompute-mid", "recompute-mid-qkv", "no-checkpoint"])
+@pytest.mark.parametrize("targets", [TARGETS, ["q_proj", "v_proj", "down_proj"]], ids=["all-seven", "q-v-down"])
+@pytest.mark.parametrize("dropout", [0.0, 1e-9], ids=["no-dropout", "dropout-path"])  # 1e-9: never drops
+def test_fast_path_matches_peft_loss_and_lora_gradients(targets, options, dropout):
+    _assert_fast_path_matches_peft(_tiny_peft(dropout=dropout, targets=targets), options)
+
+
 def test_fused_modules_with_their_own_rank_and_scaling_match_peft():
     """q/k/v (and gate/up) fused into one GEMM still apply each module's own LoRA rank and scaling."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM",
-                      rank_pattern={"k_proj": 2, "up_proj": 6}, alpha_pattern={"k_proj": 16, "gate_proj": 2})
-    model = get_peft_model(LlamaForCausalLM(config), lora)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    ids, mask, labels = _batch()
-    reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    reference.backward()
-    expected = _grads(model)
-    model.zero_grad()
-    enable_fast_path(model, torch.float32)
-    loss = _fast_loss(model, ids, mask, labels)
-    loss.backward()
-    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
-    for name, grad in _grads(model).items():
-        scale = expected[name].abs().max().item() + 1e-12
-        assert (grad - expected[name]).abs().max().item() / scale < 1e-4, name
+    _assert_fast_path_matches_peft(_tiny_peft(rank_pattern={"k_proj": 2, "up_proj": 6},
+                                              alpha_pattern={"k_proj": 16, "gate_proj": 2}))
 
 
 def test_one_padding_free_row_equals_the_padded_batch():
