@@ -65,8 +65,8 @@ class FastPathOptions:
     # ~172 KB for "input"), "input" where they stay on the GPU
     checkpoint_keep: str = "auto"
     # "liger" (Triton, CUDA), "torch", or "auto": liger where it can run, for passes of ``small_pass_tokens`` tokens
-    # or more; smaller passes are bound by the CPU's kernel launches, and Triton's launcher costs ~3 times the CPU
-    # time of an ATen op (the original recipe's 2 × 512 tokens ran ~10 % faster with PyTorch's ops)
+    # or more; smaller passes are bound by the CPU's kernel launches, and Triton's launcher costs several times the
+    # CPU time of an ATen op (the original recipe's 2 × 512 tokens ran ~10 % faster with PyTorch's ops)
     kernels: str = "auto"
     small_pass_tokens: int = 4096
     attention: str = "auto"  # "varlen" (FlashAttention), "sdpa" (one padded row per sequence), or "auto"
@@ -436,19 +436,23 @@ def _bnb_library():
 
 
 def _bnb_kernels(out: torch.Tensor) -> tuple | None:
-    """(nested-absmax kernel, 4-bit kernel by (dtype, quant type)) when they can be called directly, else None.
+    """(nested-absmax kernel, 4-bit kernel by quant type) that can write ``out`` directly, else None.
 
     Only for a tensor on the current device (the library launches on the current device's stream).
     """
+    return _bnb_kernels_for(out.dtype) if out.device.index == torch.cuda.current_device() else None
+
+
+@functools.cache
+def _bnb_kernels_for(dtype: torch.dtype) -> tuple | None:
+    """The kernels of ``_bnb_kernels`` for an output dtype, looked up once (it runs for every dequantisation)."""
     lib = _bnb_library()
-    if lib is None or out.device.index != torch.cuda.current_device():
-        return None
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    if out.dtype not in names:
+    if lib is None or dtype not in names:
         return None
     try:
         return (lib.cdequantize_blockwise_fp32,
-                {q: getattr(lib, f"cdequantize_blockwise_{names[out.dtype]}_{q}") for q in ("nf4", "fp4")})
+                {q: getattr(lib, f"cdequantize_blockwise_{names[dtype]}_{q}") for q in ("nf4", "fp4")})
     except AttributeError:
         return None
 
