@@ -1022,6 +1022,11 @@ def draw_figures(path: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated command-line list of configuration names (None when not given)."""
+    return [name.strip() for name in text.split(",")] if text else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``run``, ``correctness``, ``figure``, ``list`` (and the internal ``child``)."""
     parser = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__.splitlines()[0])
@@ -1079,8 +1084,8 @@ def main(argv: list[str] | None = None) -> int:
             print("error: the profile times GPU kernels and needs a CUDA GPU (torch.cuda.is_available() is False "
                   "here).", file=sys.stderr)
             return 1
-        for name in args.names.split(","):
-            config = config_by_name(name.strip())
+        for name in _names(args.names):
+            config = config_by_name(name)
             env = {**os.environ, **(EXPANDABLE if config.expandable_segments else {})}
             code = (f"import json,sys; from utils.benchmark import *; r=profile_step(config_by_name({name!r}), "
                     f"{args.model!r}, rows={args.rows}, shapes={args.shapes}, sort={args.sort!r}); print(r['table']); print('STEP', r['seconds_per_step'], 'GPU busy ms', "
@@ -1100,10 +1105,10 @@ def main(argv: list[str] | None = None) -> int:
                   "GPU machine, or pass --tiny to test the logic on this CPU.", file=sys.stderr)
             return 1
         out = resolve_path(args.out)
-        names = [n.strip() for n in args.only.split(",")] if args.only else None
+        names = _names(args.only)
         run_benchmark(out, names, args.steps, args.warmup, args.tiny, args.twin_folder,
                       memory_cap_gib=args.memory_cap_gib, repeat=args.repeat,
-                      repeat_only=[n.strip() for n in args.repeat_only.split(",")] if args.repeat_only else None)
+                      repeat_only=_names(args.repeat_only))
     else:
         out = resolve_path(args.out)
         run_correctness(out, args.model, args.steps, dtype=args.dtype)
