@@ -973,8 +973,11 @@ def describe_speed(speed: dict, correctness: dict, ddp: dict) -> str:
                      "`results/04_speed_notes.md`).")
         torch_ops = rows.get("fast_2x1_torch_kernels_fp16")
         if torch_ops:
+            from utils.fastpath import FastPathOptions
+
             lines[-1] += (f" Con las operaciones de PyTorch en lugar de los núcleos de Liger (lo que el camino rápido "
-                          f"elige hoy para pasadas de menos de 4096 tokens): {torch_ops['seconds_per_step']} s por "
+                          f"elige hoy para pasadas de menos de {FastPathOptions().small_pass_tokens} tokens): "
+                          f"{torch_ops['seconds_per_step']} s por "
                           f"paso, **{recipe['original_seconds_per_step'] / torch_ops['seconds_per_step']:.2f}×** "
                           "menos.")
     corpus = s.get("corpus_fast_best_bf16")

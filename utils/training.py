@@ -284,10 +284,12 @@ def _resolve_fast_path(settings: TrainingSettings, on_cuda: bool, quantization: 
     if blockers:
         notes.append(f"fast_path='auto' stays off: {'; '.join(blockers)}.")
         return False
+    from utils.fastpath import FastPathOptions
+
     notes.append(
         "fast path (utils.fastpath): fused q/k/v and gate/up GEMMs with fused LoRA, no fp32 upcast, checkpoints "
-        "offloaded to pinned CPU memory, Liger kernels on passes of 4096 tokens or more, padding-free batches; "
-        "fast_path='off' gives the standard transformers + PEFT forward."
+        f"offloaded to pinned CPU memory, Liger kernels on passes of {FastPathOptions().small_pass_tokens} tokens or "
+        "more, padding-free batches; fast_path='off' gives the standard transformers + PEFT forward."
     )
     return True
 
