@@ -55,7 +55,8 @@ def _fast_loss(model, ids, mask, labels, **kw):
 
 def _assert_fast_path_matches_peft(model, options: FastPathOptions | None = None):
     """PEFT's loss and LoRA gradients, then the fast path's on the same batch: equal within fp32 noise."""
-    ids, mask, labels = _batch()
+    device = next(model.parameters()).device
+    ids, mask, labels = (t.to(device) for t in _batch())
     reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     reference.backward()
     expected = _grads(model)
@@ -70,9 +71,11 @@ def _assert_fast_path_matches_peft(model, options: FastPathOptions | None = None
 
 
 @pytest.mark.parametrize("options", [FastPathOptions(), FastPathOptions(checkpoint_keep="mid"),
-                                     FastPathOptions(checkpoint_keep="mid+qkv"), FastPathOptions(checkpoint=False)],
-                         ids=["recompute", "recompute-mid", "recompute-mid-qkv", "no-checkpoint"])
-@pytest.mark.parametrize("targets", [TARGETS, ["q_proj", "v_proj", "down_proj"]], ids=["all-seven", "q-v-down"])
+                                     FastPathOptions(checkpoint_keep="mid+qkv"), FastPathOptions(checkpoint=False),
+                                     FastPathOptions(mlp_chunk_tokens=16)],
+                         ids=["recompute", "recompute-mid", "recompute-mid-qkv", "no-checkpoint", "mlp-in-chunks"])
+@pytest.mark.parametrize("targets", [TARGETS, ["q_proj", "v_proj", "down_proj"], ["gate_proj", "up_proj", "down_proj"]],
+                         ids=["all-seven", "q-v-down", "mlp-only"])
 @pytest.mark.parametrize("dropout", [0.0, 1e-9], ids=["no-dropout", "dropout-path"])  # 1e-9: never drops
 def test_fast_path_matches_peft_loss_and_lora_gradients(targets, options, dropout):
     _assert_fast_path_matches_peft(_tiny_peft(dropout=dropout, targets=targets), options)
@@ -99,14 +102,21 @@ def test_one_padding_free_row_equals_the_padded_batch():
 
 
 @pytest.mark.parametrize("options", [FastPathOptions(checkpoint=False), FastPathOptions(skip_down_recompute=False),
-                                     FastPathOptions(checkpoint_keep="mid"), FastPathOptions(checkpoint_keep="mid+qkv")],
-                         ids=["no-checkpoint", "recompute-down", "keep-mid", "keep-mid-qkv"])
+                                     FastPathOptions(checkpoint_keep="mid"), FastPathOptions(checkpoint_keep="mid+qkv"),
+                                     FastPathOptions(checkpoint=False, mlp_chunk_tokens=16),
+                                     FastPathOptions(checkpoint_keep="input", mlp_chunk_tokens=16),
+                                     FastPathOptions(checkpoint_keep="mid+qkv", mlp_chunk_tokens=16)],
+                         ids=["no-checkpoint", "recompute-down", "keep-mid", "keep-mid-qkv", "no-checkpoint-mlp-in-chunks",
+                              "input-mlp-in-chunks", "keep-mid-qkv-mlp-in-chunks"])
 def test_checkpoints_replay_the_same_dropout_and_skip_down_changes_nothing(options):
-    """Recomputation must draw the same LoRA-dropout masks, and skipping frozen GEMMs must not change grads."""
+    """Recomputation must draw the same LoRA-dropout masks, and skipping frozen GEMMs must not change grads.
+
+    The reference is the default recomputation with the same MLP chunks (each chunk draws its own masks).
+    """
     model = _tiny_peft(dropout=0.3)
     ids, mask, labels = _batch()
     results = []
-    for opts in (FastPathOptions(), options):
+    for opts in (FastPathOptions(mlp_chunk_tokens=options.mlp_chunk_tokens), options):
         enable_fast_path(model, torch.float32, opts)
         model.zero_grad()
         torch.manual_seed(5)
@@ -165,6 +175,8 @@ def test_unsupported_models_and_settings_fail_with_one_clear_message():
         FastPathOptions(kernels="cuda")
     with pytest.raises(FastPathError, match="checkpoint_keep="):
         FastPathOptions(checkpoint_keep="everything")
+    with pytest.raises(FastPathError, match="mlp_chunk_tokens="):
+        FastPathOptions(mlp_chunk_tokens=-8)
     unfrozen = _tiny_peft()
     unfrozen.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight.requires_grad_(True)
     with pytest.raises(FastPathError, match="layers.0.mlp.down_proj.*trainable"):
@@ -182,7 +194,7 @@ def test_auto_kernels_use_pytorch_ops_for_small_passes(monkeypatch):
     torch_set = fastpath.KERNELS["torch"]
     recording = fastpath._Kernels(
         "recording", lambda *a: calls.append("rms_norm") or torch_set.rms_norm(*a),
-        lambda *a: calls.append("rope") or torch_set.rope(*a), lambda *a: calls.append("swiglu") or torch_set.swiglu(*a))
+        lambda *a: calls.append("rope") or torch_set.rope_qkv(*a), lambda *a: calls.append("swiglu") or torch_set.swiglu(*a))
     monkeypatch.setattr(fastpath, "resolve_kernels", lambda choice, device: recording)
     ids, mask, labels = _batch()
     tokens = int(mask.sum())
@@ -236,3 +248,48 @@ def test_flash_varlen_matches_sdpa_forward_and_backward_on_gpu():
             t.grad = None
     for fast, reference in zip(*results):
         assert (fast - reference).abs().max().item() < 3e-2
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@CUDA
+@pytest.mark.parametrize("options", [FastPathOptions(kernels="liger", small_pass_tokens=0),
+                                     FastPathOptions(kernels="liger", small_pass_tokens=0, mlp_chunk_tokens=16)],
+                         ids=["triton-kernels", "triton-kernels-mlp-in-chunks"])
+def test_fast_path_on_gpu_matches_peft(options):
+    """On CUDA: Liger's and this project's Triton kernels, checkpoints offloaded through pinned memory."""
+    pytest.importorskip("liger_kernel")
+    model = _tiny_peft().cuda()
+    _assert_fast_path_matches_peft(model, options)
+    assert model.get_base_model().model._fast_path.describe()["offload_checkpoints"]
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_rope_kernel_on_the_fused_projection_equals_pytorch(dtype):
+    pytest.importorskip("triton")
+    from utils.fastpath import _rope_qkv_torch, _rope_qkv_triton
+
+    torch.manual_seed(0)
+    tokens, heads, kv_heads, head_dim = 300, 6, 2, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
+    angles = torch.rand(tokens, head_dim // 2, device="cuda") * 6.0
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(dtype)
+    outputs, grads = [], []
+    for rope in (_rope_qkv_torch, _rope_qkv_triton):
+        x = qkv.clone().requires_grad_(True)
+        q, k, v = rope(x, cos, sin, heads, kv_heads, head_dim)
+        assert q.shape == (tokens, heads, head_dim) and k.shape == v.shape == (tokens, kv_heads, head_dim)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        upstream = [torch.randn(t.shape, device="cuda", dtype=dtype, generator=gen) for t in (q, k, v)]
+        # a strided gradient, as FlashAttention's backward may hand back
+        upstream[1] = upstream[1].transpose(0, 1).contiguous().transpose(0, 1)
+        torch.autograd.backward((q, k, v), upstream)
+        outputs.append(torch.cat([t.reshape(tokens, -1) for t in (q, k, v)], 1).float())
+        grads.append(x.grad.float())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    assert (outputs[0] - outputs[1]).abs().max().item() < tol * 8
+    assert (grads[0] - grads[1]).abs().max().item() < tol * 8
+    assert torch.equal(outputs[0][:, -kv_heads * head_dim:], outputs[1][:, -kv_heads * head_dim:])  # v: a copy

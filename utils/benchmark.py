@@ -70,6 +70,7 @@ class BenchConfig:
     checkpoint_keep: str = "auto"  # fast: what each checkpoint keeps ("input", "mid", "mid+qkv"; see fastpath)
     checkpoint: bool = True  # fast: activation checkpointing
     kernels: str = "auto"  # fast: "liger" | "torch" | "auto"
+    mlp_chunk_tokens: int = 0  # fast: the MLP over at most this many tokens at a time (0: the whole pass)
     expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     group: str = ""  # what the row tests (for the notes and the figure)
     prediction: str = ""  # what we expected before measuring
@@ -138,7 +139,14 @@ CONFIGS: list[BenchConfig] = [
        "(q/k/v's GEMM recomputed): ~4 % slower, 4.7 GB less pinned CPU memory"),
     _c("fast_mb32_dropout0_keep_mid_fp16", "fast", "fp16", micro_batch=32, lora_dropout=0.0,
        **{**FAST, "checkpoint_keep": "mid"}, group="ablation"),
+    _c("fast_mb32_dropout0_mlp8k_bf16", "fast", "bf16", micro_batch=32, lora_dropout=0.0, mlp_chunk_tokens=8192,
+       **FAST, group="ablation", prediction="the MLP in two chunks of 8,192 tokens: ~0.6 GiB less at the peak, "
+       "fewer allocator retries under the cap; GEMMs of half the rows as fast: ~3 % faster capped"),
     _c("fast_mb40_dropout0_bf16", "fast", "bf16", micro_batch=40, lora_dropout=0.0, **FAST, group="throughput"),
+    _c("fast_mb40_dropout0_mlp8k_bf16", "fast", "bf16", micro_batch=40, lora_dropout=0.0, mlp_chunk_tokens=8192,
+       **FAST, group="throughput"),
+    _c("fast_mb48_dropout0_mlp8k_bf16", "fast", "bf16", micro_batch=48, lora_dropout=0.0, mlp_chunk_tokens=8192,
+       **FAST, group="throughput"),
     _c("fast_mb40_dropout0_fp16", "fast", "fp16", micro_batch=40, lora_dropout=0.0, **FAST, group="throughput"),
     _c("hf_mb16_noprep_liger_bf16", "hf", "bf16", micro_batch=16, liger=True, group="ablation",
        prediction="Hugging Face path with Liger, no upcast, GC: ~13k tokens/s within 6 GiB (shared/bench)"),
@@ -332,7 +340,7 @@ def load_model_for(config: BenchConfig, model: str, device: str):
 
         enable_fast_path(peft_model, dtype if cuda else torch.float32, FastPathOptions(
             checkpoint=config.checkpoint, offload_checkpoints=config.offload, skip_down_recompute=config.skip_down,
-            checkpoint_keep=config.checkpoint_keep, kernels=config.kernels))
+            checkpoint_keep=config.checkpoint_keep, kernels=config.kernels, mlp_chunk_tokens=config.mlp_chunk_tokens))
         backbone_forward = peft_model.get_base_model().model
 
         def loss_fn(batch: Batch, num_items: int) -> torch.Tensor:

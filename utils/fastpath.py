@@ -21,9 +21,10 @@ saving, loading and merging adapters are unchanged. What changes, and why it pay
   the LoRA scaling rides on the GEMM (``alpha``) instead of costing a multiplication per matrix. Each fused
   projection is one autograd function: the LoRA part of the input gradient is added inside the frozen
   GEMM of the backward pass (beta = 1) rather than as a separate sum.
-- RMSNorm, RoPE and SwiGLU run as Liger's Triton kernels on CUDA for passes of 4096 tokens or more, as PyTorch
-  ops for smaller passes (where the CPU's kernel launches set the pace and Triton's launcher costs more CPU time
-  than the extra ATen kernels) and off CUDA; attention is
+- RMSNorm and SwiGLU run as Liger's Triton kernels on CUDA for passes of 4096 tokens or more, RoPE as this
+  project's Triton kernel (``utils.kernels``: it rotates q and k straight out of the fused projection, where
+  Liger's copies them out first), all three as PyTorch ops for smaller passes (where the CPU's kernel launches
+  set the pace and Triton's launcher costs more CPU time than the extra ATen kernels) and off CUDA; attention is
   FlashAttention's variable-length kernel over the real tokens only (no padding), or PyTorch SDPA over one
   padded row per sequence where that kernel is unavailable (CPU, GPUs older than Ampere).
 
@@ -69,6 +70,9 @@ class FastPathOptions:
     # CPU time of an ATen op (the original recipe's 2 × 512 tokens ran ~10 % faster with PyTorch's ops)
     kernels: str = "auto"
     small_pass_tokens: int = 4096
+    # A checkpointed layer runs its MLP (and its recomputation and backward) over at most this many tokens at a
+    # time (0: the whole pass at once): the MLP's (tokens × 2 · intermediate) activations are the largest alive
+    mlp_chunk_tokens: int = 0
     attention: str = "auto"  # "varlen" (FlashAttention), "sdpa" (one padded row per sequence), or "auto"
     fp32_residual: bool = False  # keep the residual stream in fp32 (costs memory; for activations beyond fp16)
 
@@ -79,13 +83,16 @@ class FastPathOptions:
             raise FastPathError(f"attention={self.attention!r}: use one of {ATTENTION_CHOICES}.")
         if self.checkpoint_keep not in KEEP_CHOICES:
             raise FastPathError(f"checkpoint_keep={self.checkpoint_keep!r}: use one of {KEEP_CHOICES}.")
+        if not isinstance(self.mlp_chunk_tokens, int) or self.mlp_chunk_tokens < 0:
+            raise FastPathError(f"mlp_chunk_tokens={self.mlp_chunk_tokens!r}: use a whole number of tokens, 0 or more "
+                                "(0: the MLP runs over the whole pass at once).")
         if not isinstance(self.small_pass_tokens, int) or self.small_pass_tokens < 0:
             raise FastPathError(f"small_pass_tokens={self.small_pass_tokens!r}: use a whole number of tokens, 0 or "
                                 "more (0: Liger's kernels for every pass where they can run).")
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels: Liger's Triton kernels on CUDA, PyTorch ops elsewhere (same maths)
+# Kernels: Triton (Liger's, and utils.kernels' RoPE) on CUDA, PyTorch ops elsewhere (same maths)
 # --------------------------------------------------------------------------------------------
 
 
@@ -97,7 +104,7 @@ def liger_available() -> bool:
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction  # noqa: F401
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction  # noqa: F401
-        from liger_kernel.ops.rope import LigerRopeFunction  # noqa: F401
+        import triton  # noqa: F401  (the RoPE kernel of utils.kernels)
         from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction  # noqa: F401
     except Exception:  # noqa: BLE001 - any import failure means: use the PyTorch ops
         return False
@@ -122,20 +129,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _rope_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q (T, Hq, D), k (T, Hk, D), cos/sin (T, D)."""
+def _rope_qkv_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                    head_dim: int):
+    """The q/k/v projection (T × features) → RoPE'd q (T, Hq, D), RoPE'd k (T, Hk, D), v (T, Hk, D); cos/sin (T, D)."""
+    tokens = qkv.shape[0]
+    nq, nk = heads * head_dim, kv_heads * head_dim
+    # split (one concatenation in the backward pass), not three slices (three zero-filled full-size grads)
+    q, k, v = qkv.split([nq, nk, nk], dim=1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
     cos, sin = cos[:, None, :], sin[:, None, :]
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return (q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin,
+            v.reshape(tokens, kv_heads, head_dim).contiguous())
 
 
-def _rope_liger(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    from liger_kernel.ops.rope import LigerRopeFunction
+def _rope_qkv_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                     head_dim: int):
+    """Same as ``_rope_qkv_torch`` in one Triton kernel each way (``utils.kernels``): no copies out of ``qkv``."""
+    from utils.kernels import RopeQKV, rope_qkv_supported
 
-    tokens = q.shape[0]
-    # Liger wants (batch, heads, seq, dim) views of (batch, seq, heads, dim) memory; it rotates a copy in place
-    q4, k4 = q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2)
-    q4, k4 = LigerRopeFunction.apply(q4, k4, cos.unsqueeze(0), sin.unsqueeze(0))
-    return q4.transpose(1, 2).reshape(tokens, *q.shape[1:]), k4.transpose(1, 2).reshape(tokens, *k.shape[1:])
+    if not rope_qkv_supported(head_dim):
+        return _rope_qkv_torch(qkv, cos, sin, heads, kv_heads, head_dim)
+    return RopeQKV.apply(qkv, cos, sin, heads, kv_heads, head_dim)
 
 
 def _swiglu_torch(gate_up: torch.Tensor) -> torch.Tensor:
@@ -153,13 +167,14 @@ def _swiglu_liger(gate_up: torch.Tensor) -> torch.Tensor:
 class _Kernels:
     name: str
     rms_norm: Any
-    rope: Any
+    rope_qkv: Any
     swiglu: Any
 
 
 KERNELS = {
-    "torch": _Kernels("torch", _rms_norm_torch, _rope_torch, _swiglu_torch),
-    "liger": _Kernels("liger", _rms_norm_liger, _rope_liger, _swiglu_liger),
+    "torch": _Kernels("torch", _rms_norm_torch, _rope_qkv_torch, _swiglu_torch),
+    # Liger's RMSNorm and SwiGLU; RoPE from this project's kernel on the fused projection (Liger's copies q/k out)
+    "liger": _Kernels("liger", _rms_norm_liger, _rope_qkv_triton, _swiglu_liger),
 }
 
 
@@ -531,12 +546,18 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         lora_in, a, b, xa = ctx.saved_tensors
-        weight = _weight_for_backward(ctx)
+        if not ctx.needs_input_grad[0]:  # an input nobody trains through (the first layer's): no frozen GEMM
+            ctx.weight = None
+            weight = None
+        else:
+            weight = _weight_for_backward(ctx)
         if xa is None:
             xa = lora_in @ a.t()
         grad_xa = (grad @ b).mul_(ctx.alpha)  # (T × r): small
         grad_b = (grad.t() @ xa).mul_(ctx.alpha)
         grad_a = grad_xa.t() @ lora_in
+        if weight is None:
+            return None, None, grad_a, grad_b, None, None, None
         if ctx.dropped:  # the LoRA input is a different tensor: its gradient goes back through the dropout
             return grad @ weight, grad_xa @ a, grad_a, grad_b, None, None, None
         grad_x = (grad_xa @ a).addmm_(grad, weight)
@@ -558,6 +579,7 @@ class StepContext:
     training: bool
     kernels: _Kernels  # RMSNorm, RoPE and SwiGLU for this pass (and its recomputation)
     grad: bool = False  # the pass records a graph: the LoRA matrices are prepared with autograd on
+    mlp_chunk: int = 0  # a checkpointed layer's MLP runs over at most this many tokens at a time (0: all)
     lora: dict = field(default_factory=dict)  # each projection's LoRA matrices for this pass (and its recomputation)
 
 
@@ -596,15 +618,8 @@ class FastLayer:
 
         ``o="skip"``: no forward GEMM for o_proj's frozen weight (a recomputation that only needs the graph).
         """
-        tokens = qkv.shape[0]
-        nq, nk = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        # split (one concatenation in the backward pass), not three slices (three zero-filled full-size grads)
-        q, k, v = qkv.split([nq, nk, nk], dim=1)
-        q = q.view(tokens, self.heads, self.head_dim)
-        k = k.view(tokens, self.kv_heads, self.head_dim)
-        v = v.reshape(tokens, self.kv_heads, self.head_dim).contiguous()
-        q, k = ctx.kernels.rope(q, k, ctx.cos, ctx.sin)
-        a = self.attention_kernel(q, k, v, ctx.segments).reshape(tokens, nq)
+        q, k, v = ctx.kernels.rope_qkv(qkv, ctx.cos, ctx.sin, self.heads, self.kv_heads, self.head_dim)
+        a = self.attention_kernel(q, k, v, ctx.segments).reshape(qkv.shape[0], self.heads * self.head_dim)
         return self.o(a, ctx, o)
 
     def attention(self, x: torch.Tensor, ctx: StepContext, o: str = "mm") -> torch.Tensor:
@@ -616,10 +631,22 @@ class FastLayer:
         h = ctx.kernels.rms_norm(x, self.norm_post, self.eps_post).to(self.dtype)
         return self.down(ctx.kernels.swiglu(self.gate_up(h, ctx)), ctx, down)
 
+    def mlp_residual(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """x + mlp(x), over at most ``ctx.mlp_chunk`` tokens at a time (the recomputation uses the same chunks)."""
+        chunks = _chunks(x.shape[0], ctx.mlp_chunk)
+        if len(chunks) == 1:
+            return x + self.mlp(x, ctx)
+        if torch.is_grad_enabled():  # autograd records the chunks (out= is not differentiable)
+            return torch.cat([x[rows] + self.mlp(x[rows], ctx) for rows in chunks])
+        out = torch.empty_like(x)
+        for rows in chunks:
+            torch.add(x[rows], self.mlp(x[rows], ctx), out=out[rows])
+        return out
+
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """x (T × hidden), in the residual dtype → the layer's output, same shape and dtype."""
         x = x + self.attention(x, ctx)
-        return x + self.mlp(x, ctx)
+        return self.mlp_residual(x, ctx)
 
 
 class CheckpointStore:
@@ -664,7 +691,7 @@ class CheckpointStore:
             buf.copy_(x, non_blocking=True)
         x.record_stream(self.d2h)  # the caller may free x; its memory waits for the copy
         self.generation[key] = self.generation.get(key, 0) + 1
-        self.prefetched.pop(key, None)
+        self._drop_prefetch(key)
         handle = (key, buf, self.generation[key])
         self.handles[key] = handle
         return handle
@@ -688,7 +715,10 @@ class CheckpointStore:
         if not self.offload or handle is None or key in self.prefetched:
             return
         _, buf, _ = handle
-        # Allocated on the compute stream, so its memory returns to that stream's pool (no per-stream reserve)
+        # Allocated on the compute stream, so its memory returns to that stream's pool (no per-stream reserve).
+        # No record_stream: the compute stream waits for the copy before it uses or drops the tensor, so its
+        # memory is free for reuse the moment the compute stream releases it (record_stream would hold it until
+        # the copy stream's later work, the next layer's prefetch, had ended)
         x = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
         self.h2d.wait_stream(torch.cuda.current_stream(self.device))
         self.h2d.wait_stream(self.d2h)
@@ -696,8 +726,13 @@ class CheckpointStore:
             x.copy_(buf, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.h2d)
-        x.record_stream(self.h2d)
         self.prefetched[key] = (x, event)
+
+    def _drop_prefetch(self, key: tuple) -> None:
+        """Forget a prefetched copy that was never loaded, after the compute stream has waited for its copy."""
+        entry = self.prefetched.pop(key, None)
+        if entry is not None:
+            torch.cuda.current_stream(self.device).wait_event(entry[1])
 
     def load(self, handle: Any) -> torch.Tensor:
         if isinstance(handle, torch.Tensor):
@@ -752,47 +787,79 @@ class _CheckpointedLayer(torch.autograd.Function):
             ctx.rng_mid = _rng_state(x.device) if plan.rng else None
             ctx.mid = store.save((layer.index, 1), mid, on_gpu) if plan.mid else None
             store.mark(layer.index)
-            return mid + layer.mlp(mid, step)
+            return layer.mlp_residual(mid, step)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         layer, step, store, plan = ctx.layer, ctx.step, ctx.store, ctx.plan
         for slot in (1, 2, 0) if plan.qkv else (1, 0) if plan.mid else (0,):  # in the order they are needed
             store.prefetch((layer.index - 1, slot))
+        # The first layer's input is the embedding, detached (frozen): its gradient would go nowhere, so neither
+        # the input-gradient GEMMs of q/k/v nor the RMSNorm backward run for it
+        input_grad = layer.index > 0
         restore = _rng_state(grad.device) if plan.rng else None
         with torch.enable_grad():
             attention = None
             if ctx.mid is not None:
-                mid = store.load(ctx.mid).detach().requires_grad_(True)
+                mid = store.load(ctx.mid)
             else:
-                x = store.load(ctx.handle).detach().requires_grad_(True)
+                x = store.load(ctx.handle).detach().requires_grad_(input_grad)
                 if plan.rng:
                     _set_rng_state(x.device, ctx.rng)
                 attention = layer.attention(x, step)
                 with torch.no_grad():
-                    mid = (x + attention).requires_grad_(True)
+                    mid = x + attention
             if plan.rng:
                 _set_rng_state(grad.device, ctx.rng_mid)
-            torch.autograd.backward(layer.mlp(mid, step, "skip" if plan.skip_down else "mm"), grad)
-            grad_mid = mid.grad.add_(grad)  # the residual connection passes the gradient on unchanged
+            grad_mid = _mlp_backward(layer, step, mid.detach(), grad, "skip" if plan.skip_down else "mm")
             del mid
             if attention is None:
-                x = store.load(ctx.handle).detach().requires_grad_(True)
+                x = store.load(ctx.handle).detach().requires_grad_(input_grad)
                 if plan.rng:
                     _set_rng_state(x.device, ctx.rng)
                 if ctx.qkv is None:
-                    torch.autograd.backward(layer.attention(x, step, o="skip"), grad_mid)
+                    _backward(layer.attention(x, step, o="skip"), grad_mid)
                 else:  # the projection's graph first (its dropout mask comes first), its values from the checkpoint
                     projection = layer.qkv_projection(x, step, base="skip")
                     qkv = store.load(ctx.qkv).detach().requires_grad_(True)
                     torch.autograd.backward(layer.attend(qkv, step, o="skip"), grad_mid)
-                    torch.autograd.backward(projection, qkv.grad)
+                    _backward(projection, qkv.grad)
                     del qkv, projection
             else:
-                torch.autograd.backward(attention, grad_mid)
+                _backward(attention, grad_mid)
         if restore is not None:
             _set_rng_state(grad.device, restore)
-        return x.grad.add_(grad_mid), None, None, None, None
+        return (x.grad.add_(grad_mid) if input_grad else None), None, None, None, None
+
+
+def _chunks(tokens: int, size: int) -> list[slice]:
+    """Row ranges of at most ``size`` tokens covering ``tokens`` (one range when ``size`` is 0 or covers all)."""
+    if size <= 0 or size >= tokens:
+        return [slice(None)]
+    return [slice(start, min(start + size, tokens)) for start in range(0, tokens, size)]
+
+
+def _mlp_backward(layer: FastLayer, step: StepContext, mid: torch.Tensor, grad: torch.Tensor,
+                  down: str) -> torch.Tensor:
+    """Recompute the MLP over ``mid`` chunk by chunk (as the forward pass ran it) and backpropagate ``grad``.
+
+    Returns the gradient of ``mid``: the MLP's plus ``grad`` itself (the residual connection passes it on).
+    """
+    chunks = _chunks(mid.shape[0], step.mlp_chunk)
+    grad_mid = None if len(chunks) == 1 else torch.empty_like(grad)
+    for rows in chunks:
+        part = mid[rows].requires_grad_(True) if grad_mid is not None else mid.requires_grad_(True)
+        torch.autograd.backward(layer.mlp(part, step, down), grad[rows])
+        if grad_mid is None:
+            return part.grad.add_(grad)
+        torch.add(part.grad, grad[rows], out=grad_mid[rows])
+    return grad_mid
+
+
+def _backward(output: torch.Tensor, grad: torch.Tensor) -> None:
+    """Backpropagate ``grad`` unless nothing upstream of ``output`` is trained (the first layer without LoRA)."""
+    if output.requires_grad:
+        torch.autograd.backward(output, grad)
 
 
 def _rng_state(device: torch.device):
@@ -851,6 +918,7 @@ class FastPath:
                 "residual_dtype": str(self.residual_dtype).replace("torch.", ""),
                 "checkpoint": self.options.checkpoint, "offload_checkpoints": self.store.offload,
                 "skip_down_recompute": self.options.skip_down_recompute, "checkpoint_keep": self.checkpoint_keep,
+                "mlp_chunk_tokens": self.options.mlp_chunk_tokens,
                 "native_gqa": _FLASH.get("native_gqa")}
 
     def run(self, backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -874,11 +942,12 @@ class FastPath:
         grad = torch.is_grad_enabled()
         with torch.autocast(self.device.type, enabled=False):
             x = backbone.embed_tokens(ids).to(self.residual_dtype)
-            if grad:
+            if grad and self.options.checkpoint:
                 x = x.detach().requires_grad_(True)  # so the checkpointed layers' backward runs
             cos, sin = backbone.rotary_emb(x, pos.unsqueeze(0))
             kernels = self.small_kernels if ids.numel() < self.options.small_pass_tokens else self.kernels
-            step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training, kernels, grad)
+            step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training, kernels, grad,
+                               mlp_chunk=self.options.mlp_chunk_tokens)
             keep = self.checkpoint_keep
             plan = _Recompute(self.options.skip_down_recompute, keep != "input", keep == "mid+qkv",
                               training and self.dropout, len(self.layers) - 1)
