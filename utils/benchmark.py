@@ -945,8 +945,11 @@ def speed_table(report: dict):
     return pd.DataFrame(rows).set_index("configuración")
 
 
-def describe_speed(speed: dict, correctness: dict, ddp: dict) -> str:
-    """What the committed GPU measurements show, with every number read from them (Markdown, Spanish)."""
+def describe_speed(speed: dict, correctness: dict, ddp: dict, corpus: dict | None = None) -> str:
+    """What the committed GPU measurements show, with every number read from them (Markdown, Spanish).
+
+    ``corpus``: a run of the corpus rows (real examples) when the speed run has none.
+    """
     s = speed["summary"]
     rows = {r["name"]: r for r in merged_rows(speed["rows"])}
     orig = rows["original_fp16"]
@@ -988,10 +991,16 @@ def describe_speed(speed: dict, correctness: dict, ddp: dict) -> str:
                           f"{torch_ops['seconds_per_step']} s por "
                           f"paso, **{recipe['original_seconds_per_step'] / torch_ops['seconds_per_step']:.2f}×** "
                           "menos.")
-    corpus = s.get("corpus_fast_best_bf16")
-    if corpus:
-        lines.append(f"- Con los ejemplos reales del corpus (sin relleno): `{corpus['name']}`, "
-                     f"{corpus['tokens_per_second']:,.0f} tokens reales/s.")
+    corpus_run = corpus if corpus is not None else speed
+    best = corpus_run["summary"].get("corpus_fast_best_bf16")
+    if best:
+        where = "" if corpus is None else f"; {corpus_run['device']}, {corpus_run['date'][:10]}"
+        lines.append(f"- Con los ejemplos reales del corpus (sin relleno{where}): `{best['name']}`, "
+                     f"{best['tokens_per_second']:,.0f} tokens reales/s")
+        if best.get("x_original_corpus_fp16"):
+            lines[-1] += (f", **{best['x_original_corpus_fp16']}×** la configuración original con los mismos "
+                          "ejemplos (cortos: el original procesa uno por micro-lote)")
+        lines[-1] += "."
     comp = correctness.get("comparison", {})
     if "fast_vs_original_seed0" in comp:
         noise = comp.get("original_seed_vs_seed")
@@ -1010,8 +1019,11 @@ def describe_speed(speed: dict, correctness: dict, ddp: dict) -> str:
     goal = 28 * orig["tokens_per_second"]
     best = max((s.get(f"fast_best_{d}", {}).get("tokens_per_second", 0) for d in ("bf16", "fp16")), default=0)
     lines.append(f"- Objetivo de velocidad del proyecto: 28× el original = {goal:,.0f} tokens/s. "
-                 + ("Alcanzado." if best >= goal else f"**No alcanzado**: el mejor llega a {best / goal:.0%} del "
-                    "objetivo (ver `results/04_speed_notes.md`)."))
+                 + ("Alcanzado en esta corrida." if best >= goal else f"**No alcanzado**: el mejor llega a "
+                    f"{best / goal:.0%} del objetivo.")
+                 + " El original está limitado por la CPU de la máquina, que varía de una corrida a otra, y el "
+                   "cociente con él: en corridas de otro día u otra máquina puede quedar por encima o por debajo "
+                   "(todas las corridas, en `results/04_speed_notes.md`).")
     return "\n".join(lines)
 
 

@@ -288,8 +288,9 @@ def _resolve_fast_path(settings: TrainingSettings, on_cuda: bool, quantization: 
 
     notes.append(
         "fast path (utils.fastpath): fused q/k/v and gate/up GEMMs with fused LoRA, no fp32 upcast, checkpoints "
-        f"offloaded to pinned CPU memory, Liger kernels on passes of {FastPathOptions().small_pass_tokens} tokens or "
-        "more, padding-free batches; fast_path='off' gives the standard transformers + PEFT forward."
+        f"offloaded to pinned CPU memory, Triton kernels (Liger's RMSNorm/SwiGLU, utils.kernels' RoPE) on passes of "
+        f"{FastPathOptions().small_pass_tokens} tokens or more, padding-free batches; fast_path='off' gives the "
+        "standard transformers + PEFT forward."
     )
     return True
 
