@@ -66,6 +66,8 @@ def _launch(src: tuple, dst: tuple, cos: torch.Tensor, sin: torch.Tensor, invers
     q, k, v = src
     tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
+    # (row, head) strides of q, k, v, then of their destinations: the kernel takes the three row strides of the
+    # sources, their three head strides, then the same for the destinations
     strides = [s for t in (*src, *dst) for s in (t.stride(0), t.stride(1))]
     _rope_qkv_kernel[(tokens,)](
         *src, *dst, cos, sin,
