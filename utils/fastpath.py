@@ -493,11 +493,16 @@ def _dequantize_4bit_direct(packed: torch.Tensor, state, out: torch.Tensor, kern
     return out
 
 
-def _weight_for_backward(ctx) -> torch.Tensor:
-    """The dequantised weight the forward kept, or (after a skipped forward) a fresh one; released from ``ctx``."""
-    weight = ctx.weight if ctx.weight is not None else ctx.projection.frozen_weight()
+def _weight_for_backward(ctx, needed: bool = True) -> torch.Tensor | None:
+    """The dequantised weight the forward kept, or (after a skipped forward) a fresh one; released from ``ctx``.
+
+    ``needed=False`` (no input gradient wanted): only releases it, and dequantises nothing.
+    """
+    weight = ctx.weight
     ctx.weight = None
-    return weight
+    if not needed:
+        return None
+    return weight if weight is not None else ctx.projection.frozen_weight()
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -546,11 +551,8 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         lora_in, a, b, xa = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:  # an input nobody trains through (the first layer's): no frozen GEMM
-            ctx.weight = None
-            weight = None
-        else:
-            weight = _weight_for_backward(ctx)
+        # no input gradient for an input nobody trains through (the first layer's): no frozen GEMM
+        weight = _weight_for_backward(ctx, needed=ctx.needs_input_grad[0])
         if xa is None:
             xa = lora_in @ a.t()
         grad_xa = (grad @ b).mul_(ctx.alpha)  # (T × r): small
@@ -846,12 +848,14 @@ def _mlp_backward(layer: FastLayer, step: StepContext, mid: torch.Tensor, grad: 
     Returns the gradient of ``mid``: the MLP's plus ``grad`` itself (the residual connection passes it on).
     """
     chunks = _chunks(mid.shape[0], step.mlp_chunk)
-    grad_mid = None if len(chunks) == 1 else torch.empty_like(grad)
+    if len(chunks) == 1:
+        mid.requires_grad_(True)
+        torch.autograd.backward(layer.mlp(mid, step, down), grad)
+        return mid.grad.add_(grad)
+    grad_mid = torch.empty_like(grad)
     for rows in chunks:
-        part = mid[rows].requires_grad_(True) if grad_mid is not None else mid.requires_grad_(True)
+        part = mid[rows].requires_grad_(True)
         torch.autograd.backward(layer.mlp(part, step, down), grad[rows])
-        if grad_mid is None:
-            return part.grad.add_(grad)
         torch.add(part.grad, grad[rows], out=grad_mid[rows])
     return grad_mid
 
