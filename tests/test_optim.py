@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from utils.optim import FlatOptimizer, build_flat_paged_adamw_8bit, flat_unsupported_reason
+from utils.speed.optim import FlatOptimizer, build_flat_paged_adamw_8bit, flat_unsupported_reason
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -31,14 +31,25 @@ def test_profiles_exist_and_parse():
 
 def test_profile_keys_are_declared_by_their_notebooks():
     for name in config.list_profiles():
-        profile = config.load_profile(name)
-        for nb in runner.list_notebooks():
-            runner.check_profile_keys(nb, profile)
+        runner.check_profile_keys(name, config.load_profile(name))
+
+
+@pytest.mark.parametrize("block", ["common", "notebooks"])
+def test_misspelt_profile_key_is_named(block):
+    profile = config.load_profile("smoke")
+    if block == "common":
+        profile["common"]["max_seq_lenght"] = 256
+    else:
+        profile["notebooks"]["04"]["max_seq_lenght"] = 256
+    with pytest.raises(config.ProfileError, match="max_seq_lenght") as info:
+        runner.check_profile_keys("smoke", profile)
+    assert "smoke.yaml" in str(info.value) and "max_seq_length" in str(info.value)
 
 
 def test_only_selects_by_number():
     chosen = runner.select_notebooks(["3"])
     assert [nb.name[:2] for nb in chosen] == ["03"]
+    assert [nb.name[:2] for nb in runner.select_notebooks(["01,03"])] == ["01", "03"]
     with pytest.raises(config.ProfileError, match="no notebook"):
         runner.select_notebooks(["99"])
 

@@ -285,7 +285,7 @@ def test_a_model_the_fast_path_cannot_run_falls_back_or_fails_clearly(tmp_path):
 
 def test_fast_path_trainer_updates_all_lora_tensors_in_one_optimizer_call(tmp_path):
     """paged AdamW 8-bit under the fast path: one flat buffer, the library's own hyperparameters, and it trains."""
-    from utils.optim import FlatOptimizer
+    from utils.speed.optim import FlatOptimizer
 
     trainer, _, _, plan = _trainer(tmp_path, fast_path="on", max_steps=1, warmup_steps=0, eval_steps=10)
     trainer.args.optim = plan.optim = "paged_adamw_8bit"  # the CUDA default; bitsandbytes also runs it on the CPU

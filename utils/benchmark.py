@@ -292,7 +292,7 @@ def corpus_steps(config: BenchConfig, examples: list[dict], steps: int) -> list[
 def build_optimizer(params: list, optim: str, lr: float = THESIS.learning_rate):
     """The optimizer of a configuration: bitsandbytes' paged AdamW 8-bit (per tensor or flat) or fused AdamW."""
     if optim == "paged_adamw_8bit_flat":
-        from utils.optim import build_flat_paged_adamw_8bit
+        from utils.speed.optim import build_flat_paged_adamw_8bit
 
         return build_flat_paged_adamw_8bit(params, lr=lr, weight_decay=THESIS.weight_decay)
     if optim == "paged_adamw_8bit":

@@ -145,7 +145,7 @@ def _rope_qkv_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hea
 def _rope_qkv_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
                      head_dim: int):
     """Same as ``_rope_qkv_torch`` in one Triton kernel each way (``utils.kernels``): no copies out of ``qkv``."""
-    from utils.kernels import RopeQKV, rope_qkv_supported
+    from utils.speed.kernels import RopeQKV, rope_qkv_supported
 
     if not rope_qkv_supported(head_dim):
         return _rope_qkv_torch(qkv, cos, sin, heads, kv_heads, head_dim)

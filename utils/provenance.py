@@ -1,16 +1,23 @@
-"""Provenance of every result: library versions, device, wall time, written as ``NN_run.json``."""
+"""Provenance of every result: library versions, device, commit, command and wall time."""
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import platform
+import shlex
+import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from utils.paths import run_dir
+import torch
+
+from utils.device import device_name
+from utils.files import save_json
+from utils.paths import REPO_ROOT, run_dir
+from utils.units import GIB
 
 LIBRARIES = (
     "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "pandas",
@@ -31,15 +38,46 @@ def library_versions() -> dict[str, str]:
 
 def device_info() -> dict[str, Any]:
     """Name of the device the numbers come from (GPU name and capability, or the CPU)."""
-    import torch
-
-    from utils.modeling import device_name
-
     info: dict[str, Any] = {"device": device_name(), "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 1024**3, 2)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GIB, 2)
     return info
+
+
+def git_commit() -> str:
+    """The checked-out commit, with ``+dirty`` when tracked files differ from it; "unknown" outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that is running, as a shell would type it (``python -m utils.x ...``)."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0].endswith(".py") and "utils" in Path(argv[0]).parts:
+        parts = Path(argv[0]).resolve().relative_to(REPO_ROOT).with_suffix("").parts
+        module = ".".join(p for p in parts if p != "__main__")
+        argv = ["python", "-m", module, *argv[1:]]
+    return shlex.join(argv)
+
+
+def result_provenance(command: str | None = None) -> dict[str, Any]:
+    """What every result JSON records: date, commit, exact command, device and library versions."""
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "command": command or command_line(),
+        **device_info(),
+        "versions": library_versions(),
+    }
 
 
 class Stopwatch:
@@ -68,10 +106,9 @@ def write_run_record(
         "parameters": parameters,
         "started_at": stopwatch.started_at,
         "wall_time_s": stopwatch.seconds,
+        "commit": git_commit(),
         "versions": library_versions(),
         **device_info(),
         **results,
     }
-    path = run_dir(profile) / f"{notebook}_run.json"
-    path.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    return path
+    return save_json(record, run_dir(profile) / f"{notebook}_run.json")

@@ -10,14 +10,17 @@ the first failing notebook and names it and the failing cell.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from utils.config import ProfileError, list_profiles, load_profile, notebook_parameters
+import papermill as pm
+from papermill.exceptions import PapermillExecutionError
+
+from utils.config import ProfileError, list_profiles, load_profile, notebook_parameters, profile_file
+from utils.files import save_json
 from utils.paths import NOTEBOOKS_DIR, resolve_path, run_dir
 
 
@@ -35,6 +38,7 @@ def select_notebooks(only: list[str] | None) -> list[Path]:
     notebooks = list_notebooks()
     if not only:
         return notebooks
+    only = [part for item in only for part in item.split(",") if part]  # "--only 01,03" as "--only 01 03"
     wanted = {o.zfill(2) if o.isdigit() else o for o in only}
     chosen = [nb for nb in notebooks if nb.name[:2] in wanted or nb.stem in wanted]
     missing = wanted - {nb.name[:2] for nb in chosen} - {nb.stem for nb in chosen}
@@ -46,30 +50,36 @@ def select_notebooks(only: list[str] | None) -> list[Path]:
 
 def resolve_parameters(notebook: Path, params: dict[str, Any]) -> dict[str, Any]:
     """Keep the profile's parameters that the notebook declares; a notebook-specific unknown is an error."""
-    import papermill as pm
-
-    declared = set(pm.inspect_notebook(str(notebook)))
+    declared = declared_parameters(notebook)
     return {k: v for k, v in params.items() if k in declared}
 
 
-def check_profile_keys(notebook: Path, profile: dict[str, Any]) -> None:
-    """Fail on parameters a profile sets for a notebook that the notebook does not declare (typos)."""
-    import papermill as pm
+def declared_parameters(notebook: Path) -> set[str]:
+    """The names a notebook's ``parameters`` cell declares."""
+    return set(pm.inspect_notebook(str(notebook)))
 
-    own = (profile.get("notebooks") or {}).get(notebook.name[:2]) or {}
-    unknown = set(own) - set(pm.inspect_notebook(str(notebook)))
-    if unknown:
-        raise ProfileError(
-            f"the profile sets {sorted(unknown)} for {notebook.name}, which declares no such "
-            "parameter in its 'parameters' cell. Fix the name in the profile YAML."
-        )
+
+def check_profile_keys(profile_name: str, profile: dict[str, Any]) -> None:
+    """Fail on any parameter a profile sets that no notebook it reaches declares (a typo), ``common`` included."""
+    notebooks = list_notebooks()
+    declared = {nb.name[:2]: declared_parameters(nb) for nb in notebooks}
+    blocks = {"common": (profile.get("common") or {}, set().union(*declared.values()))}
+    for number, own in (profile.get("notebooks") or {}).items():
+        if str(number) not in declared:
+            raise ProfileError(f"{profile_file(profile_name)}: notebooks.{number}: no notebook has that number; "
+                               f"the notebooks are {', '.join(sorted(declared))}.")
+        blocks[f"notebooks.{number}"] = (own or {}, declared[str(number)])
+    for block, (values, known) in blocks.items():
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ProfileError(
+                f"{profile_file(profile_name)}: {block} sets {unknown}, which no notebook there declares in its "
+                f"'parameters' cell. Fix the name; the known names are: {', '.join(sorted(known))}."
+            )
 
 
 def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], log_output: bool) -> None:
     """Execute one notebook with papermill; raise ``NotebookFailed`` naming the failing cell."""
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
     try:
         pm.execute_notebook(
             str(notebook),
@@ -91,8 +101,7 @@ def run_profile(profile_name: str, only: list[str] | None = None, log_output: bo
     """Run the selected notebooks on a profile; return the run folder."""
     profile = load_profile(profile_name)
     notebooks = select_notebooks(only)
-    for nb in notebooks:
-        check_profile_keys(nb, profile)
+    check_profile_keys(profile_name, profile)
     out_dir = run_dir(profile_name)
     os.environ["QLORA_PROFILE"] = profile_name
     # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads slowed
@@ -113,7 +122,7 @@ def run_profile(profile_name: str, only: list[str] | None = None, log_output: bo
         timings[nb.stem] = round(time.perf_counter() - start, 1)
         print(f"ok ({timings[nb.stem]:.0f} s)", flush=True)
     summary = out_dir / "runner.json"
-    summary.write_text(json.dumps({"profile": profile_name, "seconds": timings}, indent=2))
+    save_json({"profile": profile_name, "seconds": timings}, summary)
     return out_dir
 
 

@@ -594,7 +594,7 @@ def _check_fast_path_model(settings: TrainingSettings, plan: TrainingPlan, model
 
 def use_flat_optimizer(trainer, plan: TrainingPlan) -> bool:
     """With the fast path, bitsandbytes' 8-bit optimizer updates all LoRA tensors in one call (same numbers)."""
-    from utils.optim import FlatOptimizer, flat_unsupported_reason
+    from utils.speed.optim import FlatOptimizer, flat_unsupported_reason
 
     if "8bit" not in plan.optim:
         return False

@@ -1,4 +1,8 @@
-"""One figure style for the whole series and the one helper that saves figures."""
+"""One figure style for the whole series, the one helper that saves figures, and each chapter's plots.
+
+The chapter modules (``utils.plotting.data``, ``.memory``, ``.lora``, ``.training``, ``.evaluation``,
+``.speed``) draw from saved tables and return the figure; ``save_figure`` writes it.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,7 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 
 from utils.paths import figures_dir
-
-# RTX 2070 SUPER: 8 GB of GDDR6 = 8 GiB as the card reports it (8192 MiB).
-GPU_BUDGET_GIB = 8.0
+from utils.units import CARD_GIB
 COLORS = {
     "base": "#7f7f7f",
     "tuned": "#1f77b4",
@@ -51,8 +53,10 @@ def save_figure(fig: plt.Figure, name: str, show: bool = True) -> Path:
     folder = figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
     pdf = folder / f"{name}.pdf"
-    fig.savefig(pdf)
-    fig.savefig(folder / f"{name}.png")
+    # No creation date or software version in the files: the same data gives the same bytes, so
+    # re-running a notebook on unchanged code changes no committed figure.
+    fig.savefig(pdf, metadata={"CreationDate": None, "Producer": None, "Creator": None})
+    fig.savefig(folder / f"{name}.png", metadata={"Software": None})
     if show:
         try:
             from IPython.display import display
@@ -64,7 +68,7 @@ def save_figure(fig: plt.Figure, name: str, show: bool = True) -> Path:
     return pdf
 
 
-def draw_budget(ax: plt.Axes, gib: float = GPU_BUDGET_GIB, axis: str = "y") -> None:
+def draw_budget(ax: plt.Axes, gib: float = CARD_GIB, axis: str = "y") -> None:
     """Draw the 8 GiB line of the thesis GPU (RTX 2070 SUPER) on a memory axis."""
     label = f"Presupuesto RTX 2070 SUPER ({gib:g} GiB)"
     if axis == "y":
