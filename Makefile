@@ -13,7 +13,7 @@ PROFILE ?= demo
 # Idle OpenMP threads sleep instead of spinning (spinning made a shared 2-core CPU several times slower).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup prepare run smoke test lab clean-runs
+.PHONY: setup prepare run publish smoke test lab clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ prepare: setup
 
 run: prepare
 	$(VPY) -m utils.runner --profile $(PROFILE)
+
+# Run a profile and copy its figures to the committed figures/<profile>/ (make run never touches them).
+publish: prepare
+	$(VPY) -m utils.runner --profile $(PROFILE) --publish
 
 smoke: prepare
 	$(VPY) -m utils.runner --profile smoke

@@ -5,13 +5,27 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from utils import benchmark
 from utils.paths import REPO_ROOT, RESULTS_DIR
+from utils.plotting import speed as speed_plots
+from utils.speed.benchmark.cli import main
+from utils.speed.benchmark.configs import BenchConfig, config_by_name
+from utils.speed.benchmark.run import run_benchmark
+from utils.speed.benchmark.workloads import corpus_steps
+from utils.speed.results import (
+    OLD_FAST_KEYS,
+    compare_losses,
+    load_report,
+    merged_rows,
+    speed_table,
+    summarize,
+    upgrade_row,
+)
 
 
 def _examples(lengths):
@@ -20,12 +34,12 @@ def _examples(lengths):
 
 
 def test_fast_corpus_batches_pack_whole_examples_without_padding():
-    config = benchmark.config_by_name("fast_mb32_corpus_bf16")
+    config = config_by_name("fast_mb32_corpus_bf16")
     examples = _examples([100, 300, 200, 450, 120, 80] * 20)
-    steps = benchmark.corpus_steps(config, examples, steps=3)
+    steps = corpus_steps(config, examples, steps=3)
     for (batch,) in steps:
         assert batch.input_ids.shape[0] == 1 and batch.attention_mask is None
-        assert batch.tokens == batch.input_ids.numel() <= config.micro_batch * config.seq_len
+        assert batch.tokens == batch.input_ids.numel() <= config.micro_batch * config.max_seq_length
         starts = batch.position_ids[0] == 0
         assert (batch.labels[0][starts] == -100).all()  # no prediction across an example boundary
     # every example whole, in corpus order (cycling), nothing dropped between steps
@@ -36,8 +50,8 @@ def test_fast_corpus_batches_pack_whole_examples_without_padding():
 
 def test_original_recipe_sees_two_examples_per_step_on_both_paths():
     examples = _examples([30, 40, 50, 60])
-    original = benchmark.corpus_steps(benchmark.config_by_name("original_corpus_fp16"), examples, steps=2)
-    fast = benchmark.corpus_steps(benchmark.config_by_name("fast_2x1_corpus_fp16"), examples, steps=2)
+    original = corpus_steps(config_by_name("original_corpus_fp16"), examples, steps=2)
+    fast = corpus_steps(config_by_name("fast_2x1_corpus_fp16"), examples, steps=2)
     for orig_step, (fast_batch,) in zip(original, fast):
         assert len(orig_step) == 2 and all(b.input_ids.shape == (1, b.tokens) for b in orig_step)
         assert torch.equal(torch.cat([b.input_ids for b in orig_step], 1), fast_batch.input_ids)
@@ -55,7 +69,7 @@ def test_summary_counts_only_configurations_within_the_budget():
             _row("fast_big", 30000, 9.0), _row("fast_ok", 20000, 7.4),
             _row("fast_2x1_fp16", 3000, 3.0, dtype="fp16", sps=0.2),
             _row("unsloth_x", 25000, 7.0, impl="unsloth")]
-    summary = benchmark.summarize(rows)
+    summary = summarize(rows)
     assert summary["fast_best_bf16"]["name"] == "fast_ok"
     assert summary["fast_best_bf16"]["x_original_fp16"] == 20.0
     assert summary["fast_best_bf16"]["x_unsloth_best"] == 0.8
@@ -68,57 +82,83 @@ def test_repeats_are_merged_into_medians_and_the_largest_peaks():
     rows += [_row("fast_2x1_fp16", 3000, reserved, dtype="fp16", sps=sps)
              for reserved, sps in ((3.0, 0.3), (3.2, 0.25), (3.1, 0.5))]
     rows.append({"name": "fast_2x1_fp16", "ok": False, "error": "out of memory"})  # a failed repeat is left out
-    merged = {r["name"]: r for r in benchmark.merged_rows(rows)}
+    merged = {r["name"]: r for r in merged_rows(rows)}
     assert merged["original_fp16"]["seconds_per_step"] == 1.0 and merged["original_fp16"]["repeats"] == 3
     assert merged["fast_2x1_fp16"]["seconds_per_step"] == 0.3
     assert merged["fast_2x1_fp16"]["peak_reserved_gib"] == 3.2
     assert merged["fast_2x1_fp16"]["seconds_per_step_repeats"] == [0.3, 0.25, 0.5]
-    assert benchmark.summarize(rows)["recipe_fp16"]["x_fewer_seconds"] == 3.33
+    assert summarize(rows)["recipe_fp16"]["x_fewer_seconds"] == 3.33
     single = [_row("fast_ok", 20000, 7.4)]
-    assert benchmark.merged_rows(single) == single  # without repeats a row is kept as it is
+    assert merged_rows(single) == single  # without repeats a row is kept as it is
 
 
 def test_committed_results_are_consistent_and_their_figures_draw(tmp_path, monkeypatch):
     report = json.loads((RESULTS_DIR / "04_speed_benchmark.json").read_text())
     assert report["device"].startswith("NVIDIA") and report["date"].startswith("2026-")
-    assert report["summary"] == benchmark.summarize(report["rows"])  # the ratios come from the rows
+    assert report["summary"] == summarize(report["rows"])  # the ratios come from the rows
     names = {r["name"] for r in report["rows"] if r.get("ok")}
     assert {"original_fp16", "fast_2x1_fp16"} <= names
     for run in json.loads((RESULTS_DIR / "04_speed_runs_h200.json").read_text())["invocations"]:
-        assert run["summary"] == benchmark.summarize(run["rows"]), run["invocation"]
+        assert run["summary"] == summarize(run["rows"]), run["invocation"]
     correctness = json.loads((RESULTS_DIR / "04_fast_path_correctness.json").read_text())
-    assert correctness["comparison"] == benchmark.compare_losses(correctness["runs"])
+    assert correctness["comparison"] == compare_losses(correctness["runs"])
     ddp = json.loads((RESULTS_DIR / "04_ddp_scaling.json").read_text())
     one, two = (r["steady_tokens_per_second"] for r in ddp["runs"])
     assert ddp["speedup"] == round(two / one, 2)
     monkeypatch.setenv("QLORA_FIGURES_DIR", str(tmp_path))
     import matplotlib.pyplot as plt
 
-    for fig in (benchmark.plot_benchmark(report), benchmark.plot_correctness(correctness)):
+    for fig in (speed_plots.plot_benchmark(report), speed_plots.plot_correctness(correctness)):
         fig.savefig(tmp_path / "f.png")
         plt.close(fig)
+
+
+def test_committed_rows_are_read_in_todays_layout():
+    """Rows written before BenchConfig nested FastPathOptions load with ``fast`` and ``max_seq_length``."""
+    raw = json.loads((RESULTS_DIR / "04_speed_benchmark.json").read_text())
+    report = load_report("results/04_speed_benchmark.json")
+    for old, new in zip(raw["rows"], report["rows"]):
+        assert "seq_len" not in new and new["max_seq_length"] == old["seq_len"]
+        assert new["fast"] == {"checkpoint": old["checkpoint"], "offload_checkpoints": old["offload"],
+                               "skip_down_recompute": old["skip_down"], "checkpoint_keep": old["checkpoint_keep"],
+                               "kernels": old["kernels"], "mlp_chunk_tokens": old["mlp_chunk_tokens"]}
+        assert {k: v for k, v in new.items() if k not in ("fast", "max_seq_length")} == {
+            k: v for k, v in old.items() if k not in ("seq_len", *OLD_FAST_KEYS)}  # every number untouched
+        assert upgrade_row(new) is new  # a row in today's layout stays as it is
+    assert BenchConfig.from_dict(report["rows"][0]) == config_by_name(report["rows"][0]["name"])
+    assert speed_table(report).equals(speed_table(raw))
+    runs = load_report("results/04_speed_runs_h200.json")["invocations"]
+    assert all("fast" in row and "max_seq_length" in row for run in runs for row in run["rows"])
+
+
+def test_benchmark_child_can_import_unsloth_before_transformers():
+    """What ``python -m utils.speed.benchmark`` imports before ``import_unsloth_first`` leaves transformers out."""
+    code = ("import sys; import utils.speed.benchmark.peer; "
+            "print(sorted({'transformers', 'peft', 'trl'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
 
 
 def test_run_without_a_gpu_says_how_to_test_the_logic():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = subprocess.run([sys.executable, "-m", "utils.benchmark", "run", "--out", "/tmp/x.json"],
+    proc = subprocess.run([sys.executable, "-m", "utils.speed.benchmark", "run", "--out", "/tmp/x.json"],
                           capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 1 and "--tiny" in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
 def test_gpu_commands_refuse_a_cpu_machine_with_one_message(capsys):
-    assert benchmark.main(["profile", "fast_2x1_fp16", "--model", "unused"]) == 1
-    assert benchmark.main(["run", "--only", "original_fp16"]) == 1
+    assert main(["profile", "fast_2x1_fp16", "--model", "unused"]) == 1
+    assert main(["run", "--only", "original_fp16"]) == 1
     assert capsys.readouterr().err.count("needs a CUDA GPU") == 2
 
 
 def test_unknown_configuration_lists_the_known_ones():
     with pytest.raises(SystemExit, match="original_fp16"):
-        benchmark.config_by_name("nope")
+        config_by_name("nope")
     with pytest.raises(SystemExit, match="--repeat-only fast_mb32_bf16: not in the list"):
-        benchmark.run_benchmark(Path("unused.json"), ["original_fp16"], repeat=2, repeat_only=["fast_mb32_bf16"])
+        run_benchmark(Path("unused.json"), ["original_fp16"], repeat=2, repeat_only=["fast_mb32_bf16"])
 
 
 @pytest.mark.slow
@@ -126,7 +166,7 @@ def test_tiny_benchmark_runs_both_paths_to_the_same_losses(tmp_path):
     """Each configuration in its own process; on a 2-layer twin the fast path follows the original's losses."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "utils.benchmark", "run", "--tiny", "--only", "original_fp16,fast_2x1_fp16",
+        [sys.executable, "-m", "utils.speed.benchmark", "run", "--tiny", "--only", "original_fp16,fast_2x1_fp16",
          "--steps", "2", "--warmup", "1", "--twin-folder", str(tmp_path / "twin"), "--out", str(out),
          "--memory-cap-gib", "7.5", "--repeat", "2", "--repeat-only", "fast_2x1_fp16"],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
@@ -136,18 +176,23 @@ def test_tiny_benchmark_runs_both_paths_to_the_same_losses(tmp_path):
     assert [(r["name"], r["repeat"]) for r in report["rows"]] == [  # round robin, the second round: fast only
         ("original_fp16", 0), ("fast_2x1_fp16", 0), ("fast_2x1_fp16", 1)]
     assert "fast_2x1_fp16 only, after the first round" in report["method"]
-    assert report["summary"] == benchmark.summarize(report["rows"]) and "recipe_fp16" in report["summary"]
+    assert report["summary"] == summarize(report["rows"]) and "recipe_fp16" in report["summary"]
     rows = {r["name"]: r for r in report["rows"]}
     assert rows["original_fp16"]["ok"] and rows["fast_2x1_fp16"]["ok"], rows
     assert rows["fast_2x1_fp16"]["losses"] == pytest.approx(rows["original_fp16"]["losses"], abs=1e-3)
     assert (tmp_path / "04_speed_benchmark.png").exists()  # a test run draws next to its JSON, not in figures/
+    # rows nest the fast path's options; the report records the commit and the command that wrote it
+    fast_row = rows["fast_2x1_fp16"]
+    assert fast_row["fast"]["checkpoint_keep"] == "mid+qkv" and fast_row["max_seq_length"] == 64
+    assert BenchConfig.from_dict(fast_row) == replace(config_by_name("fast_2x1_fp16"), max_seq_length=64)
+    assert report["commit"] and report["command"].startswith("python -m utils.speed.benchmark run --tiny")
 
 
 def test_readme_quotes_the_committed_measurements():
     """The README's speed table and ratios are the numbers of the committed result files."""
     readme = (REPO_ROOT / "README.md").read_text()
     report = json.loads((RESULTS_DIR / "04_speed_benchmark.json").read_text())
-    rows = {r["name"]: r for r in benchmark.merged_rows(report["rows"])}  # repeated rows: their medians
+    rows = {r["name"]: r for r in merged_rows(report["rows"])}  # repeated rows: their medians
     original = rows["original_fp16"]["tokens_per_second"]
     for name, row in rows.items():
         assert f"| {row['tokens_per_second']:,.0f} | {row['seconds_per_step']:.3f} |" in readme, name

@@ -76,7 +76,7 @@ def test_same_question_in_train_and_test_is_an_error():
 
 
 def test_example_longer_than_max_length_is_a_warning_with_the_count(llama_tokenizer):
-    report = data.validate_file(FIXTURES / "too_long.jsonl", tokenizer=llama_tokenizer, max_length=512)
+    report = data.validate_file(FIXTURES / "too_long.jsonl", tokenizer=llama_tokenizer, max_seq_length=512)
     assert report.ok  # truncation is a warning, not an error
     tokens = report.token_counts["too_long-2"]
     assert tokens > 512

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from utils import evaluation as ev
+from utils.inference import generate_answers
 from utils.paths import REPO_ROOT, RUNS_DIR, TEST_FILE, TRAIN_FILE
 
 REFERENCE = ("Según la Ord. 1549, art. 1.2, la Facultad Regional tiene 30 días hábiles para informar sus "
@@ -211,7 +212,7 @@ def test_collect_runs_reads_every_run(tmp_path):
 
 
 def test_missing_adapter_says_to_run_notebook_04(tmp_path, monkeypatch):
-    monkeypatch.setattr(ev, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr("utils.evaluation.loading.RUNS_DIR", tmp_path / "runs")
     with pytest.raises(ev.AdapterNotFoundError) as info:
         ev.require_adapter("nada")
     message = str(info.value)
@@ -231,17 +232,17 @@ CHATS = [
 
 
 def test_left_padded_batches_match_one_by_one(embedded_model, embedded_tokenizer):
-    batched = ev.generate_answers(embedded_model, embedded_tokenizer, CHATS, 10, batch_size=3, progress=False)
-    single = ev.generate_answers(embedded_model, embedded_tokenizer, CHATS, 10, batch_size=1, progress=False)
+    batched = generate_answers(embedded_model, embedded_tokenizer, CHATS, 10, batch_size=3, progress=False)
+    single = generate_answers(embedded_model, embedded_tokenizer, CHATS, 10, batch_size=1, progress=False)
     assert [b["answer"] for b in batched] == [s["answer"] for s in single]
     assert embedded_tokenizer.padding_side == "right"  # restored after generation
     assert "Paris" in batched[0]["answer"]
 
 
 def test_stop_flag_and_token_count(embedded_model, embedded_tokenizer):
-    short = ev.generate_answers(embedded_model, embedded_tokenizer, CHATS[:1], 3, progress=False)[0]
+    short = generate_answers(embedded_model, embedded_tokenizer, CHATS[:1], 3, progress=False)[0]
     assert short == {**short, "n_tokens": 3, "stopped": False}
-    long = ev.generate_answers(embedded_model, embedded_tokenizer, CHATS[:1], 60, progress=False)[0]
+    long = generate_answers(embedded_model, embedded_tokenizer, CHATS[:1], 60, progress=False)[0]
     assert long["stopped"] and long["n_tokens"] < 60
 
 
@@ -282,9 +283,9 @@ def random_adapter(tmp_path_factory, embedded_tokenizer):
 
 def test_base_answers_come_from_the_disabled_adapter(random_adapter, embedded_model, embedded_tokenizer):
     peft_model, _ = random_adapter
-    base = ev.generate_answers(peft_model, embedded_tokenizer, CHATS[:2], 8, adapter=False, progress=False)
-    plain = ev.generate_answers(embedded_model, embedded_tokenizer, CHATS[:2], 8, progress=False)
-    tuned = ev.generate_answers(peft_model, embedded_tokenizer, CHATS[:2], 8, adapter=True, progress=False)
+    base = generate_answers(peft_model, embedded_tokenizer, CHATS[:2], 8, adapter=False, progress=False)
+    plain = generate_answers(embedded_model, embedded_tokenizer, CHATS[:2], 8, progress=False)
+    tuned = generate_answers(peft_model, embedded_tokenizer, CHATS[:2], 8, adapter=True, progress=False)
     assert base == plain
     assert tuned != plain
 

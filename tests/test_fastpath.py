@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.fastpath import (
+from utils.speed.fastpath import (
     FastPathError,
     FastPathOptions,
     causal_lm_loss,
@@ -188,14 +188,14 @@ def test_unsupported_models_and_settings_fail_with_one_clear_message():
 
 def test_auto_kernels_use_pytorch_ops_for_small_passes(monkeypatch):
     """Under kernels="auto", passes below ``small_pass_tokens`` run PyTorch's ops, larger ones the resolved set."""
-    import utils.fastpath as fastpath
+    from utils.speed.fastpath import backbone, ops
 
     calls = []
-    torch_set = fastpath.KERNELS["torch"]
-    recording = fastpath._Kernels(
+    torch_set = ops.KERNELS["torch"]
+    recording = ops._Kernels(
         "recording", lambda *a: calls.append("rms_norm") or torch_set.rms_norm(*a),
         lambda *a: calls.append("rope") or torch_set.rope_qkv(*a), lambda *a: calls.append("swiglu") or torch_set.swiglu(*a))
-    monkeypatch.setattr(fastpath, "resolve_kernels", lambda choice, device: recording)
+    monkeypatch.setattr(backbone, "resolve_kernels", lambda choice, device: recording)
     ids, mask, labels = _batch()
     tokens = int(mask.sum())
     losses = []
@@ -219,7 +219,7 @@ def test_auto_kernels_use_pytorch_ops_for_small_passes(monkeypatch):
 @pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "nf4"])
 def test_direct_dequantisation_equals_bitsandbytes(nested, dtype, device):
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    from utils.fastpath import _bnb_kernels, dequantize_4bit_into
+    from utils.speed.fastpath.layers import _bnb_kernels, dequantize_4bit_into
 
     weight = torch.randn(96, 128, dtype=dtype, device=device)
     packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
@@ -233,7 +233,7 @@ def test_direct_dequantisation_equals_bitsandbytes(nested, dtype, device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's kernels need a CUDA GPU")
 def test_flash_varlen_matches_sdpa_forward_and_backward_on_gpu():
-    from utils.fastpath import attention_sdpa, attention_varlen
+    from utils.speed.fastpath import attention_sdpa, attention_varlen
 
     torch.manual_seed(0)
     seg = find_segments(torch.cat([torch.arange(n) for n in (7, 130, 64)]).cuda())
@@ -269,7 +269,7 @@ def test_fast_path_on_gpu_matches_peft(options):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 def test_rope_kernel_on_the_fused_projection_equals_pytorch(dtype):
     pytest.importorskip("triton")
-    from utils.fastpath import _rope_qkv_torch, _rope_qkv_triton
+    from utils.speed.fastpath.ops import _rope_qkv_torch, _rope_qkv_triton
 
     torch.manual_seed(0)
     tokens, heads, kv_heads, head_dim = 300, 6, 2, 64

@@ -1,4 +1,5 @@
-"""utils.lora: counts on the twin and the embedded model, sizes on disk, initialisation, the claims table."""
+"""utils.lora: counts on the twin and the embedded model, sizes on disk, initialisation, the claims table
+(and its LaTeX export, ``utils.reports.lora``)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 import torch
 
 from utils import lora, memory
-from utils.modeling import build_twin, twin_config
+from utils.modeling import build_tiny_twin, build_twin, twin_config
 from utils.paths import REPO_ROOT
+from utils.reports import lora as lora_report
+from utils.units import MB
 
 GPU_REPORT = REPO_ROOT / "results" / "02_twin_gpu_memory.json"
 TWIN_LORA = 48_627_712
@@ -25,7 +28,7 @@ def twin_peft():
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    return memory._tiny_twin("cpu").float()
+    return build_tiny_twin("cpu").float()
 
 
 def test_twin_trainable_count_is_48_627_712(twin_peft):
@@ -48,7 +51,7 @@ def test_embedded_counts_match_per_module_and_per_layer():
 
 
 def test_four_bit_numel_undercounts_and_peft_does_not(tmp_path):
-    memory._tiny_twin("cpu").save_pretrained(tmp_path, safe_serialization=True)
+    build_tiny_twin("cpu").save_pretrained(tmp_path, safe_serialization=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = memory.load_for_measurement(str(tmp_path), "nf4_dq", "cpu")
@@ -82,7 +85,7 @@ def test_sweep_counts_agree_with_peft(tiny_model):
                             save_ranks=[16])
     assert sweep["coincide"].all() and len(sweep) == 6
     saved = sweep.dropna(subset=["MB guardado"])
-    header = (saved["MB guardado"] - saved["MB analítico (fp32)"]) * lora.MB
+    header = (saved["MB guardado"] - saved["MB analítico (fp32)"]) * MB
     assert (header.round() == saved["encabezado (bytes)"]).all()
     by_r = sweep[sweep["módulos"] == "all"].set_index("r")["entrenables (PEFT)"]
     assert by_r[16] == 4 * by_r[4]  # linear in r
@@ -134,6 +137,6 @@ def test_claims_table_is_computed_from_the_measurements(twin_peft):
 
 def test_claims_latex_export(twin_peft, tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_FIGURES_DIR", str(tmp_path))
-    path = lora.save_claims_latex(_claims(lora.count_parameters(twin_peft)).reset_index())
+    path = lora_report.save_claims_latex(_claims(lora.count_parameters(twin_peft)).reset_index())
     text = path.read_text(encoding="utf-8")
     assert path.name == "03_claims.tex" and "\\begin{table}" in text and "48,627,712" in text

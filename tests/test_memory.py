@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from utils import memory
-from utils.modeling import build_twin, twin_config
+from utils.device import dtype_name
+from utils.modeling import build_tiny_twin, build_twin, tiny_twin_config, twin_config
 from utils.paths import REPO_ROOT
+from utils.reports import memory as memory_report
+from utils.units import MIB
 
 GPU_REPORT = REPO_ROOT / "results" / "02_twin_gpu_memory.json"
 TWIN_PARAMETERS = 3_212_749_824
@@ -24,7 +27,7 @@ TWIN_LORA = 48_627_712
 def tiny_folder(tmp_path_factory):
     """A 2-layer random Llama saved as bf16 safetensors (loads in every format in about a second)."""
     folder = tmp_path_factory.mktemp("tiny")
-    memory._tiny_twin("cpu").save_pretrained(folder, safe_serialization=True)
+    build_tiny_twin("cpu").save_pretrained(folder, safe_serialization=True)
     return str(folder)
 
 
@@ -72,7 +75,7 @@ def test_four_bit_params_are_unpacked_to_two_weights_per_byte(tiny_folder):
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "fp4", "nf4", "nf4_dq"])
 def test_analytic_bytes_equal_footprint_plus_bitsandbytes_constants(tiny_folder, fmt):
     model = _load(tiny_folder, fmt)
-    other = memory.dtype_name(model.model.embed_tokens.weight.dtype)
+    other = dtype_name(model.model.embed_tokens.weight.dtype)
     analytic = memory.analytic_weight_bytes(model.config, fmt, other)
     assert model.get_memory_footprint() + memory.quant_state_bytes(model) == analytic["total"]
     assert memory.quant_state_bytes(model) == analytic["linear_constants"]
@@ -97,7 +100,7 @@ def test_committed_gpu_weights_equal_the_analytic_sizes():
         analytic = memory.analytic_weight_bytes(config, res["format"], res["other_dtype"])
         assert res["footprint_bytes"] + res["quant_state_bytes"] == analytic["total"], res["format"]
         # what the caching allocator adds: rounding of each tensor to 512-byte blocks, well under 2 MiB
-        assert 0 <= res["weights_bytes"] - analytic["total"] < 2 * memory.MIB, res["format"]
+        assert 0 <= res["weights_bytes"] - analytic["total"] < 2 * MIB, res["format"]
         assert res["parameters"] == TWIN_PARAMETERS
 
 
@@ -118,7 +121,7 @@ def test_committed_training_steps_match_the_analytic_breakdown():
         analytic = memory.analytic_training_breakdown(config, res["format"], res["variant"], res["amp_dtype"])
         assert res["optimizer_paged_bytes"] == analytic["optimizer_paged"]
         # exact parts: the weights the step starts from (allocator rounding aside)
-        assert abs(res["weights_bytes"] - analytic["weights"]) < 4 * memory.MIB, res["name"]
+        assert abs(res["weights_bytes"] - analytic["weights"]) < 4 * MIB, res["name"]
         # estimated parts: the whole peak within 10 % (activations are the estimate)
         assert abs(res["peak_bytes"] - analytic["total"]) < 0.10 * res["peak_bytes"], res["name"]
 
@@ -130,7 +133,7 @@ def test_prepare_for_kbit_training_upcasts_embeddings_and_norms_to_fp32():
     extra = train["qlora_fp16_prepare"]["weights_bytes"] - train["qlora_fp16_no_prepare_gc"]["weights_bytes"]
     # embeddings and norms go from 2 to 4 bytes (plus allocator rounding)
     counts = memory.analytic_parameter_counts(config)
-    assert 0 <= extra - 2 * (counts["embedding"] + counts["norms"]) < 4 * memory.MIB
+    assert 0 <= extra - 2 * (counts["embedding"] + counts["norms"]) < 4 * MIB
 
 
 def test_committed_gpu_report_names_its_machine_and_the_original_configuration():
@@ -142,18 +145,18 @@ def test_committed_gpu_report_names_its_machine_and_the_original_configuration()
     assert report["date"][:4].isdigit()
     assert {r["format"] for r in report["weights"]} >= {"bf16", "fp16", "int8", "fp4", "nf4", "nf4_dq"}
     original = report["train"][0]
-    assert (original["format"], original["variant"], original["amp_dtype"]) == ("nf4_dq", "prepare", "float16")
-    assert (original["batch_size"], original["grad_accum"], original["seq_len"]) == (1, 2, 512)
+    assert (original["format"], original["variant"], original["amp_dtype"]) == ("nf4_dq", "prepare", "fp16")
+    assert (original["batch_size"], original["grad_accum"], original["max_seq_length"]) == (1, 2, 512)
     assert original["optim"] == "paged_adamw_8bit"
 
 
 def test_training_step_child_measures_a_tiny_model(tiny_folder):
     res = memory.run_child({"task": "train_step", "name": "t", "model": tiny_folder, "format": "nf4_dq",
-                            "variant": "prepare", "amp_dtype": None, "seq_len": 16, "batch_size": 1,
+                            "variant": "prepare", "amp_dtype": None, "max_seq_length": 16, "batch_size": 1,
                             "grad_accum": 2, "optim": "paged_adamw_8bit", "steps": 1, "device": "cpu",
                             "use_cache": False}, timeout=300)
     assert res["ok"], res
-    shapes = memory.lora_tensor_shapes(memory._tiny_config())
+    shapes = memory.lora_tensor_shapes(tiny_twin_config())
     assert res["lora_parameters"] == sum(math.prod(s) for s in shapes)
     assert res["optimizer_state_bytes"] == memory.optimizer_state_bytes(shapes, "paged_adamw_8bit")
     assert res["peak_bytes"] > res["weights_bytes"] > 0
@@ -168,7 +171,7 @@ def test_training_step_child_measures_a_tiny_model(tiny_folder):
 def test_weights_child_reports_resident_memory_on_cpu(tiny_folder):
     res = memory.run_child({"task": "weights", "model": tiny_folder, "format": "bf16", "device": "cpu"}, timeout=300)
     assert res["ok"] and res["measure"].startswith("RSS")
-    table = memory.weights_table([res], memory._tiny_config())
+    table = memory.weights_table([res], tiny_twin_config())
     # the 4 MB model: resident growth within a few MiB of the analytic size (allocator and page slack)
     assert abs(table.loc[0, "brecha_mib"]) < 16
 
@@ -211,14 +214,14 @@ def test_live_model_falls_back_to_the_twin_when_the_llama_weights_are_missing(mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     live = memory.resolve_live_model(MISSING_LLAMA, "02", GPU_REPORT)
     assert not live.available and live.weights_name is None and live.stand_in is None
-    assert memory._config_dict(live.config) == memory._config_dict(twin_config())
+    assert memory.config_dict(live.config) == memory.config_dict(twin_config())
     assert "not reachable" in live.reason
     # the one note says why, how to get the weights (the error's advice) and where the GPU numbers come from
     report = memory.load_gpu_report(GPU_REPORT)
     assert f"hf download {MISSING_LLAMA}" in live.note and "no están disponibles" in live.note
     assert report["device"] in live.note and report["date"][:10] in live.note
     assert "Se omite" in live.note and "meta" in live.note
-    assert live.unquantized_dtype("cpu")[0] == "float16"  # the thesis GPU's dtype, not this CPU's fp32
+    assert live.unquantized_dtype("cpu")[0] == "fp16"  # the thesis GPU's dtype, not this CPU's fp32
     (tmp_path / "02_quality.csv").write_text("stale")
     line = live.skip("la pérdida", tmp_path, ["02_quality.csv", "absent.csv"])
     assert "Se omite la pérdida" in line and "02_quality.csv" in line and not (tmp_path / "02_quality.csv").exists()
@@ -231,7 +234,7 @@ def test_live_model_falls_back_to_the_twin_when_the_llama_weights_are_missing(mo
 def test_live_model_is_live_for_the_embedded_model():
     live = memory.resolve_live_model("embedded", "02", GPU_REPORT)
     assert live.available and live.note == "" and live.reason is None and live.weights_name == "embedded"
-    assert live.config.hidden_size == 576 and live.unquantized_dtype("cpu")[0] == "float32"
+    assert live.config.hidden_size == 576 and live.unquantized_dtype("cpu")[0] == "fp32"
 
 
 def test_a_missing_model_of_another_architecture_still_raises(monkeypatch):
@@ -253,8 +256,8 @@ def test_a_folder_with_the_llama_config_but_no_weights_falls_back(tmp_path):
 def test_findings_without_live_measurements_use_the_analytic_sizes():
     report = memory.load_gpu_report(GPU_REPORT)
     config = twin_config()
-    analytic = memory.analytic_weight_table(config, ["fp32", "bf16", "nf4_dq"], "float16")
-    text = memory.describe_findings(None, None, None, None, memory.weights_table(report["weights"], config),
+    analytic = memory.analytic_weight_table(config, ["fp32", "bf16", "nf4_dq"], "fp16")
+    text = memory_report.describe_findings(None, None, None, None, memory.weights_table(report["weights"], config),
                                     memory.training_table(report["train"]), "Llama-3.2-3B (gemelo)",
                                     analytic=analytic, skipped_steps={"la sección 3": "sin pesos"})
     ratio = analytic["total_gib"].iloc[0] / analytic["total_gib"].iloc[2]

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from utils import modeling
+from utils import device, modeling
 from utils.config import HUB_MODEL_ID, THESIS
 
 
@@ -97,14 +97,20 @@ def test_bnb_and_lora_configs_follow_the_thesis():
         modeling.build_bnb_config("nf3")
 
 
+def test_one_dtype_vocabulary():
+    assert device.torch_dtype("fp16") == torch.float16 and device.dtype_name(torch.bfloat16) == "bf16"
+    with pytest.raises(ValueError, match="fp32, fp16, bf16"):
+        device.torch_dtype("float16")
+
+
 def test_compute_dtype_on_cpu_is_fp32():
-    assert modeling.pick_compute_dtype("cpu") == torch.float32
+    assert device.pick_compute_dtype("cpu") == torch.float32
 
 
 def test_turing_gpu_gets_fp16(monkeypatch):
     # The RTX 2070 SUPER reports compute capability 7.5: bf16 must not be chosen there.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert modeling.pick_compute_dtype("cuda:0") == torch.float16
+    assert device.pick_compute_dtype("cuda:0") == torch.float16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert modeling.pick_compute_dtype("cuda:0") == torch.bfloat16
+    assert device.pick_compute_dtype("cuda:0") == torch.bfloat16

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from utils import training
-from utils.paths import REPO_ROOT
+from utils.inference import load_trained
+from utils.paths import ADAPTER_DIR, CHECKPOINTS_DIR, HISTORY_FILE, REPO_ROOT
 
 MAX_STEPS = 6
 ARGS = [
@@ -49,7 +50,7 @@ def _run_and_kill_after_first_checkpoint(out: Path) -> int:
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            last = training.find_last_checkpoint(out / training.CHECKPOINTS_DIR)
+            last = training.find_last_checkpoint(out / CHECKPOINTS_DIR)
             if last is not None:
                 proc.send_signal(signal.SIGKILL)
                 break
@@ -64,7 +65,7 @@ def _run_and_kill_after_first_checkpoint(out: Path) -> int:
 
 
 def _losses(out: Path) -> pd.Series:
-    history = pd.read_csv(out / training.HISTORY_FILE)
+    history = pd.read_csv(out / HISTORY_FILE)
     rows = history.dropna(subset=["loss"])
     assert rows["step"].is_unique, "a step was logged twice"
     return rows.set_index("step")["loss"]
@@ -77,10 +78,10 @@ def test_killed_run_resumes_where_the_uninterrupted_run_would_be(tmp_path):
 
     killed_at = _run_and_kill_after_first_checkpoint(broken)
     assert killed_at < MAX_STEPS
-    assert not (broken / training.ADAPTER_DIR).exists()  # it really died before the end
+    assert not (broken / ADAPTER_DIR).exists()  # it really died before the end
 
     resumed = _run(broken, "--resume")
-    last = training.find_last_checkpoint(broken / training.CHECKPOINTS_DIR)
+    last = training.find_last_checkpoint(broken / CHECKPOINTS_DIR)
     assert "continuing from checkpoint-" in resumed.stdout
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["global_step"] == MAX_STEPS and last.name == f"checkpoint-{MAX_STEPS}"
@@ -92,7 +93,7 @@ def test_killed_run_resumes_where_the_uninterrupted_run_would_be(tmp_path):
     assert b.loc[:killed_at].to_numpy() == pytest.approx(a.loc[:killed_at].to_numpy(), rel=1e-3)
 
     # the scheduler and optimizer states were restored, not restarted
-    ref = straight / training.CHECKPOINTS_DIR / f"checkpoint-{MAX_STEPS}"
+    ref = straight / CHECKPOINTS_DIR / f"checkpoint-{MAX_STEPS}"
     sched_a = torch.load(ref / "scheduler.pt", weights_only=False)
     sched_b = torch.load(last / "scheduler.pt", weights_only=False)
     assert sched_b["last_epoch"] == sched_a["last_epoch"] == MAX_STEPS
@@ -105,8 +106,8 @@ def test_killed_run_resumes_where_the_uninterrupted_run_would_be(tmp_path):
         torch.testing.assert_close(opt_b[key]["exp_avg_sq"], opt_a[key]["exp_avg_sq"], rtol=1e-3, atol=1e-9)
 
     # the adapter the evaluation loads is the one an uninterrupted run produces
-    model_a, _ = training.load_trained(straight, device="cpu")
-    model_b, tokenizer = training.load_trained(broken, device="cpu")
+    model_a, _ = load_trained(straight, device="cpu")
+    model_b, tokenizer = load_trained(broken, device="cpu")
     weights_a = {k: v for k, v in model_a.named_parameters() if "lora_" in k}
     weights_b = {k: v for k, v in model_b.named_parameters() if "lora_" in k}
     assert weights_a and weights_a.keys() == weights_b.keys()

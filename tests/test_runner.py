@@ -74,3 +74,21 @@ def test_profile_yaml_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(config.ProfileError, match="bad.yaml"):
         config.load_profile("bad")
     assert PARAMS_DIR.is_dir()
+
+
+def test_figures_go_to_the_run_and_publish_copies_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "run_dir", lambda name: tmp_path / "runs" / name)
+    monkeypatch.setattr(runner, "published_figures_dir", lambda name: tmp_path / "figures" / name)
+    with pytest.raises(config.ProfileError, match="holds no figures"):
+        runner.publish_figures("demo")
+    (tmp_path / "runs" / "demo" / "figures").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "figures" / "01_x.pdf").write_bytes(b"%PDF")
+    target = runner.publish_figures("demo")
+    assert (target / "01_x.pdf").read_bytes() == b"%PDF"
+    assert sorted(p.name for p in target.iterdir()) == ["01_x.pdf"]
+
+
+def test_publish_needs_a_complete_run():
+    out = subprocess.run([sys.executable, "-m", "utils.runner", "--profile", "smoke", "--only", "01", "--publish"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "--publish needs a complete run" in out.stderr

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from utils import training
+from utils.config import ProfileError
 from utils.data import DatasetError, completion_mask, load_records
-from utils.paths import NOTEBOOKS_DIR, TRAIN_FILE
+from utils.inference import load_trained
+from utils.paths import ADAPTER_DIR, CHECKPOINTS_DIR, NOTEBOOKS_DIR, TRAIN_FILE
 
 SMOKE = dict(profile="smoke", model_name="embedded", train_limit=4, eval_limit=2, max_steps=2, warmup_steps=1,
              gradient_checkpointing=False)
@@ -98,10 +100,10 @@ def test_fp16_recast_puts_trainable_parameters_in_fp32(embedded_model):
             param.data = param.data.to(torch.bfloat16)
     frozen = next(p for p in model.parameters() if not p.requires_grad)
     frozen.data = frozen.data.to(torch.bfloat16)
-    assert set(training.trainable_dtypes(model)) == {"bfloat16"}
+    assert set(training.trainable_dtypes(model)) == {"bf16"}
     changed = training.recast_trainable_parameters(model, torch.float32)
     assert changed > 0
-    assert set(training.trainable_dtypes(model)) == {"float32"}
+    assert set(training.trainable_dtypes(model)) == {"fp32"}
     assert frozen.dtype == torch.bfloat16  # frozen weights are left alone
 
 
@@ -147,7 +149,7 @@ def test_a_dataset_that_fails_validation_stops_before_training(tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and f"{bad}:2" in err
-    assert not (tmp_path / "run" / training.ADAPTER_DIR).exists()
+    assert not (tmp_path / "run" / ADAPTER_DIR).exists()
     with pytest.raises(DatasetError):
         settings = training.TrainingSettings(**{**SMOKE, "train_file": str(bad), "output_dir": str(tmp_path)})
         training.load_training_data(settings, training.plan_training(settings, "cpu"), None)
@@ -159,7 +161,7 @@ def test_a_memory_estimate_over_the_budget_stops_with_the_knobs(tmp_path):
     with pytest.raises(training.TrainingConfigError) as info:
         training.check_memory(settings, plan)
     message = str(info.value)
-    for knob in ("memory_budget_gib=0.5", "per_device_train_batch_size", "max_length", "gradient_checkpointing"):
+    for knob in ("memory_budget_gib=0.5", "per_device_train_batch_size", "max_seq_length", "gradient_checkpointing"):
         assert knob in message
     # The thesis configuration (NF4 + DQ, fp16) fits the RTX 2070 SUPER's 8 GiB; fp32 weights do not.
     from utils.modeling import twin_config
@@ -184,7 +186,7 @@ def test_out_of_memory_during_training_is_reported_with_the_knobs(tmp_path):
     plan = training.plan_training(settings, device="cpu")
     with pytest.raises(training.TrainingOutOfMemoryError) as info:
         training.run_training(OomTrainer(), settings, plan)
-    for knob in ("per_device_train_batch_size=1", "gradient_accumulation_steps", "max_length=512",
+    for knob in ("per_device_train_batch_size=1", "gradient_accumulation_steps", "max_seq_length=512",
                  "gradient_checkpointing=False", "Tried to allocate"):
         assert knob in str(info.value)
 
@@ -193,7 +195,7 @@ def test_out_of_memory_during_training_is_reported_with_the_knobs(tmp_path):
     (dict(warmup_steps=10, max_steps=5), "warmup_steps"),
     (dict(compute_dtype="fp16"), "needs a CUDA GPU"),
     (dict(quantization="nf5"), "quantization='nf5'"),
-    (dict(max_length=0), "max_length"),
+    (dict(max_seq_length=0), "max_seq_length"),
 ])
 def test_bad_settings_fail_with_one_clear_message(tmp_path, change, match):
     with pytest.raises(training.TrainingConfigError, match=match):
@@ -204,10 +206,10 @@ def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
     settings = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path)})
     plan = training.plan_training(settings, "cpu")
     training.write_config(settings, plan)
-    state = tmp_path / training.CHECKPOINTS_DIR / "checkpoint-2"
+    state = tmp_path / CHECKPOINTS_DIR / "checkpoint-2"
     state.mkdir(parents=True)
     (state / "trainer_state.json").write_text("{}")
-    (tmp_path / training.CHECKPOINTS_DIR / "checkpoint-4").mkdir()  # killed mid-write: no state file
+    (tmp_path / CHECKPOINTS_DIR / "checkpoint-4").mkdir()  # killed mid-write: no state file
     resumed = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path), "resume": True})
     assert training.plan_training(resumed, "cpu").resume_from == str(state)
     other = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path), "resume": True, "learning_rate": 3e-4})
@@ -264,7 +266,7 @@ def test_fast_path_trains_like_the_standard_forward(tmp_path):
     for key in ("first_train_loss", "last_train_loss", "last_eval_loss"):
         assert results["on"][key] == pytest.approx(results["off"][key], abs=0.02), key
     assert results["on"]["tokens_trained"] == results["off"]["tokens_trained"]  # padding-free counts real tokens
-    model, _ = training.load_trained(tmp_path / "on")
+    model, _ = load_trained(tmp_path / "on")
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
@@ -274,13 +276,13 @@ def test_a_model_the_fast_path_cannot_run_falls_back_or_fails_clearly(tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     auto = training.plan_training(training.TrainingSettings(
         compute_dtype="fp16", quantization="nf4_dq", output_dir=str(tmp_path)), "cuda:0")
-    training._check_fast_path_model(training.TrainingSettings(output_dir=str(tmp_path)), auto, gpt2)
+    training.check_fast_path_model(training.TrainingSettings(output_dir=str(tmp_path)), auto, gpt2)
     assert not auto.fast_path and (auto.per_device_train_batch_size, auto.gradient_accumulation_steps) == (1, 2)
     assert any("stays off" in note and "gpt2" in note for note in auto.notes)
     on = training.TrainingSettings(fast_path="on", output_dir=str(tmp_path))
     plan = training.plan_training(on, "cpu")
     with pytest.raises(training.TrainingConfigError, match="model_type 'llama'"):
-        training._check_fast_path_model(on, plan, gpt2)
+        training.check_fast_path_model(on, plan, gpt2)
 
 
 def test_fast_path_trainer_updates_all_lora_tensors_in_one_optimizer_call(tmp_path):
@@ -301,3 +303,53 @@ def test_fast_path_trainer_updates_all_lora_tensors_in_one_optimizer_call(tmp_pa
     trainer.train()
     assert trainer.state.global_step == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, lora))  # the update reached the LoRA tensors
+
+
+def _write_profile(params_dir: Path, monkeypatch, text: str) -> Path:
+    """A profile YAML in a temporary profiles folder that ``utils.config`` reads from."""
+    monkeypatch.setattr("utils.config.PARAMS_DIR", params_dir)
+    path = params_dir / "mine.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_common_max_seq_length_reaches_the_training_settings(tmp_path, monkeypatch):
+    """The sequence length has one name: set once in ``common``, notebook 04 and the CLI train with it."""
+    _write_profile(tmp_path, monkeypatch, "common:\n  model_name: embedded\n  max_seq_length: 128\n"
+                                          "notebooks:\n  \"04\":\n    max_steps: 3\n    warmup_steps: 1\n    stop_examples: 2\n")
+    settings = training.profile_settings("mine")
+    assert settings.max_seq_length == 128 and settings.max_steps == 3 and settings.model_name == "embedded"
+    assert training.profile_settings("mine", max_seq_length=64).max_seq_length == 64  # a CLI flag wins
+    plan = training.plan_training(settings, "cpu")
+    assert training.build_sft_config(settings, plan).max_length == 128
+    assert "--max-seq-length" in training.build_parser().format_help()
+
+
+@pytest.mark.parametrize("block", ["common", "04"])
+def test_a_misspelt_profile_key_names_the_key_the_file_and_the_known_names(tmp_path, monkeypatch, capsys, block):
+    body = "  max_seq_lenght: 128\n" if block == "common" else "  \"04\":\n    max_seq_lenght: 128\n"
+    text = f"common:\n{body}" if block == "common" else f"common:\n  model_name: embedded\nnotebooks:\n{body}"
+    path = _write_profile(tmp_path, monkeypatch, text)
+    with pytest.raises(ProfileError) as info:
+        training.profile_settings("mine")
+    message = str(info.value)
+    assert "max_seq_lenght" in message and str(path) in message and "max_seq_length" in message
+    assert training.main(["--profile", "mine", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "max_seq_lenght" in capsys.readouterr().err
+
+
+def test_the_run_config_is_written_from_the_lora_and_sft_configs(tmp_path):
+    settings = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path), "max_seq_length": 256})
+    plan = training.plan_training(settings, "cpu")
+    config = json.loads(training.write_config(settings, plan).read_text(encoding="utf-8"))
+    lora = training.build_training_lora_config(settings)
+    assert config["lora"]["r"] == lora.r and config["lora"]["lora_alpha"] == lora.lora_alpha
+    assert config["lora"]["target_modules"] == sorted(lora.target_modules)
+    assert set(config["lora"]) == set(lora.to_dict())  # every field of the object, none copied by hand
+    sft = training.build_sft_config(settings, plan)
+    assert set(config["sft_config"]) == set(sft.to_dict())
+    assert config["sft_config"]["max_length"] == 256 and config["parameters"]["max_seq_length"] == 256
+    # what notebook 05 and utils.inference read back
+    assert config["model_name"] == "embedded" and config["quantization"] is None
+    assert config["compute_dtype"] == "fp32" and config["replicate_original"] is False
+    assert config["commit"] and config["command"]

@@ -23,7 +23,7 @@ class ThesisConfig:
     load_in_4bit: bool = True
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: str = "float16"
+    bnb_4bit_compute_dtype: str = "fp16"  # torch.float16 in the script
     # LoRA
     lora_r: int = 32
     lora_alpha: int = 64
@@ -78,7 +78,7 @@ def profile_file(name: str) -> Path:
 
 
 def load_profile(name: str) -> dict[str, Any]:
-    """Read a profile YAML: ``description``, ``figures_dir``, ``common`` and per-notebook params."""
+    """Read a profile YAML: ``description``, ``common`` and per-notebook params."""
     path = profile_file(name)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -88,11 +88,10 @@ def load_profile(name: str) -> dict[str, Any]:
         raise ProfileError(f"{path}: expected a mapping at the top level.")
     data.setdefault("common", {})
     data.setdefault("notebooks", {})
-    unknown = set(data) - {"description", "figures_dir", "common", "notebooks"}
+    unknown = set(data) - {"description", "common", "notebooks"}
     if unknown:
         raise ProfileError(
-            f"{path}: unknown top-level keys {sorted(unknown)}; allowed are description, "
-            "figures_dir, common, notebooks."
+            f"{path}: unknown top-level keys {sorted(unknown)}; allowed are description, common, notebooks."
         )
     return data
 

@@ -22,7 +22,11 @@ from utils.paths import ADAPTER_DIR, CONFIG_FILE, RUNS_DIR, resolve_path
 
 
 class AdapterNotFoundError(FileNotFoundError):
-    """A run folder without a finished training run (config and adapter)."""
+    """A run folder without a finished training run; ``missing`` lists the absent files."""
+
+    def __init__(self, message: str, missing: list[Path]):
+        super().__init__(message)
+        self.missing = missing
 
 
 def require_run(run: str | Path) -> Path:
@@ -30,13 +34,13 @@ def require_run(run: str | Path) -> Path:
     run = resolve_path(run)
     needed = [run / ADAPTER_DIR / "adapter_config.json", run / ADAPTER_DIR / "adapter_model.safetensors",
               run / CONFIG_FILE]
-    missing = [p.name if p.parent == run else f"{ADAPTER_DIR}/{p.name}" for p in needed if not p.is_file()]
+    missing = [p for p in needed if not p.is_file()]
     if missing:
         hint = (f"python -m utils.runner --profile {run.name} --only 04" if run.parent == RUNS_DIR
                 else "notebook 04 or `python -m utils.training`")
-        raise AdapterNotFoundError(
-            f"{run} holds no finished training run (missing {', '.join(missing)}). Run {hint} first."
-        )
+        names = ", ".join(str(p.relative_to(run)) for p in missing)
+        raise AdapterNotFoundError(f"{run} holds no finished training run (missing {names}). Run {hint} first.",
+                                   missing)
     return run
 
 

@@ -6,6 +6,9 @@ from a plain ``numel()`` sum (which does not: a 4-bit ``Params4bit`` stores two 
 Sizes on disk are measured by writing safetensors files: the real adapter for the profile's model, and for
 the Llama-3.2-3B twin (built on the ``meta`` device, without weights) the LoRA tensors alone, created with
 the right shapes and dtype.
+
+This module computes and returns tables; notebook 03's figure is drawn by ``utils.plotting.lora`` and its
+Spanish findings and LaTeX claims table are written by ``utils.reports.lora``.
 """
 
 from __future__ import annotations
@@ -17,18 +20,21 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import pandas as pd
 import torch
+from peft import get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import LlamaConfig
 
 from utils.config import THESIS
-from utils.memory import ATTENTION_MODULES, GIB, LINEAR_MODULES, MLP_MODULES, linear_shapes
-
-MB = 1e6
-MIB = 1024**2
-GB = 1e9
+from utils.device import default_device
+from utils.memory import (ATTENTION_MODULES, LINEAR_MODULES, MLP_MODULES, QUANTIZED, analytic_parameter_counts,
+                          analytic_weight_bytes, linear_shapes, load_quantized_cached, unpacked_numel)
+from utils.modeling import build_lora_config, load_model, twin_config
+from utils.units import GB, GIB, MB, MIB
 
 MODULE_SETS = {"attention": ATTENTION_MODULES, "mlp": MLP_MODULES, "all": LINEAR_MODULES}
-MODULE_SET_LABELS = {"attention": "solo atención (q, k, v, o)", "mlp": "solo MLP (gate, up, down)",
-                     "all": "los siete (original)"}
 RANKS = (4, 8, 16, 32, 64, 128)
 
 
@@ -68,11 +74,6 @@ def load_base_model(name: str, quantization: str | None = "nf4_dq", prepare: boo
     On a CPU a quantised model comes from the cache that notebook 02 fills (``utils.memory.load_quantized_cached``:
     quantised once, then reloaded in about a second).
     """
-    from peft import prepare_model_for_kbit_training
-
-    from utils.memory import QUANTIZED, load_quantized_cached
-    from utils.modeling import default_device, load_model
-
     device = default_device()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -88,10 +89,6 @@ def load_base_model(name: str, quantization: str | None = "nf4_dq", prepare: boo
 def attach_lora(model, r: int = THESIS.lora_r, lora_alpha: int = THESIS.lora_alpha,
                 lora_dropout: float = THESIS.lora_dropout, target_modules: Sequence[str] = THESIS.target_modules):
     """``get_peft_model`` with the original script's ``LoraConfig`` (values overridable)."""
-    from peft import get_peft_model
-
-    from utils.modeling import build_lora_config
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return get_peft_model(model, build_lora_config(r, lora_alpha, lora_dropout, target_modules))
@@ -114,8 +111,6 @@ def lora_tensors(peft_model) -> list[dict[str, Any]]:
 def per_module_table(peft_model, config, r: int = THESIS.lora_r,
                      target_modules: Sequence[str] = THESIS.target_modules):
     """DataFrame: LoRA parameters per module kind, counted on the model vs r × (in + out) × layers."""
-    import pandas as pd
-
     rows = pd.DataFrame(lora_tensors(peft_model))
     counted = rows.groupby("módulo")["parametros"].sum()
     analytic = analytic_lora_counts(config, r, target_modules)
@@ -135,8 +130,6 @@ def per_module_table(peft_model, config, r: int = THESIS.lora_r,
 
 def per_layer_table(peft_model):
     """DataFrame: LoRA parameters per decoder layer (rows) and module (columns), with totals."""
-    import pandas as pd
-
     rows = pd.DataFrame(lora_tensors(peft_model))
     table = rows.pivot_table(index="capa", columns="módulo", values="parametros", aggfunc="sum")
     table = table[[m for m in LINEAR_MODULES if m in table.columns]]
@@ -146,8 +139,6 @@ def per_layer_table(peft_model):
 
 def count_parameters(peft_model) -> dict[str, int]:
     """Trainable and total parameters three ways: PEFT's helper, plain ``numel()``, unpacked 4-bit."""
-    from utils.memory import unpacked_numel
-
     trainable, total = peft_model.get_nb_trainable_parameters()
     params = list(peft_model.parameters())
     return {
@@ -163,10 +154,6 @@ def count_parameters(peft_model) -> dict[str, int]:
 def count_table(counts: dict[str, int], config, r: int = THESIS.lora_r,
                 target_modules: Sequence[str] = THESIS.target_modules):
     """DataFrame comparing PEFT's counts, a plain ``numel`` sum and the analytic count, with the reason."""
-    import pandas as pd
-
-    from utils.memory import analytic_parameter_counts
-
     base = sum(analytic_parameter_counts(config).values())
     lora = analytic_lora_parameters(config, r, target_modules)
     packed = counts["packed_4bit_tensors"] > 0
@@ -209,9 +196,6 @@ def materialized_adapter_size(peft_model, dtype: torch.dtype | None = None) -> d
     ``safetensors.torch.save_file`` with PEFT's metadata. The file's size depends on names, shapes and dtypes
     only, and equals what ``save_pretrained`` writes for the same adapter.
     """
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
     state = get_peft_model_state_dict(peft_model)
     tensors = {k: torch.empty(tuple(v.shape), dtype=dtype or v.dtype) for k, v in state.items()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,8 +205,7 @@ def materialized_adapter_size(peft_model, dtype: torch.dtype | None = None) -> d
 
 
 def _tensor_bytes_of_file(path: Path) -> int:
-    from safetensors import safe_open
-
+    """Bytes of the tensors in a safetensors file (its size without the JSON header)."""
     total = 0
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
@@ -232,6 +215,7 @@ def _tensor_bytes_of_file(path: Path) -> int:
 
 
 def _dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]
 
 
@@ -248,8 +232,6 @@ def lora_sweep(model, config, label: str, ranks: Sequence[int] = RANKS, module_s
     ranks in ``save_ranks``: by ``save_pretrained`` on a real model, by materialising the LoRA tensors when
     ``meta`` is true.
     """
-    import pandas as pd
-
     rows = []
     for key in module_sets:
         if key not in MODULE_SETS:
@@ -272,44 +254,6 @@ def lora_sweep(model, config, label: str, ranks: Sequence[int] = RANKS, module_s
     table = pd.DataFrame(rows)
     table["coincide"] = table["entrenables (PEFT)"] == table["entrenables (analítico)"]
     return table
-
-
-def plot_sweep(sweep):
-    """Two panels: trainable parameters and adapter MB vs r, one line per model and module set (log axes).
-
-    Crosses mark the sizes measured by saving; a ring marks the original configuration (r = 32, seven modules).
-    """
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5.0))
-    for (model, key), group in sweep.groupby(["modelo", "módulos"], sort=False):
-        style = "-" if "3B" in model else "--"
-        label = f"{model}: {MODULE_SET_LABELS[key]}"
-        ax1.plot(group["r"], group["entrenables (PEFT)"], style, marker="o", markersize=3, label=label)
-        ax2.plot(group["r"], group["MB analítico (fp32)"], style, marker="o", markersize=3)
-        saved = group.dropna(subset=["MB guardado"])
-        ax2.scatter(saved["r"], saved["MB guardado"], marker="x", color="black", zorder=3)
-        original = group[(group["r"] == THESIS.lora_r) & (key == "all")]
-        for ax, column in ((ax1, "entrenables (PEFT)"), (ax2, "MB analítico (fp32)")):
-            ax.scatter(original["r"], original[column], s=90, facecolors="none", edgecolors="black", zorder=4)
-    ax2.scatter([], [], marker="x", color="black", label="medido: archivo safetensors guardado")
-    ax2.scatter([], [], s=90, facecolors="none", edgecolors="black", label="configuración original (r = 32, siete)")
-    ranks = sorted(sweep["r"].unique())
-    for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("rango r")
-        ax.set_xticks(ranks)
-        ax.set_xticklabels(ranks)
-    ax1.set_ylabel("parámetros entrenables")
-    ax1.set_title("Parámetros LoRA según r", fontsize=10)
-    ax2.set_ylabel("tamaño del adaptador (MB = 10⁶ bytes)")
-    ax2.set_title("Tamaño en disco según r (fp32)", fontsize=10)
-    handles = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    labels = ax1.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7.5)
-    fig.tight_layout(rect=(0, 0.2, 1, 1))
-    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,18 +318,12 @@ SEARCH_MODULE_SETS = {**MODULE_SETS, "q_v": ("q_proj", "v_proj")}
 
 def known_config(name: str):
     """``LlamaConfig`` of a public Llama architecture of ``KNOWN_ARCHITECTURES``."""
-    from transformers import LlamaConfig
-
-    from utils.modeling import twin_config
-
     values = KNOWN_ARCHITECTURES[name]
     return twin_config() if values is None else LlamaConfig(**values)
 
 
 def search_lora_counts(target: int, ranks: Sequence[int] = (4, 8, 16, 32, 64, 128, 256)):
     """DataFrame of (architecture, r, module set) whose LoRA count is exactly ``target``, with the formula."""
-    import pandas as pd
-
     rows = []
     for arch in KNOWN_ARCHITECTURES:
         config = known_config(arch)
@@ -402,10 +340,6 @@ def search_lora_counts(target: int, ranks: Sequence[int] = (4, 8, 16, 32, 64, 12
 
 def search_total_counts(target: int, ranks: Sequence[int] = (4, 8, 16, 32, 64, 128, 256)):
     """DataFrame: the base and base + LoRA totals of the known architectures closest to ``target``."""
-    import pandas as pd
-
-    from utils.memory import analytic_parameter_counts
-
     rows = []
     for arch in KNOWN_ARCHITECTURES:
         config = known_config(arch)
@@ -421,6 +355,7 @@ def search_total_counts(target: int, ranks: Sequence[int] = (4, 8, 16, 32, 64, 1
 
 
 def _verdict(claim: dict, measured: float) -> str:
+    """"correcto" when the measured value is within the claim's range or tolerance, else "incorrecto"."""
     value = claim["value"]
     if isinstance(value, tuple):
         return "correcto" if value[0] <= measured <= value[1] else "incorrecto"
@@ -429,57 +364,57 @@ def _verdict(claim: dict, measured: float) -> str:
     return "correcto" if abs(measured - value) <= claim["tolerance"] * abs(value) else "incorrecto"
 
 
-def claims_table(measured: dict[str, Any]):
-    """DataFrame: one row per original claim with claimed, measured, on what, verdict and why.
+# "On what" each claim was measured: the twin's counts come from the meta-device model (no weights).
+TWIN_ON = "Llama-3.2-3B (gemelo, dispositivo meta: sin pesos)"
+ClaimRow = tuple[str, float, str, str, str]  # (claim key, measured value, measured as shown, on what, why)
 
-    ``measured`` holds, computed elsewhere: ``twin_counts`` (``count_parameters`` of the twin with the original
-    LoRA), ``twin_adapter`` (``materialized_adapter_size``), ``gpu`` (the committed ``gpu-report`` dict),
-    ``trainable_search`` (``search_lora_counts`` of the claimed trainable count) and ``total_search``.
-    """
-    import pandas as pd
 
-    counts, adapter, gpu = measured["twin_counts"], measured["twin_adapter"], measured["gpu"]
-    twin_on = "Llama-3.2-3B (gemelo, dispositivo meta: sin pesos)"
-    gpu_on = f"{gpu['label']}, {gpu['device']} (results/02_twin_gpu_memory.json)"
-    train = {r["name"]: r for r in gpu["train"] if r.get("ok")}
-    weights = {r["format"]: r for r in gpu["weights"] if r.get("ok")}
-    qlora, fp16, fp32 = train["qlora_fp16_prepare"], train["lora_fp16_weights_gc"], train["lora_fp32_weights_gc"]
+def _parameter_claim_rows(measured: dict[str, Any], claimed: dict[str, dict]) -> list[ClaimRow]:
+    """Rows of the trainable count, the total count and the trainable share, measured on the twin."""
+    counts = measured["twin_counts"]
     base = counts["peft_all"] - counts["peft_trainable"]
-    claimed = {c["key"]: c for c in ORIGINAL_CLAIMS}
-    match = measured["trainable_search"]
-    match_text = "; ".join(f"{r['arquitectura']} con r={r['r']} en {r['módulos']}: {r['fórmula']}"
-                           for _, r in match.iterrows()) or "ninguna arquitectura conocida da esa cifra"
+    matches = [f"{r['arquitectura']} con r={r['r']} en {r['módulos']}: {r['fórmula']}"
+               for _, r in measured["trainable_search"].iterrows()]
+    match_text = "; ".join(matches) or "ninguna arquitectura conocida da esa cifra"
     nearest = measured["total_search"].iloc[0]
-    from utils.memory import analytic_parameter_counts, analytic_weight_bytes
-
     twin = known_config("Llama-3.2-3B")
     per_layer = sum(i + o for m, (o, i) in linear_shapes(twin).items() if m in THESIS.target_modules)
-    kinds = analytic_parameter_counts(twin)
-    embed_share = kinds["embedding"] / sum(kinds.values())
-    dq = analytic_weight_bytes(twin, "nf4_dq")
-    dq_bits = 8 * dq["linear_constants"] / (kinds["attention"] + kinds["mlp"])
-    ratio32 = weights["fp32"]["weights_bytes"] / weights["nf4_dq"]["weights_bytes"]
-    ratio16 = weights["bf16"]["weights_bytes"] / weights["nf4_dq"]["weights_bytes"]
-    size_mb = adapter["file_bytes"] / MB
-    rows = [
-        ("trainable", counts["peft_trainable"], f"{counts['peft_trainable']:,}", twin_on,
+    return [
+        ("trainable", counts["peft_trainable"], f"{counts['peft_trainable']:,}", TWIN_ON,
          f"La cifra declarada es la de otra arquitectura ({match_text}). En Llama-3.2-3B, "
          f"{twin.num_hidden_layers} capas × r={THESIS.lora_r} × {per_layer:,} = {counts['peft_trainable']:,}."),
-        ("all", counts["peft_all"], f"{counts['peft_all']:,}", twin_on,
+        ("all", counts["peft_all"], f"{counts['peft_all']:,}", TWIN_ON,
          f"PEFT suma base ({base:,}) + LoRA ({counts['peft_trainable']:,}). Lo declarado no es la base más los "
          f"{claimed['trainable']['text']} declarados; lo más cercano es {nearest['arquitectura']} "
          f"{nearest['configuración']} "
          f"({nearest['total']:,}, diferencia {nearest['diferencia con lo declarado']:,})."),
         ("trainable_pct", 100 * counts["peft_trainable"] / counts["peft_all"],
-         f"{100 * counts['peft_trainable'] / counts['peft_all']:.3f} %", twin_on,
+         f"{100 * counts['peft_trainable'] / counts['peft_all']:.3f} %", TWIN_ON,
          f"Sale de las dos cifras anteriores: {claimed['trainable']['text']} / {claimed['all']['text']} = "
          f"{100 * claimed['trainable']['value'] / claimed['all']['value']:.2f} % es coherente con ellas, pero ambas "
          f"están mal."),
-        ("adapter_mb", size_mb, f"{size_mb:.1f} MB = {adapter['file_bytes'] / MIB:.1f} MiB", twin_on + ", safetensors",
-         f"{counts['peft_trainable']:,} parámetros × 4 bytes (PEFT guarda los adaptadores en fp32) + "
-         f"{adapter['file_bytes'] - adapter['tensor_bytes']:,} bytes de encabezado. Con los "
-         f"{claimed['trainable']['text']} declarados serían {claimed['trainable']['value'] * 4 / MB:.1f} MB: la cifra "
-         f"de tamaño no es coherente con la de parámetros (sí con la cuenta real, leída en MiB)."),
+    ]
+
+
+def _adapter_claim_row(measured: dict[str, Any], claimed: dict[str, dict]) -> ClaimRow:
+    """Row of the adapter's size on disk: the twin's materialised adapter file."""
+    counts, adapter = measured["twin_counts"], measured["twin_adapter"]
+    size_mb = adapter["file_bytes"] / MB
+    return ("adapter_mb", size_mb, f"{size_mb:.1f} MB = {adapter['file_bytes'] / MIB:.1f} MiB",
+            TWIN_ON + ", safetensors",
+            f"{counts['peft_trainable']:,} parámetros × 4 bytes (PEFT guarda los adaptadores en fp32) + "
+            f"{adapter['file_bytes'] - adapter['tensor_bytes']:,} bytes de encabezado. Con los "
+            f"{claimed['trainable']['text']} declarados serían {claimed['trainable']['value'] * 4 / MB:.1f} MB: "
+            f"la cifra de tamaño no es coherente con la de parámetros (sí con la cuenta real, leída en MiB).")
+
+
+def _vram_claim_rows(gpu: dict) -> list[ClaimRow]:
+    """Rows of the VRAM without quantisation and with QLoRA: peak reserved memory of one measured step."""
+    gpu_on = f"{gpu['label']}, {gpu['device']} (results/02_twin_gpu_memory.json)"
+    train = {r["name"]: r for r in gpu["train"] if r.get("ok")}
+    weights = {r["format"]: r for r in gpu["weights"] if r.get("ok")}
+    qlora, fp16, fp32 = train["qlora_fp16_prepare"], train["lora_fp16_weights_gc"], train["lora_fp32_weights_gc"]
+    return [
         ("vram_no_quant_gb", fp32["peak_reserved_bytes"] / GB,
          f"{fp32['peak_reserved_bytes'] / GB:.2f} GB ({fp32['peak_reserved_bytes'] / GIB:.2f} GiB) con pesos fp32; "
          f"{fp16['peak_reserved_bytes'] / GB:.2f} GB ({fp16['peak_reserved_bytes'] / GIB:.2f} GiB) con pesos fp16",
@@ -494,12 +429,36 @@ def claims_table(measured: dict[str, Any]):
          f"{qlora['peak_bytes'] / GB:.2f} GB asignados", gpu_on + ", configuración original (fp16, prepare)",
          "Pico de un paso con la configuración original (1 × 2 × 512, NF4 + DQ, prepare_model_for_kbit_training, "
          "paged_adamw_8bit). Una tarjeta real suma el contexto CUDA (~0,3–0,5 GiB)."),
-        ("saving_4bit", ratio32,
-         f"{ratio32:.2f}× frente a fp32; {ratio16:.2f}× frente a bf16", gpu_on + ", pesos cargados",
-         f"8× es la razón de 32 a 4 bits en los datos de las matrices lineales; NF4 + DQ suma {dq_bits:.3f} bit de "
-         f"constantes por peso y los embeddings (atados a lm_head, {100 * embed_share:.1f} % del modelo) no se "
-         f"cuantizan. El modelo se publica en bf16: frente a eso el ahorro es {ratio16:.2f}×."),
     ]
+
+
+def _saving_claim_row(gpu: dict) -> ClaimRow:
+    """Row of the 4-bit memory saving: measured weight bytes, explained by the twin's analytic bytes."""
+    gpu_on = f"{gpu['label']}, {gpu['device']} (results/02_twin_gpu_memory.json)"
+    weights = {r["format"]: r for r in gpu["weights"] if r.get("ok")}
+    twin = known_config("Llama-3.2-3B")
+    kinds = analytic_parameter_counts(twin)
+    embed_share = kinds["embedding"] / sum(kinds.values())
+    dq_bits = 8 * analytic_weight_bytes(twin, "nf4_dq")["linear_constants"] / (kinds["attention"] + kinds["mlp"])
+    ratio32 = weights["fp32"]["weights_bytes"] / weights["nf4_dq"]["weights_bytes"]
+    ratio16 = weights["bf16"]["weights_bytes"] / weights["nf4_dq"]["weights_bytes"]
+    return ("saving_4bit", ratio32,
+            f"{ratio32:.2f}× frente a fp32; {ratio16:.2f}× frente a bf16", gpu_on + ", pesos cargados",
+            f"8× es la razón de 32 a 4 bits en los datos de las matrices lineales; NF4 + DQ suma {dq_bits:.3f} bit "
+            f"de constantes por peso y los embeddings (atados a lm_head, {100 * embed_share:.1f} % del modelo) no "
+            f"se cuantizan. El modelo se publica en bf16: frente a eso el ahorro es {ratio16:.2f}×.")
+
+
+def claims_table(measured: dict[str, Any]) -> pd.DataFrame:
+    """DataFrame: one row per original claim with claimed, measured, on what, verdict and why.
+
+    ``measured`` holds, computed elsewhere: ``twin_counts`` (``count_parameters`` of the twin with the original
+    LoRA), ``twin_adapter`` (``materialized_adapter_size``), ``gpu`` (the committed ``gpu-report`` dict),
+    ``trainable_search`` (``search_lora_counts`` of the claimed trainable count) and ``total_search``.
+    """
+    claimed = {c["key"]: c for c in ORIGINAL_CLAIMS}
+    rows = (_parameter_claim_rows(measured, claimed) + [_adapter_claim_row(measured, claimed)]
+            + _vram_claim_rows(measured["gpu"]) + [_saving_claim_row(measured["gpu"])])
     table = []
     for key, value, shown, on, why in rows:
         claim = claimed[key]
@@ -507,56 +466,3 @@ def claims_table(measured: dict[str, Any]):
                       "veredicto": _verdict(claim, value), "por qué": why, "fuente": claim["source"],
                       "valor medido": value})
     return pd.DataFrame(table)
-
-
-def save_claims_latex(table, name: str = "03_claims") -> Path:
-    """Write the claims table as ``figures/<name>.tex``: a booktabs ``table`` with wrapping columns.
-
-    Columns: claim, claimed, measured, on what, verdict (the reasons stay in the notebook and the CSV).
-    """
-    from utils.paths import figures_dir
-
-    columns = ["afirmación", "declarado", "medido", "sobre qué", "veredicto"]
-    latex = table[columns].to_latex(
-        index=False, escape=True, column_format="p{2.6cm}p{1.9cm}p{3.6cm}p{4.2cm}p{1.5cm}",
-        caption="Afirmaciones del análisis original de train\_peft\_v3.py frente a lo medido.",
-        label=f"tab:{name}", position="htbp",
-    )
-    folder = figures_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.tex"
-    path.write_text(latex, encoding="utf-8")
-    return path
-
-
-def describe_findings(model_label: str, model_counts: dict, twin_counts: dict, claims, zero: dict,
-                      sweep) -> str:
-    """Markdown bullets (Spanish) stating what this run's tables show, every number taken from them."""
-    wrong = claims[claims["veredicto"] == "incorrecto"]["afirmación"].tolist()
-    right = claims[claims["veredicto"] == "correcto"]["afirmación"].tolist()
-    same = all(model_counts[k] == twin_counts[k] for k in ("peft_trainable", "peft_all"))
-    if model_counts["packed_4bit_tensors"]:
-        numel = (f"la suma ingenua de `numel()` da {model_counts['numel_all']:,} en lugar de "
-                 f"{model_counts['peft_all']:,} cuando el modelo está en 4 bits "
-                 f"({model_counts['packed_4bit_tensors']} tensores empaquetados).")
-    else:
-        numel = (f"{model_label} no tiene tensores de 4 bits, así que aquí la suma de `numel()` coincide con PEFT "
-                 f"({model_counts['numel_all']:,}); en 4 bits contaría la mitad de los pesos de las capas lineales.")
-    lines = [
-        f"- Con la configuración del script (r=32, alpha=64, siete módulos), Llama-3.2-3B entrena "
-        f"**{twin_counts['peft_trainable']:,}** parámetros de {twin_counts['peft_all']:,} "
-        f"({100 * twin_counts['peft_trainable'] / twin_counts['peft_all']:.3f} %); {model_label} entrena "
-        + ("exactamente lo mismo." if same else
-           f"{model_counts['peft_trainable']:,} de {model_counts['peft_all']:,}."),
-        f"- PEFT y la fórmula r × (in + out) coinciden en cada módulo y en el total; {numel}",
-        f"- Al paso 0 el modelo adaptado es el modelo base: B = 0 en todas las capas "
-        f"({'sí' if zero['todas las B son cero'] else 'NO'}) y los logits difieren como máximo en "
-        f"{zero['máx |logits adaptado − logits base|']:g}"
-        + (f" (comprobado sobre {zero['modelo']})." if zero.get("modelo") else "."),
-        f"- En el barrido, PEFT y la fórmula coinciden en {int(sweep['coincide'].sum())} de {len(sweep)} "
-        f"configuraciones; el tamaño guardado excede al analítico solo por el encabezado de safetensors "
-        f"(a lo sumo {sweep['encabezado (bytes)'].max():,.0f} bytes)." if "encabezado (bytes)" in sweep else "",
-        f"- Afirmaciones del análisis original que la medición contradice: {', '.join(wrong) or 'ninguna'}; "
-        f"que confirma: {', '.join(right) or 'ninguna'}.",
-    ]
-    return "\n".join(line for line in lines if line)

@@ -30,9 +30,23 @@ CONFIG_FILE = "04_config.json"
 HISTORY_FILE = "04_log_history.csv"
 
 
+FIGURES_DIR = REPO_ROOT / "figures"
+
+
 def figures_dir() -> Path:
-    """Folder where ``save_figure`` writes; the runner points smoke runs elsewhere."""
-    return Path(os.environ.get("QLORA_FIGURES_DIR", REPO_ROOT / "figures"))
+    """Folder where ``save_figure`` and the tables write: ``runs/<profile>/figures`` (git-ignored).
+
+    The runner sets the profile (``QLORA_PROFILE``); an interactive session without it writes under
+    ``runs/thesis/figures``, the notebooks' own default profile. The committed, citable copies are
+    ``figures/<profile>/``, refreshed only on request (``python -m utils.runner --publish``).
+    """
+    default = RUNS_DIR / os.environ.get("QLORA_PROFILE", "thesis") / "figures"
+    return Path(os.environ.get("QLORA_FIGURES_DIR", default))
+
+
+def published_figures_dir(profile: str) -> Path:
+    """``figures/<profile>/``: the committed figures of a profile (a demo figure never stands for a thesis one)."""
+    return FIGURES_DIR / profile
 
 
 def run_dir(profile: str) -> Path:

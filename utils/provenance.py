@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import shlex
 import subprocess
@@ -60,8 +61,16 @@ def git_commit() -> str:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command that is running, as a shell would type it (``python -m utils.x ...``)."""
+    """The command that is running, as a shell would type it (``python -m utils.x ...``).
+
+    Inside a notebook the process is a Jupyter kernel: the runner names the notebook's command in
+    ``QLORA_COMMAND``; a kernel started by hand says it was an interactive session.
+    """
+    if argv is None and os.environ.get("QLORA_COMMAND"):
+        return os.environ["QLORA_COMMAND"]
     argv = list(sys.argv if argv is None else argv)
+    if argv and Path(argv[0]).name == "ipykernel_launcher.py":
+        return "interactive Jupyter kernel (not started by python -m utils.runner)"
     if argv and argv[0].endswith(".py") and "utils" in Path(argv[0]).parts:
         parts = Path(argv[0]).resolve().relative_to(REPO_ROOT).with_suffix("").parts
         module = ".".join(p for p in parts if p != "__main__")
@@ -107,6 +116,7 @@ def write_run_record(
         "started_at": stopwatch.started_at,
         "wall_time_s": stopwatch.seconds,
         "commit": git_commit(),
+        "command": command_line(),
         "versions": library_versions(),
         **device_info(),
         **results,

@@ -1,16 +1,19 @@
 """Run the numbered notebooks in order with papermill on one profile.
 
-    python -m utils.runner --profile demo            # all notebooks
-    python -m utils.runner --profile smoke --only 03 # one notebook (or several: --only 01 04)
+    python -m utils.runner --profile demo                 # all notebooks
+    python -m utils.runner --profile smoke --only 03      # one notebook (or several: --only 01,04)
+    python -m utils.runner --profile demo --publish       # then copy its figures to figures/demo/
 
-Executed copies go to ``runs/<profile>/``; figures to the profile's ``figures_dir``. The run stops at
-the first failing notebook and names it and the failing cell.
+Executed copies go to ``runs/<profile>/``, figures and tables to ``runs/<profile>/figures/`` (all git-ignored,
+so a run never changes a committed file). ``--publish`` copies a complete run's figures to the committed
+``figures/<profile>/``. The run stops at the first failing notebook and names it and the failing cell.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +24,7 @@ from papermill.exceptions import PapermillExecutionError
 
 from utils.config import ProfileError, list_profiles, load_profile, notebook_parameters, profile_file
 from utils.files import save_json
-from utils.paths import NOTEBOOKS_DIR, resolve_path, run_dir
+from utils.paths import NOTEBOOKS_DIR, published_figures_dir, run_dir
 
 
 class NotebookFailed(RuntimeError):
@@ -107,12 +110,13 @@ def run_profile(profile_name: str, only: list[str] | None = None, log_output: bo
     # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads slowed
     # forward passes several-fold. Kernels inherit the variable; a user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ["QLORA_FIGURES_DIR"] = str(resolve_path(profile.get("figures_dir", "figures")))
+    os.environ["QLORA_FIGURES_DIR"] = str(out_dir / "figures")
     timings: dict[str, float] = {}
     total = len(notebooks)
     for i, nb in enumerate(notebooks, 1):
         params = resolve_parameters(nb, notebook_parameters(profile, nb.name[:2]))
         print(f"[{i}/{total}] {nb.stem} ({profile_name}) ...", end=" ", flush=True)
+        os.environ["QLORA_COMMAND"] = f"python -m utils.runner --profile {profile_name} --only {nb.name[:2]}"
         start = time.perf_counter()
         try:
             run_notebook(nb, out_dir / nb.name, params, log_output)
@@ -126,18 +130,40 @@ def run_profile(profile_name: str, only: list[str] | None = None, log_output: bo
     return out_dir
 
 
+def publish_figures(profile_name: str) -> Path:
+    """Copy ``runs/<profile>/figures/*`` to the committed ``figures/<profile>/`` (each file written atomically)."""
+    source = run_dir(profile_name) / "figures"
+    files = sorted(p for p in source.glob("*") if p.is_file())
+    if not files:
+        raise ProfileError(f"{source} holds no figures: run the profile first "
+                           f"(python -m utils.runner --profile {profile_name}).")
+    target = published_figures_dir(profile_name)
+    target.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        tmp = target / f".{path.name}.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target / path.name)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.runner", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", required=True, help=f"one of: {', '.join(list_profiles())}")
     parser.add_argument("--only", nargs="+", help="notebook numbers to run, e.g. --only 01 03")
     parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    parser.add_argument("--publish", action="store_true",
+                        help="after a complete run, copy its figures to the committed figures/<profile>/")
     args = parser.parse_args(argv)
+    if args.publish and args.only:
+        parser.error("--publish needs a complete run: leave out --only")
     try:
         out_dir = run_profile(args.profile, args.only, args.log_output)
+        print(f"executed notebooks in {out_dir}")
+        if args.publish:
+            print(f"figures published to {publish_figures(args.profile)}")
     except (ProfileError, NotebookFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"executed notebooks in {out_dir}")
     return 0
 
 

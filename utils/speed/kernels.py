@@ -1,4 +1,4 @@
-"""Triton kernels of the fast path (CUDA only; ``utils.fastpath`` imports this module where Triton can run).
+"""Triton kernels of the fast path (CUDA only; ``utils.speed.fastpath`` imports this module where Triton can run).
 
 ``rope_qkv``: rotary position embedding applied straight to the fused q/k/v projection. The projection is one
 (tokens × (q + k + v features)) tensor; rotating q and k with PyTorch ops or Liger's kernel first copies them out

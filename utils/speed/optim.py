@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import bitsandbytes as bnb
 import torch
 
 BLOCK = 256  # values per quantisation block of bitsandbytes' 8-bit optimizer states
@@ -115,6 +116,4 @@ class FlatOptimizer(torch.optim.Optimizer):
 
 def build_flat_paged_adamw_8bit(params, **kwargs: Any) -> FlatOptimizer:
     """bitsandbytes' paged AdamW 8-bit (the thesis optimizer), one update per parameter group."""
-    import bitsandbytes as bnb
-
     return FlatOptimizer(params, bnb.optim.PagedAdamW8bit, **kwargs)

@@ -1,0 +1,79 @@
+"""The dataset (notebook 01): both JSONL formats, their validation, the converter and the seeded split.
+
+Two formats are read, one per file:
+
+- **messages** (canonical): ``{"id", "messages": [system, user, assistant], "source", "topic", "kind",
+  "keywords", "facts"}``; only ``messages`` is required;
+- **text** (the original ``train_v3_combined_split.jsonl``): ``{"text": "<|begin_of_text|><|start_header_id|>
+  system<|end_header_id|>\\n\\n...<|eot_id|>..."}``, the whole Llama-3 chat in one string.
+
+Modules: ``records`` (record access, the text layout, writing JSONL, the datasets TRL trains on),
+``validate`` (the validator, ``load_records``, ``convert_file``), ``corpus`` (the corpus YAML, the seeded
+split, the datasheet counts, ``build_dataset``), ``stats`` (counts, token lengths, loss-token share, overlap),
+``tokenizers`` (loading the tokenizers that measure it) and ``cli`` (``python -m utils.data``).
+Figures are in ``utils.plotting.data``, the notebook's prose and LaTeX table in ``utils.reports.data``.
+"""
+
+from utils.data.cli import main
+from utils.data.corpus import (
+    CORPUS_FILE,
+    COUNTS_END,
+    COUNTS_START,
+    DEFAULT_SEED,
+    DEFAULT_TEST_FRACTION,
+    MIN_TRAIN_QUESTIONS_PER_FACT,
+    README_FILE,
+    build_dataset,
+    check_split,
+    corpus_records,
+    counts_markdown,
+    load_corpus,
+    split_records,
+    update_counts_block,
+)
+from utils.data.records import (
+    ASSISTANT,
+    BOT,
+    DEFAULT_KIND,
+    DEFAULT_TOPIC,
+    END_HEADER,
+    EOT,
+    KINDS,
+    LAYOUTS,
+    OUT_OF_SCOPE_SOURCE,
+    RECORD_KEYS,
+    ROLES,
+    START_HEADER,
+    SYSTEM,
+    USER,
+    DatasetError,
+    TextLayout,
+    answer_of,
+    completion_mask,
+    detect_layout,
+    messages_to_text,
+    normalize_question,
+    question_of,
+    record_to_json,
+    text_to_messages,
+    to_prompt_completion,
+    to_text_dataset,
+    write_jsonl,
+)
+from utils.data.stats import count_table, length_summary, loss_token_share, overlap_checks, token_lengths
+from utils.data.tokenizers import load_tokenizer_or_fallback, load_tokenizers, tokenizer_label
+from utils.data.validate import Problem, ValidationReport, convert_file, load_records, validate_file
+
+__all__ = [
+    "ASSISTANT", "BOT", "CORPUS_FILE", "COUNTS_END", "COUNTS_START", "DEFAULT_KIND", "DEFAULT_SEED",
+    "DEFAULT_TEST_FRACTION", "DEFAULT_TOPIC", "END_HEADER", "EOT", "KINDS", "LAYOUTS",
+    "MIN_TRAIN_QUESTIONS_PER_FACT", "OUT_OF_SCOPE_SOURCE", "README_FILE", "RECORD_KEYS", "ROLES", "START_HEADER",
+    "SYSTEM", "USER",
+    "DatasetError", "Problem", "TextLayout", "ValidationReport",
+    "answer_of", "build_dataset", "check_split", "completion_mask", "convert_file", "corpus_records",
+    "count_table", "counts_markdown", "detect_layout", "length_summary", "load_corpus", "load_records",
+    "load_tokenizer_or_fallback", "load_tokenizers", "loss_token_share", "main", "messages_to_text",
+    "normalize_question", "overlap_checks", "question_of", "record_to_json", "split_records", "text_to_messages",
+    "to_prompt_completion", "to_text_dataset", "token_lengths", "tokenizer_label", "update_counts_block",
+    "validate_file", "write_jsonl",
+]

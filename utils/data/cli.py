@@ -1,0 +1,111 @@
+"""The command line of the dataset, ``python -m utils.data``::
+
+    python -m utils.data validate FILE [FILE ...] [--tokenizer llama-3.2] [--max-seq-length 512]
+    python -m utils.data convert IN OUT --to messages|text [--layout llama3|newlines] [--force]
+    python -m utils.data build [--seed 42] [--test-fraction 0.12]
+
+``validate`` reports every problem of every file as ``file:line: severity: what is wrong — how to fix``
+and exits 1 when there is an error. ``build`` reads ``dataset/sources/utn_qa.yaml`` and writes the two
+split files plus the counts block of ``dataset/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from utils.data.corpus import (
+    CORPUS_FILE,
+    COUNTS_END,
+    COUNTS_START,
+    DEFAULT_SEED,
+    DEFAULT_TEST_FRACTION,
+    README_FILE,
+    build_dataset,
+)
+from utils.data.records import BOT, LAYOUTS, DatasetError, TextLayout
+from utils.data.tokenizers import as_tokenizer
+from utils.data.validate import convert_file, validate_file
+from utils.modeling import ModelNotAvailableError
+
+DESCRIPTION = "The dataset: both JSONL formats, their validation, the converter and the seeded train/test split."
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.files]
+    tokenizer = None
+    if args.tokenizer:
+        try:
+            tokenizer = as_tokenizer(args.tokenizer)
+        except ModelNotAvailableError as exc:
+            print(f"error: --tokenizer {args.tokenizer}: {exc}", file=sys.stderr)
+            return 2
+    failed = False
+    for path in paths:
+        others = [p for p in paths if p != path]
+        report = validate_file(path, tokenizer=tokenizer, max_seq_length=args.max_seq_length, other_paths=others)
+        print(report.format())
+        failed |= not report.ok
+    return 1 if failed else 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    layout = LAYOUTS[args.layout]
+    if args.no_bos:
+        layout = TextLayout(False, layout.header_sep, layout.turn_sep, layout.trailing)
+    try:
+        out = convert_file(args.input, args.output, to=args.to, force=args.force, layout=layout)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({args.to} format)")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    try:
+        summary = build_dataset(seed=args.seed, test_fraction=args.test_fraction, corpus_path=args.corpus)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {summary['train_path']} ({summary['train']} examples) and {summary['test_path']} "
+          f"({summary['test']} examples, {summary['test_share']:.1%} of all)")
+    if summary["readme_updated"]:
+        print(f"updated the counts block of {README_FILE}")
+    else:
+        print(f"warning: {README_FILE} has no {COUNTS_START} ... {COUNTS_END} block; counts not written",
+              file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m utils.data`` and its three subcommands."""
+    parser = argparse.ArgumentParser(prog="python -m utils.data", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="report every problem of JSONL files (train and test together: overlap)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--tokenizer", help="check lengths with this tokenizer: llama-3.2, embedded, a hub id or folder")
+    p.add_argument("--max-seq-length", type=int, default=512, help="max_seq_length of the training (default 512)")
+    p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("convert", help="convert between the messages and the original text format")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--to", required=True, choices=["messages", "text"])
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="llama3",
+                   help="text layout: llama3 (Meta's, default) or newlines (newline after headers and turns)")
+    p.add_argument("--no-bos", action="store_true", help=f"text format without the leading {BOT}")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file (never the input)")
+    p.set_defaults(func=_cmd_convert)
+    p = sub.add_parser("build", help="write the train/test split files from the corpus YAML")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION)
+    p.add_argument("--corpus", default=str(CORPUS_FILE), help="corpus YAML (default: dataset/sources/utn_qa.yaml)")
+    p.set_defaults(func=_cmd_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m utils.data``."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)

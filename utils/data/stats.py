@@ -1,0 +1,124 @@
+"""Numbers about the splits: examples per kind and topic, token lengths, loss-token share and overlap.
+
+Each function returns a pandas DataFrame; ``utils.plotting.data`` draws them and ``utils.reports.data``
+writes what they show.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import pandas as pd
+from trl.data_utils import common_prefix_length
+
+from utils.data.records import DEFAULT_KIND, KINDS, answer_of, normalize_question, question_of
+
+
+def count_table(splits: dict[str, Sequence[dict]], by: str = "kind") -> pd.DataFrame:
+    """Examples per value of ``by`` (``kind`` or ``topic``) and split, with totals (a pandas DataFrame)."""
+    frame = pd.DataFrame(
+        [{"split": name, by: r[by]} for name, records in splits.items() for r in records],
+        columns=["split", by],
+    )
+    table = pd.crosstab(frame[by], frame["split"], margins=True, margins_name="total")
+    columns = [name for name in splits if name in table.columns] + ["total"]
+    table = table[columns]
+    if by == "kind":
+        order = [k for k in (*KINDS, DEFAULT_KIND) if k in table.index] + ["total"]
+        table = table.loc[order]
+    table.columns.name = None
+    return table
+
+
+
+
+def _leading(ids: Sequence[int], token_id: int | None) -> int:
+    """How many times ``token_id`` repeats at the start of ``ids`` (2 = a duplicated BOS)."""
+    count = 0
+    while token_id is not None and count < len(ids) and ids[count] == token_id:
+        count += 1
+    return count
+
+
+def token_lengths(splits: dict[str, Sequence[dict]], tokenizer, label: str) -> pd.DataFrame:
+    """Tokens of prompt, answer and whole example per record (pandas), split as TRL splits them.
+
+    ``prompt`` counts the masked tokens (system + user + generation prompt), ``respuesta`` the trained
+    ones (answer and end-of-turn), ``total`` their sum: the sequence length seen in training.
+    """
+    rows = []
+    for split, records in splits.items():
+        chats = [list(r["messages"]) for r in records]
+        if not chats:
+            continue
+        prompts = tokenizer.apply_chat_template(
+            [c[:-1] for c in chats], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        full = tokenizer.apply_chat_template(chats, tokenize=True, return_dict=True)["input_ids"]
+        # The original full-text training: the rendered chat tokenised as plain text, as TRL does for a
+        # "text" column (the tokenizer may add its own BOS in front of the template's).
+        texts = tokenizer(tokenizer.apply_chat_template(chats, tokenize=False))["input_ids"]
+        for record, prompt_ids, ids, text_ids in zip(records, prompts, full, texts):
+            n_prompt = common_prefix_length(prompt_ids, ids)
+            rows.append({"tokenizador": label, "split": split, "id": record["id"], "topic": record["topic"],
+                         "kind": record["kind"], "prompt": n_prompt, "respuesta": len(ids) - n_prompt,
+                         "total": len(ids), "texto_completo": len(text_ids),
+                         "bos_texto_completo": _leading(text_ids, tokenizer.bos_token_id)})
+    return pd.DataFrame(rows)
+
+
+def length_summary(lengths: pd.DataFrame, max_seq_length: int = 512) -> pd.DataFrame:
+    """Per tokenizer and split: median, 95th percentile and maximum tokens, and the share truncated."""
+    grouped = lengths.groupby(["tokenizador", "split"], sort=False)
+    summary = grouped.agg(
+        ejemplos=("total", "size"),
+        prompt_mediana=("prompt", "median"),
+        respuesta_mediana=("respuesta", "median"),
+        total_mediana=("total", "median"),
+        total_p95=("total", lambda x: x.quantile(0.95)),
+        total_max=("total", "max"),
+        truncados=("total", lambda x: int((x > max_seq_length).sum())),
+    )
+    summary["truncados_pct"] = 100 * summary["truncados"] / summary["ejemplos"]
+    return summary.reset_index()
+
+
+
+def loss_token_share(lengths: pd.DataFrame) -> pd.DataFrame:
+    """Per tokenizer: tokens that carry loss with prompt–completion vs the original full-text training.
+
+    Full text trains every token of the sequence (including a duplicated BOS, counted in ``bos_al_inicio``).
+    """
+    grouped = lengths.groupby("tokenizador", sort=False).agg(
+        tokens_prompt_completion=("total", "sum"),
+        con_perdida_prompt_completion=("respuesta", "sum"),
+        tokens_texto_completo=("texto_completo", "sum"),
+        bos_al_inicio=("bos_texto_completo", "max"),
+    )
+    grouped["con_perdida_texto_completo"] = grouped["tokens_texto_completo"]
+    grouped["pct_con_perdida_prompt_completion"] = (
+        100 * grouped["con_perdida_prompt_completion"] / grouped["tokens_prompt_completion"]
+    )
+    return grouped.reset_index()
+
+
+def overlap_checks(splits: dict[str, Sequence[dict]]) -> pd.DataFrame:
+    """Duplicate questions within each split, test questions present in train, untaught test facts."""
+    rows = []
+    for name, records in splits.items():
+        keys = Counter(normalize_question(question_of(r["messages"])) for r in records)
+        rows.append({"chequeo": f"preguntas repetidas dentro de {name}",
+                     "resultado": sum(c - 1 for c in keys.values() if c > 1)})
+    train, test = splits.get("train", []), splits.get("test", [])
+    train_keys = {normalize_question(question_of(r["messages"])) for r in train}
+    taught = {f for r in train for f in r["facts"]}
+    rows.append({"chequeo": "preguntas de test con la misma redacción normalizada en train",
+                 "resultado": sum(normalize_question(question_of(r["messages"])) in train_keys for r in test)})
+    rows.append({"chequeo": "ejemplos de test sobre hechos que train no enseña",
+                 "resultado": sum(any(f not in taught for f in r["facts"]) for r in test)})
+    rows.append({"chequeo": "respuestas de test idénticas a alguna de train (misma respuesta, otra redacción)",
+                 "resultado": sum(answer_of(r["messages"]) in {answer_of(t["messages"]) for t in train}
+                                  for r in test)})
+    return pd.DataFrame(rows)
+

@@ -1,0 +1,131 @@
+"""Notebook 02's findings in Spanish, every number taken from the tables the notebook computed."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from utils.memory import FORMAT_LABELS
+from utils.units import CARD_GIB, CUDA_CONTEXT_GIB
+
+
+def _row(table: pd.DataFrame, column: str, value):
+    """The first row of ``table`` whose ``column`` equals ``value`` (None when there is none)."""
+    match = table[table[column] == value] if len(table) and column in table else table.iloc[0:0]
+    return None if match.empty else match.iloc[0]
+
+
+def _analytic_lines(analytic: pd.DataFrame, live_label: str) -> list[str]:
+    """The architecture's sizes when nothing was measured (section 2's table)."""
+    sizes = ", ".join(f"{FORMAT_LABELS.get(r['formato'], r['formato'])} {r['total_gib']:.3f} GiB"
+                      for _, r in analytic.iterrows())
+    lines = [f"- **{live_label}**, tamaño analítico de los pesos (calculado aquí, sin cargarlos): {sizes}."]
+    hi, lo = _row(analytic, "formato", "fp32"), _row(analytic, "formato", "nf4_dq")
+    if hi is not None and lo is not None:
+        ratio = hi["total_gib"] / lo["total_gib"]
+        lines.append(f"- fp32 → NF4 + doble cuantización reduce los pesos {ratio:.1f}× "
+                     f"(analítico), no 8×: embeddings y normas no se cuantizan y cada bloque de 64 pesos suma "
+                     f"sus constantes ({lo['bits_por_parametro']:.2f} bits por parámetro en NF4 + DQ).")
+    return lines
+
+
+def _measured_weight_lines(ok: pd.DataFrame, live_label: str) -> list[str]:
+    """The weights measured here against their analytic sizes."""
+    gap = ok["brecha_mib"].abs().max()
+    lines = [f"- **{live_label}**: pesos medidos entre {ok['medido_gib'].min():.3f} y "
+             f"{ok['medido_gib'].max():.3f} GiB según el formato; la mayor diferencia con el tamaño "
+             f"analítico es {gap:.1f} MiB ({ok.iloc[0]['medida']})."]
+    hi, lo = _row(ok, "formato", "fp32"), _row(ok, "formato", "nf4_dq")
+    if hi is not None and lo is not None:
+        ratio = hi["analitico_gib"] / lo["analitico_gib"]
+        lines.append(f"- fp32 → NF4 + doble cuantización reduce los pesos {ratio:.1f}× (analítico) en este "
+                     f"modelo, no 8×: embeddings y normas no se cuantizan y cada bloque de 64 pesos suma sus "
+                     f"constantes.")
+    return lines
+
+
+def _error_lines(errors: pd.DataFrame) -> list[str]:
+    """Mean reconstruction error of NF4, FP4 and NF4 + DQ."""
+    mean = errors.groupby("formato")["error_relativo"].mean()
+    if not {"nf4", "fp4"} <= set(mean.index):
+        return []
+    return [f"- Error relativo medio de reconstrucción de las matrices lineales: NF4 {mean['nf4']:.4f}, "
+            f"FP4 {mean['fp4']:.4f} ({mean['fp4'] / mean['nf4']:.2f}× el de NF4)"
+            + (f", NF4 + DQ {mean['nf4_dq']:.4f}." if "nf4_dq" in mean else ".")]
+
+
+def _quality_lines(quality: pd.DataFrame) -> list[str]:
+    """Completion loss per format and what double quantisation and FP4 change."""
+    parts = ", ".join(
+        f"{FORMAT_LABELS.get(r['formato'], r['formato'])} {r['pérdida']:.4f} (ppl {r['perplejidad']:.2f})"
+        for _, r in quality.iterrows()
+    )
+    lines = [f"- Pérdida de las respuestas del split de prueba ({int(quality['ejemplos'].iloc[0])} ejemplos, "
+             f"{int(quality['tokens'].iloc[0])} tokens): {parts}."]
+    loss = quality.set_index("formato")["pérdida"]
+    if {"nf4", "nf4_dq"} <= set(loss.index):
+        lines.append(f"  - La doble cuantización cambia la pérdida en {loss['nf4_dq'] - loss['nf4']:+.4f} nats "
+                     f"respecto de NF4; NF4 frente a FP4: {loss['nf4'] - loss.get('fp4', float('nan')):+.4f}.")
+    return lines
+
+
+def _twin_weight_lines(twin_weights: pd.DataFrame) -> list[str]:
+    """The twin's bf16 and NF4 + DQ weights measured on the GPU."""
+    bf16, dq = _row(twin_weights, "formato", "bf16"), _row(twin_weights, "formato", "nf4_dq")
+    if bf16 is None or dq is None:
+        return []
+    return [f"- Llama-3.2-3B (gemelo, H100): pesos bf16 {bf16['medido_gib']:.3f} GiB, NF4 + DQ "
+            f"{dq['medido_gib']:.3f} GiB ({bf16['medido_gib'] / dq['medido_gib']:.2f}× menos); "
+            f"la mayor brecha analítico–medido es {twin_weights['brecha_mib'].abs().max():.2f} MiB."]
+
+
+def _twin_train_lines(twin_train: pd.DataFrame, card_gib: float) -> list[str]:
+    """Whether the original configuration and each variant fit the card once the CUDA context is taken."""
+    usable = card_gib - CUDA_CONTEXT_GIB
+
+    def fits(reserved: float) -> str:
+        return "cabe" if reserved <= usable else "no cabe"
+
+    thesis = twin_train.iloc[0]
+    lines = [f"- La configuración original ({thesis['configuración']}) en el gemelo: pico "
+             f"{thesis['pico_gib']:.3f} GiB asignados y {thesis['pico_reservado_gib']:.3f} GiB reservados: "
+             f"{fits(thesis['pico_reservado_gib'])} en {card_gib:g} GiB con ~{CUDA_CONTEXT_GIB:g} GiB de "
+             f"contexto CUDA (margen {usable - thesis['pico_reservado_gib']:.2f} GiB)."]
+    for _, r in twin_train.iloc[1:].iterrows():
+        if r.get("pico_reservado_gib") is not None and r["pico_reservado_gib"] == r["pico_reservado_gib"]:
+            lines.append(f"  - {r['configuración']}: {r['pico_reservado_gib']:.3f} GiB reservados "
+                         f"({fits(r['pico_reservado_gib'])}).")
+    return lines
+
+
+def describe_findings(weights, quality, errors, train, twin_weights, twin_train, live_label: str,
+                      card_gib: float = CARD_GIB, analytic=None, skipped_steps: dict[str, str] | None = None) -> str:
+    """Markdown bullets (Spanish) stating what this run's tables show, every number taken from them.
+
+    A table that was not measured (the profile's weights missing) is ``None``; ``analytic`` (the section 2
+    table) then gives the architecture's sizes, and ``skipped_steps`` the steps this run left out and why.
+    ``card_gib`` is the thesis card's memory (a configuration fits when its peak reserved plus the CUDA
+    context does).
+    """
+    lines = []
+    ok = weights.dropna(subset=["medido_gib"]) if weights is not None and "medido_gib" in weights else None
+    if ok is None and analytic is not None and len(analytic):
+        lines += _analytic_lines(analytic, live_label)
+    if ok is not None and len(ok):
+        lines += _measured_weight_lines(ok, live_label)
+    if errors is not None and len(errors):
+        lines += _error_lines(errors)
+    if quality is not None and len(quality):
+        lines += _quality_lines(quality)
+    if train is not None and len(train) and "pico_gib" in train:
+        peaks = train.dropna(subset=["pico_gib"])
+        parts = ", ".join(f"{r['variante']} {r['pico_gib']:.3f} GiB" for _, r in peaks.iterrows())
+        lines.append(f"- Pico de un paso de entrenamiento ({train.iloc[0]['lote×acum×secuencia']}, "
+                     f"{live_label}): {parts}.")
+    if twin_weights is not None and len(twin_weights):
+        lines += _twin_weight_lines(twin_weights)
+    if twin_train is not None and len(twin_train):
+        lines += _twin_train_lines(twin_train, card_gib)
+    if skipped_steps:
+        lines.append(f"- **No medido en esta corrida**: {'; '.join(skipped_steps)} (motivo: "
+                     f"{next(iter(skipped_steps.values()))}).")
+    return "\n".join(lines)

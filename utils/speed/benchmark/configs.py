@@ -1,0 +1,147 @@
+"""The measured configurations: the original recipe, the fast path and its ablations, the corpus rows and Unsloth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from utils.config import THESIS
+from utils.speed.fastpath import FastPathOptions
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One measured configuration. ``impl``: "hf" (transformers + PEFT), "fast" (utils.speed.fastpath), "unsloth"."""
+
+    name: str
+    impl: str
+    dtype: str  # "fp16" | "bf16"
+    micro_batch: int = 1  # sequences per micro-batch (synthetic) or a token budget of micro_batch × max_seq_length
+    accumulation: int = 1
+    max_seq_length: int = THESIS.max_seq_length
+    workload: str = "synthetic"  # "synthetic": full rows of random ids; "corpus": the shipped training examples
+    prepare: bool = False  # hf: prepare_model_for_kbit_training (fp32 upcast + reentrant checkpointing)
+    liger: bool = False  # hf: Liger's monkey patch (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)
+    optim: str = "paged_adamw_8bit"  # per tensor; "paged_adamw_8bit_flat" (utils.speed.optim) or "adamw_torch_fused"
+    lora_dropout: float = THESIS.lora_dropout
+    fast: FastPathOptions = field(default_factory=FastPathOptions)  # fast: how the fast path runs (see fastpath)
+    expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    group: str = ""  # what the row tests (for the notes and the figure)
+    prediction: str = ""  # what we expected before measuring
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BenchConfig":
+        """The configuration of ``asdict(config)`` (a child's task, a row's fields); other keys are left out."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("fast"), dict):
+            values["fast"] = FastPathOptions(**values["fast"])
+        return cls(**values)
+
+
+def _c(name: str, impl: str, dtype: str, **kw: Any) -> BenchConfig:
+    return BenchConfig(name=name, impl=impl, dtype=dtype, **kw)
+
+
+def _fast(**options: Any) -> FastPathOptions:
+    """The fast path as the benchmark's fast rows run it: each checkpoint keeps mid+qkv unless told otherwise."""
+    return FastPathOptions(**{"checkpoint_keep": "mid+qkv", **options})
+
+
+ORIGINAL = dict(micro_batch=1, accumulation=2, prepare=True)
+FAST = dict(expandable_segments=True, optim="paged_adamw_8bit_flat", fast=_fast())
+
+CONFIGS: list[BenchConfig] = [
+    # The original configuration, in the student's fp16 and in bf16
+    _c("original_fp16", "hf", "fp16", **ORIGINAL, group="original"),
+    _c("original_bf16", "hf", "bf16", **ORIGINAL, group="original"),
+    # One step at a time: what each change buys at the original recipe (2 sequences per optimizer step)
+    _c("hf_2x1_fp16", "hf", "fp16", micro_batch=2, prepare=True, group="recipe",
+       prediction="one micro-batch of 2 instead of 2 x 1: ~1.8x fewer s/step (launch-bound step, half the launches)"),
+    _c("hf_2x1_noprep_liger_bf16", "hf", "bf16", micro_batch=2, liger=True, group="recipe",
+       prediction="no fp32 upcast + Liger: little speed (launch-bound), ~1.5 GiB less"),
+    _c("fast_2x1_fp16", "fast", "fp16", micro_batch=2, **FAST, group="recipe",
+       prediction="fused layers: ~5x fewer kernels per layer -> >= 4x fewer s/step than the original, < 4 GiB"),
+    _c("fast_2x1_bf16", "fast", "bf16", micro_batch=2, **FAST, group="recipe"),
+    _c("fast_2x1_on_gpu_fp16", "fast", "fp16", micro_batch=2, **{**FAST, "fast": _fast(offload_checkpoints=False)},
+       group="recipe",
+       prediction="the 2 x 512 tokens' checkpoints (0.6 GiB) kept on the GPU: ~8 stream operations fewer per "
+       "checkpoint on a CPU-bound step, ~10 % faster, 0.6 GiB more on the GPU"),
+    _c("fast_2x1_torch_kernels_fp16", "fast", "fp16", micro_batch=2, **{**FAST, "fast": _fast(kernels="torch")},
+       group="recipe",
+       prediction="PyTorch's RMSNorm/RoPE/SwiGLU ops instead of Liger's Triton kernels (the default below "
+                  "small_pass_tokens since): a Triton launch costs several times an ATen op's CPU time; more "
+                  "kernels but less CPU: ~5 % faster on the CPU-bound 2 x 1 step"),
+    _c("fast_2x1_per_tensor_optim_fp16", "fast", "fp16", micro_batch=2, **{**FAST, "optim": "paged_adamw_8bit"},
+       group="recipe", prediction="bitsandbytes updating 392 tensors one by one (a GPU sync after each): "
+       "~45 ms more per step than one flat update"),
+    _c("fast_2x1_fused_adamw_fp16", "fast", "fp16", micro_batch=2, **{**FAST, "optim": "adamw_torch_fused"},
+       group="recipe", prediction="fused AdamW: one kernel instead of ~450 per step; ~10 ms less per step"),
+    # Throughput within the 8 GB budget
+    _c("fast_mb16_bf16", "fast", "bf16", micro_batch=16, **FAST, group="throughput"),
+    _c("fast_mb32_bf16", "fast", "bf16", micro_batch=32, **FAST, group="throughput",
+       prediction="~85 % of the GEMM ceiling: >= 25,000 tokens/s under 7.5 GiB reserved"),
+    _c("fast_mb40_bf16", "fast", "bf16", micro_batch=40, **FAST, group="throughput"),
+    _c("fast_mb48_bf16", "fast", "bf16", micro_batch=48, **FAST, group="throughput"),
+    _c("fast_mb32_per_tensor_optim_bf16", "fast", "bf16", micro_batch=32, **{**FAST, "optim": "paged_adamw_8bit"},
+       group="throughput", prediction="per-tensor bitsandbytes update: ~45 ms (6 %) more per step"),
+    _c("fast_mb32_fused_adamw_bf16", "fast", "bf16", micro_batch=32, **{**FAST, "optim": "adamw_torch_fused"},
+       group="throughput", prediction="the profile showed 50 ms in PagedAdamW8bit.step: fused AdamW saves ~6 %"),
+    _c("fast_mb32_fp16", "fast", "fp16", micro_batch=32, **FAST, group="throughput",
+       prediction="fp16 as fast as bf16 on the H100 (same tensor-core rate), same memory"),
+    _c("fast_mb48_fp16", "fast", "fp16", micro_batch=48, **FAST, group="throughput"),
+    # Ablations at micro-batch 32 (bf16): what each piece of the fast path is worth
+    _c("fast_mb32_keep_down_bf16", "fast", "bf16", micro_batch=32,
+       **{**FAST, "fast": _fast(skip_down_recompute=False)}, group="ablation",
+       prediction="recomputing down_proj costs ~8 % of the step"),
+    _c("fast_mb32_no_offload_bf16", "fast", "bf16", micro_batch=32,
+       **{**FAST, "fast": _fast(offload_checkpoints=False, checkpoint_keep="input")}, group="ablation",
+       prediction="checkpoints on the GPU: same speed, +2.6 GiB (28 layers x 16k tokens x 6 KiB)"),
+    _c("fast_mb32_torch_kernels_bf16", "fast", "bf16", micro_batch=32, **{**FAST, "fast": _fast(kernels="torch")},
+       group="ablation", prediction="PyTorch RMSNorm/RoPE/SwiGLU instead of Liger: ~10 % slower, more memory"),
+    _c("fast_mb32_dropout0_bf16", "fast", "bf16", micro_batch=32, lora_dropout=0.0, **FAST, group="throughput",
+       prediction="no LoRA dropout: ~5 % faster, less memory (Unsloth's fast LoRA needs dropout 0)"),
+    _c("fast_mb32_dropout0_fp16", "fast", "fp16", micro_batch=32, lora_dropout=0.0, **FAST, group="throughput"),
+    _c("fast_mb32_dropout0_keep_input_bf16", "fast", "bf16", micro_batch=32, lora_dropout=0.0,
+       **{**FAST, "fast": _fast(checkpoint_keep="input")}, group="ablation", prediction="only the layer input as "
+       "checkpoint (o_proj's and q/k/v's GEMMs recomputed): ~7 % slower, 7.5 GB less pinned CPU memory"),
+    _c("fast_mb32_dropout0_keep_mid_bf16", "fast", "bf16", micro_batch=32, lora_dropout=0.0,
+       **{**FAST, "fast": _fast(checkpoint_keep="mid")}, group="ablation", prediction="input and residual after "
+       "attention (q/k/v's GEMM recomputed): ~4 % slower, 4.7 GB less pinned CPU memory"),
+    _c("fast_mb32_dropout0_keep_mid_fp16", "fast", "fp16", micro_batch=32, lora_dropout=0.0,
+       **{**FAST, "fast": _fast(checkpoint_keep="mid")}, group="ablation"),
+    _c("fast_mb32_dropout0_mlp8k_bf16", "fast", "bf16", micro_batch=32, lora_dropout=0.0,
+       **{**FAST, "fast": _fast(mlp_chunk_tokens=8192)}, group="ablation", prediction="the MLP in two chunks of "
+       "8,192 tokens: ~0.6 GiB less at the peak, fewer allocator retries under the cap; GEMMs of half the rows as "
+       "fast: ~3 % faster capped"),
+    _c("fast_mb40_dropout0_bf16", "fast", "bf16", micro_batch=40, lora_dropout=0.0, **FAST, group="throughput"),
+    _c("fast_mb40_dropout0_mlp8k_bf16", "fast", "bf16", micro_batch=40, lora_dropout=0.0,
+       **{**FAST, "fast": _fast(mlp_chunk_tokens=8192)}, group="throughput"),
+    _c("fast_mb48_dropout0_mlp8k_bf16", "fast", "bf16", micro_batch=48, lora_dropout=0.0,
+       **{**FAST, "fast": _fast(mlp_chunk_tokens=8192)}, group="throughput"),
+    _c("fast_mb40_dropout0_fp16", "fast", "fp16", micro_batch=40, lora_dropout=0.0, **FAST, group="throughput"),
+    _c("hf_mb16_noprep_liger_bf16", "hf", "bf16", micro_batch=16, liger=True, group="ablation",
+       prediction="Hugging Face path with Liger, no upcast, GC: ~13k tokens/s within 6 GiB (shared/bench)"),
+    # Real examples (the shipped corpus): padding must not eat the gain
+    _c("original_corpus_fp16", "hf", "fp16", workload="corpus", **ORIGINAL, group="corpus"),
+    _c("fast_2x1_corpus_fp16", "fast", "fp16", micro_batch=2, workload="corpus", **FAST, group="corpus"),
+    _c("fast_mb32_corpus_bf16", "fast", "bf16", micro_batch=32, workload="corpus", **FAST, group="corpus",
+       prediction="padding-free packing keeps the synthetic throughput (-5 % for shorter attention rows)"),
+    _c("fast_mb32_corpus_fp16", "fast", "fp16", micro_batch=32, workload="corpus", **FAST, group="corpus"),
+    # The peer, where it is installed next to the benchmark
+    _c("unsloth_2x1_bf16", "unsloth", "bf16", micro_batch=2, lora_dropout=0.0, group="peer"),
+    _c("unsloth_mb32_bf16", "unsloth", "bf16", micro_batch=32, lora_dropout=0.0, group="peer"),
+    _c("unsloth_mb40_bf16", "unsloth", "bf16", micro_batch=40, lora_dropout=0.0, group="peer"),
+    _c("unsloth_mb48_bf16", "unsloth", "bf16", micro_batch=48, lora_dropout=0.0, group="peer"),
+    _c("unsloth_mb32_fp16", "unsloth", "fp16", micro_batch=32, lora_dropout=0.0, group="peer"),
+]
+
+
+CONFIGS_BY_NAME = {config.name: config for config in CONFIGS}
+
+
+def config_by_name(name: str) -> BenchConfig:
+    """The configuration called ``name``; an unknown name lists the known ones."""
+    if name in CONFIGS_BY_NAME:
+        return CONFIGS_BY_NAME[name]
+    raise SystemExit(f"error: unknown configuration {name!r}. Known: {', '.join(c.name for c in CONFIGS)}")

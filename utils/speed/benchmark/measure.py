@@ -1,0 +1,271 @@
+"""One configuration, measured in its own process: load the model its way, train it, time the steps, read the peaks.
+
+``measure`` runs in a fresh ``python -m utils.speed.benchmark child`` process (``run_child`` starts it): a manual
+loop (``utils.train_step.run_optimizer_steps``: autocast for the Hugging Face path, GradScaler for fp16, clip 0.5,
+the configuration's optimizer), ``warmup`` steps, then the median of ``steps`` optimizer steps.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import importlib.metadata
+import io
+import os
+import pstats
+import statistics
+import subprocess
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict
+from typing import Any, Callable
+
+import torch
+from peft import get_peft_model, prepare_model_for_kbit_training
+from torch.profiler import ProfilerActivity, profile
+from transformers import get_cosine_schedule_with_warmup
+
+from utils.childproc import ChildProcessFailed, run_module_child
+from utils.config import THESIS
+from utils.device import DTYPES
+from utils.modeling import build_lora_config, load_model
+from utils.speed.benchmark.configs import BenchConfig
+from utils.speed.benchmark.workloads import corpus_examples, corpus_steps, synthetic_batches
+from utils.speed.fastpath import causal_lm_loss, enable_fast_path
+from utils.train_step import Batch, StepLog, build_optimizer, run_optimizer_steps
+from utils.units import GIB
+
+MODULE = "utils.speed.benchmark"  # the child processes run ``python -m utils.speed.benchmark child <task>``
+LossFn = Callable[[Batch, int], torch.Tensor]
+
+
+def _fast_loss(peft_model) -> LossFn:
+    """The loss of the fast path: the backbone's last hidden state, then the loss over the label positions only."""
+    backbone_forward = peft_model.get_base_model().model
+
+    def loss_fn(batch: Batch, num_items: int) -> torch.Tensor:
+        hidden = backbone_forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  position_ids=batch.position_ids).last_hidden_state
+        return causal_lm_loss(peft_model, hidden, batch.labels, num_items)
+
+    return loss_fn
+
+
+def _hf_loss(peft_model, dtype: torch.dtype, cuda: bool) -> LossFn:
+    """The loss of the Hugging Face path: the model's own forward under autocast, normalised over ``num_items``."""
+    def hf_loss(batch: Batch, num_items: int) -> torch.Tensor:
+        with (torch.autocast("cuda", dtype=dtype) if cuda else nullcontext()):
+            out = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids, labels=batch.labels,
+                             num_items_in_batch=torch.tensor(num_items, device=batch.input_ids.device))
+        return out.loss
+
+    return hf_loss
+
+
+def load_model_for(config: BenchConfig, model: str, device: str):
+    """Load ``model`` (a folder or name) the way ``config`` trains it; returns (peft model, loss function, details)."""
+    dtype = DTYPES[config.dtype]
+    cuda = device.startswith("cuda")
+    quantization = "nf4_dq" if cuda else None
+    if config.impl == "hf" and config.liger:
+        # Liger: optional (CUDA installs), imported only for the rows that use it
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = load_model(model, quantization=quantization, device=device, compute_dtype=dtype if cuda else None)
+        base.config.use_cache = False
+        if config.impl == "hf":
+            if config.prepare:
+                base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                base.enable_input_require_grads()
+        lora = build_lora_config(lora_dropout=config.lora_dropout)
+        peft_model = get_peft_model(base, lora)
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # fp32 LoRA weights: GradScaler needs them, and they are 0.2 GB
+    if config.impl == "fast":
+        enable_fast_path(peft_model, dtype if cuda else torch.float32, config.fast)
+        # measure() adds the fast path's resolved choices after the first step (some are settled there)
+        return peft_model, _fast_loss(peft_model), {"alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+    return peft_model, _hf_loss(peft_model, dtype, cuda), {"prepare": config.prepare, "liger": config.liger}
+
+
+def load_unsloth_for(config: BenchConfig, model: str):
+    """Unsloth's FastLanguageModel on the same weights, LoRA and loop (the peer row)."""
+    # Unsloth: optional (the peer row only). It must come before transformers, peft and trl, which it patches as
+    # it loads: ``python -m utils.speed.benchmark`` imports it first in the child processes that measure it
+    import unsloth  # noqa: F401
+    from unsloth import FastLanguageModel
+
+    dtype = DTYPES[config.dtype]
+    base, _ = FastLanguageModel.from_pretrained(model, max_seq_length=config.max_seq_length, dtype=dtype,
+                                                load_in_4bit=True)
+    peft_model = FastLanguageModel.get_peft_model(
+        base, r=THESIS.lora_r, lora_alpha=THESIS.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=list(THESIS.target_modules), bias="none", use_gradient_checkpointing="unsloth")
+
+    def loss_fn(batch: Batch, num_items: int) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=dtype):
+            return peft_model(input_ids=batch.input_ids, labels=batch.labels).loss
+
+    return peft_model, loss_fn, {"unsloth": importlib.metadata.version("unsloth")}
+
+
+def _cap_gpu_memory(device: str, memory_cap_gib: float | None) -> None:
+    """Start CUDA and cap what PyTorch's caching allocator may reserve (``memory_cap_gib``; None: no cap)."""
+    torch.cuda.init()
+    if memory_cap_gib:
+        total_memory = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * GIB / total_memory), device)
+
+
+def _step_plan(config: BenchConfig, vocab: int, total: int, seed: int,
+               examples: list[dict] | None) -> list[list[Batch]]:
+    """The micro-batches of each of ``total`` optimizer steps: the corpus in one seeded order, or fixed rows."""
+    if config.workload == "corpus":
+        examples = examples if examples is not None else corpus_examples(
+            "llama-3.2" if vocab >= 128000 else "embedded", seed=0, vocab=vocab if vocab < 49152 else None)
+        return corpus_steps(config, examples, total)
+    fixed = synthetic_batches(config, vocab, seed)
+    return [fixed] * total
+
+
+def _gpu_peaks() -> dict[str, Any]:
+    """The allocator's counters and the peaks of allocated and reserved memory since the last reset."""
+    stats = torch.cuda.memory_stats()
+    return {
+        "allocator": {k: stats.get(k) for k in ("num_alloc_retries", "inactive_split_bytes.all.peak",
+                                                "active_bytes.all.peak", "reserved_bytes.all.peak")},
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
+    }
+
+
+def _measured_row(config: BenchConfig, device: str, details: dict, load_seconds: float, log: StepLog,
+                  steps: int, params: list) -> dict[str, Any]:
+    """The row of one measured configuration: its fields, then times, tokens and losses of the steps."""
+    measured_tokens = log.tokens[log.warmup:]
+    return {
+        **asdict(config), "ok": True, "device": device, "details": details,
+        "load_seconds": round(load_seconds, 1), "steps": steps, "warmup_steps": log.warmup,
+        "seconds_per_step": round(log.seconds_per_step, 5),
+        "seconds_per_step_all": [round(t, 4) for t in log.seconds],
+        # real tokens over real time: sum of tokens / sum of seconds of the measured steps
+        "tokens_per_second": round(log.tokens_per_second, 1),
+        "tokens_per_step": round(statistics.mean(measured_tokens), 1),
+        "losses": log.losses, "first_loss": log.losses[0], "last_loss": log.losses[-1],
+        "label_tokens_per_step": log.label_tokens,
+        "lora_parameters": sum(p.numel() for p in params),
+    }
+
+
+def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: str | None = None,
+            lr_schedule: bool = False, seed: int = 0, examples: list[dict] | None = None,
+            step_hook: Any = None, memory_cap_gib: float | None = None) -> dict[str, Any]:
+    """Train ``config`` for ``warmup + steps`` optimizer steps; times, peaks and losses.
+
+    ``seed`` sets the LoRA initialisation and dropout; the data (fixed random rows, or the corpus in one
+    seeded order) is the same for every seed, so two seeds measure run-to-run noise. ``memory_cap_gib`` caps
+    what PyTorch's caching allocator may reserve on the GPU, as a smaller card would: past it the allocator
+    returns cached blocks to the driver and retries (counted in ``allocator.num_alloc_retries``), or the row
+    fails out of memory.
+    """
+    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    torch.manual_seed(seed)
+    if cuda:
+        _cap_gpu_memory(device, memory_cap_gib)
+    started = time.perf_counter()
+    if config.impl == "unsloth":
+        peft_model, loss_fn, details = load_unsloth_for(config, model)
+    else:
+        peft_model, loss_fn, details = load_model_for(config, model, device)
+    load_seconds = time.perf_counter() - started
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, config.optim)
+    total = warmup + steps
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, total // 10), total) if lr_schedule else None
+    scaler = torch.amp.GradScaler("cuda") if (cuda and config.dtype == "fp16") else None
+    plan = _step_plan(config, peft_model.config.vocab_size, total, seed, examples)
+    peft_model.train()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    log = run_optimizer_steps(plan, loss_fn, params, optimizer, device, scaler=scaler, scheduler=scheduler,
+                              warmup=warmup, step_hook=step_hook)
+    out = _measured_row(config, device, details, load_seconds, log, steps, params)
+    if config.impl == "fast":
+        out["details"]["fast_path"] = peft_model.get_base_model().model._fast_path.describe()
+    if cuda:
+        out.update(_gpu_peaks())
+    return out
+
+
+def profile_step(config: BenchConfig, model: str, warmup: int = 2, rows: int = 30,
+                 shapes: bool = False, sort: str = "gpu") -> dict[str, Any]:
+    """One optimizer step of ``config`` under torch.profiler: the kernels (or, ``shapes``, ops by shape) by GPU time.
+
+    ``sort="cpu"``: ops by their own CPU time, then (a second step under cProfile) Python functions by their own
+    time: where a launch-bound step spends its CPU.
+    """
+    holder: dict[str, Any] = {}
+
+    def hook(step: int) -> Any:
+        if step == warmup:
+            holder["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=shapes)
+            holder["prof"].__enter__()
+        elif step == warmup + 1 and "prof" in holder:
+            torch.cuda.synchronize()
+            holder["prof"].__exit__(None, None, None)
+            if sort == "cpu":
+                holder["python"] = cProfile.Profile()
+                holder["python"].enable()
+        elif step == warmup + 2 and "python" in holder:
+            holder["python"].disable()
+
+    result = measure(config, model, steps=2 if sort == "cpu" else 1, warmup=warmup, step_hook=hook)
+    prof = holder["prof"]
+    key = "self_cpu_time_total" if sort == "cpu" else "self_cuda_time_total"
+    table = prof.key_averages(group_by_input_shape=shapes).table(sort_by=key, row_limit=rows,
+                                                                 max_name_column_width=60, max_shapes_column_width=90)
+    if "python" in holder:
+        text = io.StringIO()
+        pstats.Stats(holder["python"], stream=text).sort_stats("tottime").print_stats(rows)
+        table += "\n\nPython functions of the next step by own time (cProfile):\n" + text.getvalue()
+    events = prof.key_averages()
+    cuda_total = sum(e.self_device_time_total for e in events) / 1e3
+    return {"name": config.name, "seconds_per_step": result["seconds_per_step"], "gpu_busy_ms": round(cuda_total, 1),
+            "table": table}
+
+
+def child(task: dict) -> dict:
+    """The ``child`` command: one measurement (or, ``task["profile"]``, one profiled step); a failure is its row."""
+    config = BenchConfig.from_dict(task["config"])
+    if task.get("profile"):
+        return profile_step(config, task["model"], **task["profile"])
+    try:
+        return measure(config, task["model"], task["steps"], task["warmup"], lr_schedule=task.get("lr_schedule", False),
+                       memory_cap_gib=task.get("memory_cap_gib"),
+                       seed=task.get("seed", 0))
+    except torch.cuda.OutOfMemoryError as exc:
+        return {**asdict(config), "ok": False, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+    except ImportError as exc:
+        if config.impl == "unsloth":
+            return {**asdict(config), "ok": False, "skipped": True, "error": f"unsloth not installed ({exc})"}
+        raise
+
+
+def run_child(task: dict, timeout: float = 900, env: dict | None = None) -> dict:
+    """Run one measurement in a fresh ``python -m utils.speed.benchmark child`` process; a failure becomes its row."""
+    config = task["config"]
+    try:
+        return run_module_child(MODULE, task, timeout, env)
+    except subprocess.TimeoutExpired:
+        return {**config, "ok": False, "error": f"stopped after {timeout:.0f} s"}
+    except ChildProcessFailed as exc:
+        return {**config, "ok": False, "error": f"child process failed ({exc}"}

@@ -1,0 +1,179 @@
+"""The speed benchmark's saved reports: read them, merge repeated rows, compute their ratios, tabulate them.
+
+A report is the JSON that ``python -m utils.speed.benchmark run`` (rows of configurations), ``correctness`` (runs
+of the two paths) or ``ddp`` (runs on 1 and N GPUs) writes. Everything here reads data; nothing measures or draws.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from utils.files import read_json
+from utils.paths import resolve_path
+from utils.units import BUDGET_GIB
+
+# Rows written before ``BenchConfig`` nested ``FastPathOptions``: their flat fast-path knobs and the option each named.
+OLD_FAST_KEYS = {
+    "checkpoint": "checkpoint",
+    "offload": "offload_checkpoints",
+    "skip_down": "skip_down_recompute",
+    "checkpoint_keep": "checkpoint_keep",
+    "kernels": "kernels",
+    "mlp_chunk_tokens": "mlp_chunk_tokens",
+}
+
+
+def upgrade_row(row: dict) -> dict:
+    """A row in today's layout: ``seq_len`` → ``max_seq_length``, the flat fast-path knobs → ``fast`` (a dict).
+
+    Rows of the committed reports (written before the renovation) name ``seq_len`` and the knobs ``offload``,
+    ``skip_down``, ``checkpoint_keep``, ``checkpoint``, ``kernels``, ``mlp_chunk_tokens``; ``fast`` then holds
+    only the options the row named. A row already in today's layout, or any other dict, comes back unchanged.
+    """
+    if "fast" in row or not ({"seq_len", *OLD_FAST_KEYS} & row.keys()):
+        return row
+    out: dict[str, Any] = {}
+    fast: dict[str, Any] = {}
+    for key, value in row.items():
+        if key in OLD_FAST_KEYS:
+            fast[OLD_FAST_KEYS[key]] = value
+            continue
+        if key == "lora_dropout":  # the knobs sat after lora_dropout; today's fast field sits there
+            out[key] = value
+            out["fast"] = fast
+            continue
+        out["max_seq_length" if key == "seq_len" else key] = value
+    out.setdefault("fast", fast)
+    return out
+
+
+def _upgrade_report(report: dict) -> dict:
+    """The report with every row (``rows``, ``runs``, ``invocations[].rows``) in today's layout."""
+    report = dict(report)
+    for key in ("rows", "runs"):
+        if isinstance(report.get(key), list):
+            report[key] = [upgrade_row(r) for r in report[key]]
+    if isinstance(report.get("invocations"), list):
+        report["invocations"] = [_upgrade_report(run) for run in report["invocations"]]
+    return report
+
+
+def load_report(path: str | Path) -> dict:
+    """A saved benchmark, correctness or DDP JSON (a relative path is read from the repository root).
+
+    Rows written before the renovation are read in today's layout (``upgrade_row``); the numbers are untouched.
+    """
+    return _upgrade_report(read_json(resolve_path(path)))
+
+
+def merged_rows(rows: Sequence[dict]) -> list[dict]:
+    """One row per configuration that ran: with repeats (``run --repeat``), the median tokens/s and s/step over
+    them and the largest peaks; the first repeat's other fields. Rows without repeats come back as they are."""
+    by_name: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("ok"):
+            by_name.setdefault(row["name"], []).append(row)
+    merged = []
+    for name, group in by_name.items():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        row = dict(group[0])
+        for key in ("tokens_per_second", "seconds_per_step"):
+            row[key] = round(statistics.median(r[key] for r in group), 5)
+            row[f"{key}_repeats"] = [r[key] for r in group]
+        for key in ("peak_allocated_gib", "peak_reserved_gib"):
+            values = [r[key] for r in group if r.get(key) is not None]
+            row[key] = max(values) if values else None
+        row["repeats"] = len(group)
+        merged.append(row)
+    return merged
+
+
+def _best_within_budget(ok: dict[str, dict], impl: str, dtype: str, workload: str = "synthetic") -> dict | None:
+    """The fastest row of ``impl`` in ``dtype`` on ``workload`` whose peak reserved memory fits ``BUDGET_GIB``."""
+    fits = [r for r in ok.values() if r["impl"] == impl and r["dtype"] == dtype and r["workload"] == workload
+            and r.get("peak_reserved_gib") is not None and r["peak_reserved_gib"] <= BUDGET_GIB]
+    return max(fits, key=lambda r: r["tokens_per_second"], default=None)
+
+
+def _throughput_ratios(ok: dict[str, dict], summary: dict[str, Any]) -> None:
+    """The best fast row of each dtype against the original (fp16) and against the best Unsloth row."""
+    original = ok.get("original_fp16")
+    for dtype in ("bf16", "fp16"):
+        fast = _best_within_budget(ok, "fast", dtype)
+        if fast and original:
+            summary[f"fast_best_{dtype}"] = {
+                "name": fast["name"], "tokens_per_second": fast["tokens_per_second"],
+                "peak_reserved_gib": fast["peak_reserved_gib"],
+                "x_original_fp16": round(fast["tokens_per_second"] / original["tokens_per_second"], 2)}
+        peer = _best_within_budget(ok, "unsloth", dtype)
+        if fast and peer:
+            summary[f"fast_best_{dtype}"]["x_unsloth_best"] = round(fast["tokens_per_second"] /
+                                                                    peer["tokens_per_second"], 2)
+            summary[f"unsloth_best_{dtype}"] = {"name": peer["name"], "tokens_per_second": peer["tokens_per_second"],
+                                                "peak_reserved_gib": peer["peak_reserved_gib"]}
+
+
+def _recipe_and_corpus_ratios(ok: dict[str, dict], summary: dict[str, Any]) -> None:
+    """The original recipe (2 sequences per step) on both paths, and the best fast row on the corpus."""
+    for dtype in ("fp16", "bf16"):
+        recipe, orig = ok.get(f"fast_2x1_{dtype}"), ok.get(f"original_{dtype}")
+        if recipe and orig:
+            summary[f"recipe_{dtype}"] = {
+                "original_seconds_per_step": orig["seconds_per_step"], "fast_seconds_per_step":
+                recipe["seconds_per_step"], "x_fewer_seconds": round(orig["seconds_per_step"] /
+                                                                     recipe["seconds_per_step"], 2),
+                "fast_peak_allocated_gib": recipe.get("peak_allocated_gib"),
+                "original_peak_allocated_gib": orig.get("peak_allocated_gib")}
+    corpus_orig = ok.get("original_corpus_fp16")
+    for dtype in ("bf16", "fp16"):
+        fast = _best_within_budget(ok, "fast", dtype, "corpus")
+        if fast and corpus_orig:
+            summary[f"corpus_fast_best_{dtype}"] = {
+                "name": fast["name"], "tokens_per_second": fast["tokens_per_second"],
+                "x_original_corpus_fp16": round(fast["tokens_per_second"] / corpus_orig["tokens_per_second"], 2)}
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, Any]:
+    """The ratios the issue asks for, from rows of one run (None where a row is missing; repeats merged)."""
+    ok = {r["name"]: r for r in merged_rows(rows)}
+    summary: dict[str, Any] = {"budget_reserved_gib": BUDGET_GIB}
+    _throughput_ratios(ok, summary)
+    _recipe_and_corpus_ratios(ok, summary)
+    return summary
+
+
+def compare_losses(runs: Sequence[dict], tail: int = 10) -> dict[str, Any]:
+    """Mean |difference| of per-step losses: fast vs original (same seed) and original vs original (seeds)."""
+    ok = {r["name"]: r["losses"] for r in runs if r.get("ok")}
+    seeds = sorted({n.split("seed")[1] for n in ok})
+
+    def gap(a: list[float], b: list[float]) -> float:
+        return round(statistics.mean(abs(x - y) for x, y in zip(a, b)), 4)
+
+    out: dict[str, Any] = {}
+    for s in seeds:
+        if f"original_seed{s}" in ok and f"fast_seed{s}" in ok:
+            out[f"fast_vs_original_seed{s}"] = gap(ok[f"original_seed{s}"], ok[f"fast_seed{s}"])
+            out[f"final_mean_last{tail}_original_seed{s}"] = round(statistics.mean(ok[f"original_seed{s}"][-tail:]), 4)
+            out[f"final_mean_last{tail}_fast_seed{s}"] = round(statistics.mean(ok[f"fast_seed{s}"][-tail:]), 4)
+    if len(seeds) >= 2 and all(f"original_seed{s}" in ok for s in seeds[:2]):
+        out["original_seed_vs_seed"] = gap(ok[f"original_seed{seeds[0]}"], ok[f"original_seed{seeds[1]}"])
+    return out
+
+
+def speed_table(report: dict) -> pd.DataFrame:
+    """The measured rows as a table (Spanish headers, for the notebook and the thesis)."""
+    rows = [{
+        "configuración": r["name"], "tipo": r["dtype"], "carga": r["workload"],
+        "micro-lote × acum.": f"{r['micro_batch']}×{r['accumulation']}",
+        "tokens/s": round(r["tokens_per_second"]), "s/paso": r["seconds_per_step"],
+        "GiB asignados (pico)": r.get("peak_allocated_gib"), "GiB reservados (pico)": r.get("peak_reserved_gib"),
+        "reintentos del asignador": (r.get("allocator") or {}).get("num_alloc_retries"),
+    } for r in merged_rows(report["rows"])]
+    return pd.DataFrame(rows).set_index("configuración")

@@ -1,0 +1,53 @@
+"""QLoRA training of the original script on today's API (TRL 1.x, transformers 5.x), with its traps fixed.
+
+Notebook ``04_training.ipynb`` calls these functions one step per cell; ``python -m utils.training`` runs the
+same functions in the same order (also under ``accelerate launch``). One module per topic:
+
+- ``settings``: ``TrainingSettings`` (the notebook's parameters), ``plan_training`` → ``TrainingPlan``, errors;
+- ``data``: tokenizer, datasets, one BOS per example; ``model``: memory check, model, ``SFTConfig``, trainer;
+- ``callbacks``: log history as CSV, throughput, live plot; ``checkpoints``: the last complete checkpoint;
+- ``run``: train, save the outputs, ``04_config.json`` and ``04_run.json``; ``inspect``: the traps as tables;
+- ``cli``: the command line (profiles and flags).
+
+Figures are in ``utils.plotting.training``, the Spanish prose in ``utils.reports.training``; a trained run is
+loaded back with ``utils.inference.load_trained``.
+"""
+
+from utils.training.callbacks import HistoryCsvCallback, LivePlotCallback, ThroughputCallback, history_frame
+from utils.training.checkpoints import find_last_checkpoint
+from utils.training.cli import build_parser, main, profile_settings
+from utils.training.data import (
+    TrainingData, bos_counts, check_bos, expected_bos, load_training_data, load_training_tokenizer,
+    strip_template_bos, tokenizer_adds_bos,
+)
+from utils.training.inspect import (
+    answers_table, compare_stop_rates, describe_labels, double_bos_table, label_table, settings_table,
+    stop_rate_records, trainable_parameter_counts,
+)
+from utils.training.model import (
+    OriginalPadMaskingCollator, build_sft_config, build_trainer, build_training_lora_config, check_fast_path_model,
+    check_memory, estimate_training_memory, load_training_model, recast_trainable_parameters, trainable_dtypes,
+    use_flat_optimizer,
+)
+from utils.training.run import (
+    load_history, oom_message, run_training, save_training_outputs, success_line, train, write_config,
+    write_training_record,
+)
+from utils.training.settings import (
+    FAST_PATH_CHOICES, NOTEBOOK, NOTEBOOK_ONLY, QUANTIZATION_CHOICES, RESUME_MUST_MATCH, RUN_FILE,
+    TrainingConfigError, TrainingOutOfMemoryError, TrainingPlan, TrainingSettings, plan_training,
+)
+
+__all__ = [
+    "FAST_PATH_CHOICES", "NOTEBOOK", "NOTEBOOK_ONLY", "QUANTIZATION_CHOICES", "RESUME_MUST_MATCH", "RUN_FILE",
+    "HistoryCsvCallback", "LivePlotCallback", "OriginalPadMaskingCollator", "ThroughputCallback", "TrainingConfigError",
+    "TrainingData", "TrainingOutOfMemoryError", "TrainingPlan", "TrainingSettings",
+    "answers_table", "bos_counts", "build_parser", "build_sft_config", "build_trainer", "build_training_lora_config",
+    "check_bos", "check_fast_path_model", "check_memory", "compare_stop_rates", "describe_labels",
+    "double_bos_table", "estimate_training_memory", "expected_bos", "find_last_checkpoint", "history_frame",
+    "label_table", "load_history", "load_training_data", "load_training_model", "load_training_tokenizer", "main",
+    "oom_message", "plan_training", "profile_settings", "recast_trainable_parameters", "run_training",
+    "save_training_outputs", "settings_table", "stop_rate_records", "strip_template_bos", "success_line",
+    "tokenizer_adds_bos", "train", "trainable_dtypes", "trainable_parameter_counts", "use_flat_optimizer",
+    "write_config", "write_training_record",
+]

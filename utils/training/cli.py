@@ -1,0 +1,77 @@
+"""The command line of notebook 04 (``python -m utils.training``): a profile's settings, flags, the run.
+
+    python -m utils.training --profile demo                      # the profile's common and "04" parameters
+    python -m utils.training --profile smoke --max-steps 6 --save-steps 2 --output-dir /tmp/run
+    python -m utils.training --profile smoke --output-dir /tmp/run --resume  # continue after a crash
+    python -m utils.training --model embedded --max-steps 5 --compute-dtype fp16 --quantization nf4_dq
+    accelerate launch --num_processes 2 -m utils.training --profile thesis   # DDP, one process per GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from utils.config import ProfileError, load_profile, notebook_parameters
+from utils.data import DatasetError
+from utils.modeling import ModelNotAvailableError
+from utils.runner import check_profile_keys, resolve_parameters, select_notebooks
+from utils.training.run import train
+from utils.training.settings import (
+    NOTEBOOK, NOTEBOOK_ONLY, TrainingConfigError, TrainingOutOfMemoryError, TrainingSettings, setting_names,
+)
+
+
+def profile_settings(profile: str, **overrides: Any) -> TrainingSettings:
+    """Settings of a profile: the thesis defaults, the profile's ``common`` and "04" keys, then ``overrides``.
+
+    The profile is read as the runner reads it: every block is checked first (a misspelt key in ``common`` or
+    "04" is one ``ProfileError`` naming the key, the file and the known names), and notebook 04 receives the
+    ``common`` keys its parameters cell declares (``max_seq_length`` among them) overlaid by its own block.
+    """
+    data = load_profile(profile)
+    check_profile_keys(profile, data)
+    params = resolve_parameters(select_notebooks([NOTEBOOK])[0], notebook_parameters(data, NOTEBOOK))
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    params["profile"] = profile
+    for key in NOTEBOOK_ONLY:
+        params.pop(key, None)
+    unknown = set(params) - setting_names()
+    if unknown:
+        raise TrainingConfigError(f"unknown training settings {sorted(unknown)}; known: {sorted(setting_names())}")
+    return TrainingSettings(**params)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One ``--flag`` per setting (``--max-seq-length``), plus ``--model`` for ``--model-name``."""
+    parser = argparse.ArgumentParser(prog="python -m utils.training", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="thesis", help="profile YAML in notebooks/params (default: thesis)")
+    for f in dataclasses.fields(TrainingSettings):
+        if f.name == "profile":
+            continue
+        flags = [f"--{f.name.replace('_', '-')}"] + (["--model"] if f.name == "model_name" else [])
+        if f.type in ("bool", bool):
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=None)
+    parser.add_argument("--keep-trl-bf16-adapters", action="store_true",
+                        help="skip the fp16 recast of the trainable parameters (shows the error it prevents)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m utils.training``; user errors print one message and exit with 2."""
+    args = vars(build_parser().parse_args(argv))
+    profile = args.pop("profile")
+    keep_bf16 = args.pop("keep_trl_bf16_adapters")
+    try:
+        settings = profile_settings(profile, **args)
+        train(settings, keep_trl_bf16_adapters=keep_bf16)
+    except (TrainingConfigError, TrainingOutOfMemoryError, DatasetError, ModelNotAvailableError,
+            ProfileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,260 @@
+"""The model and its trainer: the memory check before loading, the base model, ``SFTConfig`` and ``SFTTrainer``.
+
+``build_trainer`` also applies the fixes the plan asks for (fp16 recast of the trainable parameters, the fast
+path and its one-call optimizer) and refuses a dataset with a doubled BOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import psutil
+import torch
+from peft import LoraConfig, prepare_model_for_kbit_training
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from utils.device import dtype_name, torch_dtype
+from utils.memory import analytic_training_breakdown, load_model_config
+from utils.modeling import build_lora_config, load_model
+from utils.paths import HISTORY_FILE
+from utils.speed import enable_fast_path, unsupported_reason
+from utils.speed.optim import FlatOptimizer, flat_unsupported_reason
+from utils.training.callbacks import HistoryCsvCallback
+from utils.training.data import TrainingData, check_bos
+from utils.training.settings import TrainingConfigError, TrainingPlan, TrainingSettings
+from utils.units import GIB
+
+# --------------------------------------------------------------------------------------------
+# Memory: a rough estimate that stops configurations that cannot fit before anything loads
+# --------------------------------------------------------------------------------------------
+
+
+def estimate_training_memory(settings: TrainingSettings, plan: TrainingPlan, config=None) -> dict[str, float]:
+    """Peak memory of one training step by part, in GiB (1024**3 bytes): ``utils.memory``'s analytic model.
+
+    Exact for weights, LoRA parameters, gradients and optimiser states; an estimate for activations and
+    logits. Meant to stop configurations that cannot fit before anything is loaded.
+    """
+    config = config if config is not None else load_model_config(settings.model_name)
+    if plan.kbit_upcast:
+        variant = "prepare"
+    else:
+        variant = "no_prepare_gc" if settings.gradient_checkpointing else "no_prepare"
+    parts = analytic_training_breakdown(
+        config,
+        fmt=plan.quantization or plan.compute_dtype,
+        variant=variant,
+        compute_dtype=plan.compute_dtype,
+        autocast=plan.fp16 or plan.bf16,
+        max_seq_length=settings.max_seq_length,
+        batch_size=settings.per_device_train_batch_size,
+        r=settings.lora_r,
+        optim=plan.optim,
+    )
+    return {f"{k}_gib": round(v / GIB, 3) for k, v in parts.items()}
+
+
+def device_memory_gib(device: str | torch.device) -> float:
+    """Memory of the device in GiB: the GPU's total memory, or the machine's available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / GIB
+    return psutil.virtual_memory().available / GIB
+
+
+def check_memory(settings: TrainingSettings, plan: TrainingPlan, config=None) -> dict[str, float]:
+    """Estimate the peak and stop with one message if it exceeds the budget; return the estimate."""
+    estimate = estimate_training_memory(settings, plan, config)
+    budget = settings.memory_budget_gib or device_memory_gib(plan.device)
+    estimate["budget_gib"] = round(budget, 3)
+    if estimate["total_gib"] > budget:
+        where = f"memory_budget_gib={settings.memory_budget_gib}" if settings.memory_budget_gib else plan.device
+        activations = estimate["total_gib"] - estimate["weights_gib"]
+        raise TrainingConfigError(
+            f"this configuration needs about {estimate['total_gib']:.1f} GiB (weights {estimate['weights_gib']:.1f}, "
+            f"LoRA, optimiser, activations and logits {activations:.1f}) but {where} has {budget:.1f} GiB. Lower "
+            f"per_device_train_batch_size ({settings.per_device_train_batch_size}) and raise "
+            f"gradient_accumulation_steps to keep the effective batch, lower max_seq_length "
+            f"({settings.max_seq_length}), set gradient_checkpointing=True, or quantization='nf4_dq'."
+        )
+    return estimate
+
+
+# --------------------------------------------------------------------------------------------
+# Model, configurations and trainer
+# --------------------------------------------------------------------------------------------
+
+
+def load_training_model(settings: TrainingSettings, plan: TrainingPlan):
+    """Base model as the plan says (quantised or not, on the plan's device); the original upcast if asked."""
+    model = load_model(
+        settings.model_name, quantization=plan.quantization, device=plan.device,
+        compute_dtype=torch_dtype(plan.compute_dtype),
+    )
+    if plan.kbit_upcast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+    return model
+
+
+def build_training_lora_config(settings: TrainingSettings) -> LoraConfig:
+    """The thesis ``LoraConfig`` (seven modules) with this run's rank, alpha and dropout."""
+    return build_lora_config(settings.lora_r, settings.lora_alpha, settings.lora_dropout)
+
+
+def build_sft_config(settings: TrainingSettings, plan: TrainingPlan) -> SFTConfig:
+    """``SFTConfig`` with every hyperparameter of the original set explicitly (TRL's defaults differ)."""
+    return SFTConfig(
+        output_dir=plan.checkpoints_dir,
+        # data: TRL's defaults are max_length=1024 and, for prompt-completion data, completion-only loss
+        max_length=settings.max_seq_length,
+        packing=False,
+        padding_free=False,
+        completion_only_loss=plan.loss == "completion_only",
+        assistant_only_loss=False,
+        dataset_text_field="text",
+        # the original hyperparameters (TRL's default learning rate is 2e-5)
+        per_device_train_batch_size=plan.per_device_train_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        max_steps=settings.max_steps,
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        optim=plan.optim,
+        # precision: TRL turns bf16 on unless told otherwise, which fails on a Turing GPU
+        fp16=plan.fp16,
+        bf16=plan.bf16,
+        # the original got gradient checkpointing from prepare_model_for_kbit_training; the fast path
+        # checkpoints each layer itself
+        **{_checkpointing_field(SFTConfig): settings.gradient_checkpointing and not plan.fast_path},
+        # DDP: every LoRA parameter gets a gradient each step (and the fast path's checkpoints are reentrant)
+        ddp_find_unused_parameters=False,
+        train_sampling_strategy=plan.train_sampling_strategy,
+        per_device_eval_batch_size=settings.per_device_eval_batch_size,
+        eval_strategy="steps",
+        eval_steps=settings.eval_steps,
+        eval_on_start=settings.eval_on_start and plan.resume_from is None,
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        include_num_input_tokens_seen="non_padding",
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        seed=settings.seed,
+        report_to="none",
+    )
+
+
+def _checkpointing_field(config_class) -> str:
+    """``activation_checkpointing`` since transformers 5.2x (``gradient_checkpointing`` is its deprecated alias)."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+class OriginalPadMaskingCollator:
+    """TRL's collator, then every token equal to the pad token loses its label, as the original's did.
+
+    The original padded with EOS and let ``DataCollatorForLanguageModeling`` mask ``labels == pad``, so
+    the EOS that closes each answer never carried loss. TRL 1.x builds labels before padding and would
+    train the EOS anyway; this wrapper restores the old behaviour for ``replicate_original``.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        batch["labels"][batch["input_ids"] == self.pad_token_id] = -100
+        return batch
+
+
+def check_fast_path_model(settings: TrainingSettings, plan: TrainingPlan, model) -> None:
+    """A model the fast path cannot run: an error for fast_path='on', the standard forward for 'auto'."""
+    reason = unsupported_reason(model)
+    if reason is None:
+        return
+    if settings.fast_path == "on":
+        raise TrainingConfigError(f"fast_path='on' but {reason}. Set fast_path='auto' or 'off'.")
+    plan.fast_path = False
+    plan.per_device_train_batch_size = settings.per_device_train_batch_size
+    plan.gradient_accumulation_steps = settings.gradient_accumulation_steps
+    plan.notes.append(f"fast_path='auto' stays off: {reason}; the standard forward trains this model.")
+
+
+def use_flat_optimizer(trainer, plan: TrainingPlan) -> bool:
+    """With the fast path, bitsandbytes' 8-bit optimizer updates all LoRA tensors in one call (same numbers).
+
+    The inner optimizer is the one the trainer resolves from ``SFTConfig.optim`` (its class and every
+    hyperparameter: betas, eps, weight decay per group), so the update is the trainer's own.
+    """
+    if "8bit" not in plan.optim:
+        return False
+    reason = flat_unsupported_reason(p for p in trainer.model.parameters() if p.requires_grad)
+    if reason:
+        plan.notes.append(f"{plan.optim} updates tensor by tensor: {reason}.")
+        return False
+    inner_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    trainer.optimizer_cls_and_kwargs = (FlatOptimizer, {"inner_cls": inner_cls, **kwargs})
+    plan.notes.append(f"{plan.optim} updates every LoRA tensor in one call (utils.speed.optim.FlatOptimizer).")
+    return True
+
+
+def recast_trainable_parameters(model, dtype: torch.dtype = torch.float32) -> int:
+    """Cast every trainable parameter to ``dtype`` (fp32 for fp16's gradient scaler); return how many."""
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            count += 1
+    return count
+
+
+def trainable_dtypes(model) -> dict[str, int]:
+    """Number of trainable parameters (elements) per dtype ("fp32", "bf16", ...)."""
+    counts: dict[str, int] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            key = dtype_name(param.dtype)
+            counts[key] = counts.get(key, 0) + param.numel()
+    return counts
+
+
+def _collator(plan: TrainingPlan, model, tokenizer):
+    """The original's pad-masking collator, the fast path's padding-free one, or TRL's default (None)."""
+    if plan.pad_is_eos:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return OriginalPadMaskingCollator(tokenizer.pad_token_id)
+    if plan.fast_path:
+        # One row of real tokens per micro-batch, positions restarting at 0 for each example. TRL's own
+        # padding_free=True refuses max_length; the examples are truncated to max_length when tokenised.
+        return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    return None
+
+
+def build_trainer(settings: TrainingSettings, plan: TrainingPlan, model, tokenizer, data: TrainingData,
+                  callbacks: list | None = None) -> SFTTrainer:
+    """``SFTTrainer(processing_class=..., peft_config=...)``; then the fp16 recast and the BOS check."""
+    if plan.fast_path:
+        check_fast_path_model(settings, plan, model)
+    trainer = SFTTrainer(
+        model=model,
+        args=build_sft_config(settings, plan),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=build_training_lora_config(settings),
+        data_collator=_collator(plan, model, tokenizer),
+        callbacks=[HistoryCsvCallback(Path(plan.output_dir) / HISTORY_FILE), *(callbacks or [])],
+    )
+    if plan.recast_trainable_fp32:
+        recast_trainable_parameters(trainer.model, torch.float32)
+    if plan.fast_path:
+        fast = enable_fast_path(trainer.model, torch_dtype(plan.compute_dtype))
+        plan.notes.append(f"fast path resolved: {fast.describe()}")
+        use_flat_optimizer(trainer, plan)
+    check_bos(trainer.train_dataset, tokenizer)
+    return trainer

@@ -1,0 +1,327 @@
+"""The parameters of notebook 04 (``TrainingSettings``) and what they resolve to on this machine (``TrainingPlan``).
+
+``plan_training`` resolves every ``auto`` value, checks the settings (one error naming the setting and the fix)
+and says in notes what differs from the original script and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.config import HUB_MODEL_ID, THESIS
+from utils.device import DTYPES, default_device, dtype_name, pick_compute_dtype
+from utils.files import read_json
+from utils.paths import CHECKPOINTS_DIR, CONFIG_FILE, resolve_path, run_dir
+from utils.speed import FastPathOptions
+from utils.training.checkpoints import find_last_checkpoint
+
+NOTEBOOK = "04"
+RUN_FILE = "04_run.json"
+
+QUANTIZATION_CHOICES = ("auto", "none", "fp32", "fp16", "bf16", "int8", "fp4", "nf4", "nf4_dq")
+BNB_QUANTIZATIONS = ("int8", "fp4", "nf4", "nf4_dq")
+FAST_PATH_CHOICES = ("auto", "on", "off")
+
+# Parameters of notebook 04 that are not training settings (the stop-rate measurement after training).
+NOTEBOOK_ONLY = ("stop_examples", "stop_max_new_tokens")
+
+# Settings a resumed run must share with the run that wrote the checkpoint: they change the maths.
+RESUME_MUST_MATCH = (
+    "model_name", "quantization", "compute_dtype", "train_file", "train_limit", "max_seq_length", "lora_r",
+    "lora_alpha", "lora_dropout", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "lr_scheduler_type",
+    "optim", "replicate_original", "seed",
+)
+
+# Settings that must be at least 1.
+POSITIVE_SETTINGS = ("max_seq_length", "lora_r", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "max_steps", "per_device_eval_batch_size", "eval_steps", "logging_steps", "save_steps")
+
+
+class TrainingConfigError(ValueError):
+    """A training configuration that cannot run; the message names the setting and the fix."""
+
+
+class TrainingOutOfMemoryError(RuntimeError):
+    """Training ran out of memory; the message lists the knobs that lower the peak."""
+
+
+@dataclass
+class TrainingSettings:
+    """The parameters of notebook 04. Defaults = the original ``train_peft_v3.py`` (the thesis run)."""
+
+    profile: str = "thesis"
+    model_name: str = HUB_MODEL_ID
+    quantization: str = "auto"  # "auto": nf4_dq on CUDA, none (fp32) on the CPU
+    compute_dtype: str = "auto"  # "auto": bf16 from compute capability 8.0, fp16 below, fp32 on the CPU
+    train_file: str = "dataset/train_v3_combined_split.jsonl"
+    test_file: str = "dataset/test_v3_combined_split.jsonl"
+    train_limit: int = 0  # 0 = every training example
+    eval_limit: int = 0  # 0 = every test example
+    max_seq_length: int = THESIS.max_seq_length
+    lora_r: int = THESIS.lora_r
+    lora_alpha: int = THESIS.lora_alpha
+    lora_dropout: float = THESIS.lora_dropout
+    per_device_train_batch_size: int = THESIS.per_device_train_batch_size
+    gradient_accumulation_steps: int = THESIS.gradient_accumulation_steps
+    learning_rate: float = THESIS.learning_rate
+    max_steps: int = THESIS.max_steps
+    warmup_steps: int = THESIS.warmup_steps
+    weight_decay: float = THESIS.weight_decay
+    max_grad_norm: float = THESIS.max_grad_norm
+    lr_scheduler_type: str = THESIS.lr_scheduler_type
+    optim: str = THESIS.optim
+    per_device_eval_batch_size: int = 1
+    eval_steps: int = THESIS.eval_steps
+    eval_on_start: bool = True
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 3
+    gradient_checkpointing: bool = True
+    fast_path: str = "auto"  # "auto": utils.speed's fast path on a CUDA GPU unless replicating the original
+    replicate_original: bool = False
+    resume: bool = False
+    seed: int = 42
+    output_dir: str = ""  # "" = runs/<profile>
+    memory_budget_gib: float = 0.0  # 0 = the device's memory; e.g. 8.0 for the RTX 2070 SUPER
+
+    @classmethod
+    def from_parameters(cls, namespace: dict[str, Any]) -> "TrainingSettings":
+        """Pick the settings by name from a notebook's parameters (``globals()``) or a profile block."""
+        return cls(**{k: v for k, v in namespace.items() if k in setting_names()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def setting_names() -> set[str]:
+    """The names of ``TrainingSettings``' fields."""
+    return {f.name for f in dataclasses.fields(TrainingSettings)}
+
+
+@dataclass
+class TrainingPlan:
+    """What the settings resolve to on this machine (device, dtypes, optimiser, loss) and why."""
+
+    device: str
+    quantization: str | None
+    compute_dtype: str
+    fp16: bool
+    bf16: bool
+    optim: str
+    loss: str  # "completion_only" (fixed) | "full_text" (original)
+    pad_is_eos: bool
+    train_sampling_strategy: str  # "random" (fixed) | "group_by_length" (original)
+    kbit_upcast: bool  # prepare_model_for_kbit_training (original)
+    recast_trainable_fp32: bool  # undo TRL's bf16 cast of trainable params under fp16
+    fast_path: bool  # utils.speed's fast path: fused layers, offloaded checkpoints, padding-free batches
+    per_device_train_batch_size: int  # the fast path runs batch x accumulation as one padding-free micro-batch
+    gradient_accumulation_steps: int
+    output_dir: str
+    checkpoints_dir: str
+    resume_from: str | None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under ``accelerate launch``/``torchrun`` (the one that writes files), or a plain process."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def output_dir_of(settings: TrainingSettings) -> Path:
+    """Folder of a run's outputs: ``output_dir`` when set, else ``runs/<profile>``."""
+    return resolve_path(settings.output_dir) if settings.output_dir else run_dir(settings.profile)
+
+
+def plan_training(settings: TrainingSettings, device: str | torch.device | None = None) -> TrainingPlan:
+    """Resolve ``auto`` values, check the settings and say what differs from the original and why."""
+    device = torch.device(device) if device is not None else default_device()
+    on_cuda = device.type == "cuda"
+    notes: list[str] = []
+    check_values(settings)
+    quantization = _resolve_quantization(settings.quantization, on_cuda, notes)
+    compute = _resolve_compute_dtype(settings.compute_dtype, device)
+    optim = _resolve_optim(settings.optim, on_cuda, notes)
+    original = settings.replicate_original
+    quantized = quantization in BNB_QUANTIZATIONS
+    _note_original_and_fp16(original, quantized, compute == "fp16", notes)
+    fast = _resolve_fast_path(settings, on_cuda, quantization, original, notes)
+    batch, accumulation = _micro_batches(settings, fast, notes)
+    out = output_dir_of(settings)
+    checkpoints = out / CHECKPOINTS_DIR
+    resume_from = _resume_point(settings, out, notes)
+    return TrainingPlan(
+        device=str(device),
+        quantization=quantization,
+        compute_dtype=compute,
+        fp16=compute == "fp16",
+        bf16=compute == "bf16",
+        optim=optim,
+        loss="full_text" if original else "completion_only",
+        pad_is_eos=original,
+        train_sampling_strategy="group_by_length" if original else "random",
+        kbit_upcast=original and quantized,
+        recast_trainable_fp32=compute == "fp16",
+        fast_path=fast,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        output_dir=str(out),
+        checkpoints_dir=str(checkpoints),
+        resume_from=str(resume_from) if resume_from else None,
+        notes=notes,
+    )
+
+
+def _resolve_quantization(choice: str, on_cuda: bool, notes: list[str]) -> str | None:
+    """``auto``: nf4_dq on a GPU (the original), no quantisation (fp32) on the CPU; ``none`` → None."""
+    if choice != "auto":
+        return None if choice == "none" else choice
+    if on_cuda:
+        return "nf4_dq"
+    notes.append(
+        "quantization='auto' on the CPU: fp32 base model + LoRA (bitsandbytes 4-bit runs on the "
+        "CPU too, but slower); on a GPU 'auto' means nf4_dq, as in the original."
+    )
+    return None
+
+
+def _resolve_compute_dtype(choice: str, device: torch.device) -> str:
+    """``auto``: bf16 from compute capability 8.0, fp16 below, fp32 on the CPU; a dtype the device lacks fails."""
+    compute = dtype_name(pick_compute_dtype(device)) if choice == "auto" else choice
+    on_cuda = device.type == "cuda"
+    if compute in {"fp16", "bf16"} and not on_cuda:
+        raise TrainingConfigError(
+            f"compute_dtype={compute!r} needs a CUDA GPU (mixed precision with a gradient scaler); this "
+            "machine has none. Set compute_dtype='auto' (fp32 on the CPU)."
+        )
+    if compute == "bf16" and on_cuda and torch.cuda.get_device_capability(device)[0] < 8:
+        raise TrainingConfigError(
+            f"compute_dtype='bf16' needs compute capability 8.0 or newer; {torch.cuda.get_device_name(device)} "
+            f"has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Set compute_dtype='fp16' or 'auto'."
+        )
+    return compute
+
+
+def _resolve_optim(optim: str, on_cuda: bool, notes: list[str]) -> str:
+    """bitsandbytes' paged 8-bit optimisers need CUDA: ``adamw_torch`` on the CPU."""
+    if on_cuda or ("8bit" not in optim and "paged" not in optim):
+        return optim
+    notes.append(f"optim={optim!r} needs CUDA (bitsandbytes paged 8-bit states): using 'adamw_torch' on the CPU.")
+    return "adamw_torch"
+
+
+def _note_original_and_fp16(original: bool, quantized: bool, fp16: bool, notes: list[str]) -> None:
+    """Notes on what ``replicate_original`` restores and on the fp16 recast of a 4-bit model's adapters."""
+    if original:
+        notes.append(
+            "replicate_original=True: full-text loss (prompt included), pad = eos (every eos label "
+            "masked, as the old collator did), length-grouped batches"
+            + (", prepare_model_for_kbit_training upcast" if quantized else "")
+            + "."
+        )
+    if fp16 and quantized:
+        notes.append(
+            "fp16 on a 4-bit model: TRL casts the trainable LoRA parameters to bf16, which fp16's gradient "
+            "scaler cannot unscale; they are cast back to fp32 after the trainer is built."
+        )
+
+
+def _resolve_fast_path(settings: TrainingSettings, on_cuda: bool, quantization: str | None, original: bool,
+                       notes: list[str]) -> bool:
+    """Whether the fast path runs: "auto" = on a CUDA GPU, 4-bit or 16-bit weights, not the original."""
+    choice = settings.fast_path
+    if choice not in FAST_PATH_CHOICES:
+        raise TrainingConfigError(f"fast_path={choice!r}: use one of {', '.join(FAST_PATH_CHOICES)}.")
+    if choice == "off":
+        return False
+    blockers = []
+    if original:
+        blockers.append("replicate_original=True trains the original configuration")
+    if quantization == "int8":
+        blockers.append("quantization='int8' (the fast path dequantises nf4/fp4 or reads 16-bit weights)")
+    if choice == "on":
+        if blockers:
+            raise TrainingConfigError(f"fast_path='on' but {'; '.join(blockers)}. Set fast_path='auto' or 'off'.")
+        return True
+    if not on_cuda:
+        return False
+    if blockers:
+        notes.append(f"fast_path='auto' stays off: {'; '.join(blockers)}.")
+        return False
+    notes.append(
+        "fast path (utils.speed): fused q/k/v and gate/up GEMMs with fused LoRA, no fp32 upcast, checkpoints "
+        "offloaded to pinned CPU memory, Triton kernels (Liger's RMSNorm/SwiGLU, utils.speed.kernels' RoPE) on "
+        f"passes of {FastPathOptions().small_pass_tokens} tokens or more, padding-free batches; fast_path='off' "
+        "gives the standard transformers + PEFT forward."
+    )
+    return True
+
+
+def _micro_batches(settings: TrainingSettings, fast: bool, notes: list[str]) -> tuple[int, int]:
+    """(micro-batch, accumulation): the fast path runs batch x accumulation as one padding-free micro-batch."""
+    batch, accumulation = settings.per_device_train_batch_size, settings.gradient_accumulation_steps
+    if not fast or accumulation <= 1:
+        return batch, accumulation
+    notes.append(
+        f"fast path: the {batch} x {accumulation} micro-batches run as one padding-free micro-batch of "
+        f"{batch * accumulation} sequences (the same sequences and loss per optimizer step, one forward/backward "
+        "instead of several)."
+    )
+    return batch * accumulation, 1
+
+
+def _resume_point(settings: TrainingSettings, out: Path, notes: list[str]) -> Path | None:
+    """The checkpoint a ``resume=True`` run continues from (checked against the run that wrote it), or None."""
+    if not settings.resume:
+        return None
+    checkpoints = out / CHECKPOINTS_DIR
+    resume_from = find_last_checkpoint(checkpoints)
+    if resume_from is None:
+        notes.append(f"resume=True but {checkpoints} holds no complete checkpoint: starting at step 0.")
+        return None
+    check_resume_matches(settings, out)
+    notes.append(f"resume=True: continuing from {resume_from.name}.")
+    return resume_from
+
+
+def check_values(s: TrainingSettings) -> None:
+    """One clear error for a setting out of range (named, with the fix)."""
+    if s.quantization not in QUANTIZATION_CHOICES:
+        raise TrainingConfigError(f"quantization={s.quantization!r}: use one of {', '.join(QUANTIZATION_CHOICES)}.")
+    if s.compute_dtype not in ("auto", *DTYPES):
+        raise TrainingConfigError(f"compute_dtype={s.compute_dtype!r}: use 'auto', 'fp32', 'fp16' or 'bf16'.")
+    for name in POSITIVE_SETTINGS:
+        if getattr(s, name) < 1:
+            raise TrainingConfigError(f"{name}={getattr(s, name)}: must be a positive integer.")
+    if not 0 < s.learning_rate < 1:
+        raise TrainingConfigError(f"learning_rate={s.learning_rate}: expected a value like 1e-4.")
+    if s.warmup_steps >= s.max_steps:
+        raise TrainingConfigError(
+            f"warmup_steps={s.warmup_steps} is not below max_steps={s.max_steps}: the learning rate would "
+            "never leave the warm-up. Lower warmup_steps or raise max_steps."
+        )
+
+
+def check_resume_matches(settings: TrainingSettings, out: Path) -> None:
+    """Refuse to resume a checkpoint written with other hyperparameters (it would mix two runs)."""
+    config_path = out / CONFIG_FILE
+    if not config_path.is_file():
+        return
+    saved = read_json(config_path).get("parameters", {})
+    current = settings.to_dict()
+    diff = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != current[k]]
+    if diff:
+        pairs = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {current[k]!r}" for k in diff)
+        raise TrainingConfigError(
+            f"resume=True, but the checkpoints in {out / CHECKPOINTS_DIR} come from a run with other settings "
+            f"({pairs}). Use the same settings, or resume=False (starts over), or another output_dir."
+        )
