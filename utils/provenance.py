@@ -47,7 +47,13 @@ def device_info() -> dict[str, Any]:
 
 
 def git_commit() -> str:
-    """The checked-out commit, with ``+dirty`` when tracked files differ from it; "unknown" outside git."""
+    """The checked-out commit, with ``+dirty`` when tracked files differ from it; "unknown" outside git.
+
+    ``QLORA_COMMIT`` overrides it, for a copy of the tree whose git metadata is not the tree's own (a working
+    tree shipped to a GPU machine without its history).
+    """
+    if os.environ.get("QLORA_COMMIT"):
+        return os.environ["QLORA_COMMIT"]
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from utils.device import default_device
 from utils.config import THESIS
 from utils.files import save_json
 from utils.memory.analytic import config_dict
@@ -106,7 +107,7 @@ def gpu_report(out: Path, tiny: bool = False, folder: str | None = None, formats
     after every training configuration, so a run stopped by a time limit keeps what it measured.
     """
     started = time.perf_counter()
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    device = str(default_device())
     work = Path(folder or tempfile.mkdtemp(prefix="twin-"))
     _log(f"device {device}; twin folder {work}; tiny={tiny}")
     saved = run_child({"task": "save_twin", "folder": str(work), "tiny": tiny, "device": device}, timeout)

@@ -48,7 +48,7 @@ def supported_formats(formats: Sequence[str], device: str | None = None) -> tupl
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"formats {unknown} are unknown: the 'formats' parameter takes values from {FORMATS}.")
-    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = device or str(default_device())
     keep, skipped = [], {}
     for fmt in formats:
         if device.startswith("cuda") and fmt == "bf16" and not gpu_supports_bf16():

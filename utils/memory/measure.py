@@ -13,6 +13,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from utils.device import default_device
 from utils.childproc import ChildProcessFailed, run_module_child
 from utils.config import THESIS
 from utils.memory.analytic import QUANTIZED
@@ -86,7 +87,7 @@ def measure_training_steps(model: str, variants: Sequence[str], fmt: str = "nf4_
     measurement carries the quantisation's transient memory.
     """
     results = []
-    on_cpu = (device or ("cuda:0" if torch.cuda.is_available() else "cpu")) == "cpu"
+    on_cpu = (device or str(default_device())) == "cpu"
     if on_cpu and fmt in QUANTIZED and not cache_is_fresh(model, fmt):
         run_child({"task": "quantize_cache", "model": model, "format": fmt}, timeout)
     for variant in variants:

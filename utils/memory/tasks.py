@@ -27,7 +27,7 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 
 from utils.config import THESIS
 from utils.data import load_records
-from utils.device import dtype_name, torch_dtype
+from utils.device import default_device, dtype_name, torch_dtype
 from utils.memory.analytic import QUANTIZED, TRAIN_VARIANTS
 from utils.memory.loading import (
     cache_is_fresh,
@@ -46,7 +46,7 @@ from utils.train_step import Batch, StepLog, build_optimizer, run_optimizer_step
 
 
 def _device_of(task: dict) -> str:
-    return task.get("device") or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    return task.get("device") or str(default_device())
 
 
 def _gpu_snapshot() -> dict[str, int]:

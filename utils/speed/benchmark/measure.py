@@ -27,7 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from utils.childproc import ChildProcessFailed, run_module_child
 from utils.config import THESIS
-from utils.device import DTYPES
+from utils.device import DTYPES, default_device
 from utils.modeling import build_lora_config, load_model
 from utils.speed.benchmark.configs import BenchConfig
 from utils.speed.benchmark.workloads import corpus_examples, corpus_steps, synthetic_batches
@@ -175,7 +175,7 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
     returns cached blocks to the driver and retries (counted in ``allocator.num_alloc_retries``), or the row
     fails out of memory.
     """
-    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = device or str(default_device())
     cuda = device.startswith("cuda")
     torch.manual_seed(seed)
     if cuda:

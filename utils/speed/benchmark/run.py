@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from utils.device import default_device
 from utils.config import THESIS
 from utils.files import read_json, save_json
 from utils.modeling import build_tiny_twin, build_twin, load_tokenizer
@@ -103,7 +104,7 @@ def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8,
     unknown = sorted(set(repeat_only or ()) - set(names or CONFIGS_BY_NAME))
     if unknown:
         raise SystemExit(f"--repeat-only {','.join(unknown)}: not in the list of configurations to run.")
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    device = str(default_device())
     configs = _configs_to_run(names, device)
     folder = Path(twin_folder or tempfile.mkdtemp(prefix="twin-"))
     started = time.perf_counter()
