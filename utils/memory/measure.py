@@ -11,7 +11,6 @@ import time
 from typing import Sequence
 
 import pandas as pd
-import torch
 
 from utils.device import default_device
 from utils.childproc import ChildProcessFailed, run_module_child
