@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
-from utils.device import default_device
 from utils.config import THESIS
+from utils.device import default_device
 from utils.files import save_json
 from utils.memory.analytic import config_dict
 from utils.memory.measure import run_child

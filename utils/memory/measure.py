@@ -12,9 +12,9 @@ from typing import Sequence
 
 import pandas as pd
 
-from utils.device import default_device
 from utils.childproc import ChildProcessFailed, run_module_child
 from utils.config import THESIS
+from utils.device import default_device
 from utils.memory.analytic import QUANTIZED
 from utils.memory.loading import cache_is_fresh
 

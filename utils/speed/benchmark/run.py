@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from utils.device import default_device
 from utils.config import THESIS
+from utils.device import default_device
 from utils.files import read_json, save_json
 from utils.modeling import build_tiny_twin, build_twin, load_tokenizer
 from utils.paths import REPO_ROOT
