@@ -226,9 +226,9 @@ def test_notebook_parameters_are_the_thesis_defaults():
     assert set(values) - set(defaults) == set(training.NOTEBOOK_ONLY)
 
 
-def test_profiles_set_only_known_settings():
+def test_profiles_set_only_known_settings(tmp_path):
     for profile in ("smoke", "demo", "thesis"):
-        settings = training.profile_settings(profile)
+        settings = training.profile_settings(profile, output_dir=str(tmp_path / profile))  # not runs/<profile>
         training.plan_training(settings, "cpu")  # valid on this machine
     demo = training.profile_settings("demo")
     assert demo.model_name == "embedded" and demo.gradient_accumulation_steps * demo.per_device_train_batch_size == 8

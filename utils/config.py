@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,26 @@ def load_profile(name: str) -> dict[str, Any]:
         raise ProfileError(f"{path}: not valid YAML ({exc}). Fix the file's syntax.") from exc
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: expected a mapping at the top level.")
-    data.setdefault("common", {})
-    data.setdefault("notebooks", {})
     unknown = set(data) - {"description", "common", "notebooks"}
     if unknown:
         raise ProfileError(
             f"{path}: unknown top-level keys {sorted(unknown)}; allowed are description, common, notebooks."
         )
+    data["common"] = _mapping(data.get("common"), path, "common")
+    data["notebooks"] = _mapping(data.get("notebooks"), path, "notebooks")
+    for number, block in data["notebooks"].items():
+        data["notebooks"][number] = _mapping(block, path, f"notebooks.{number}")
     return data
+
+
+def _mapping(block: Any, path: Path, name: str) -> dict[str, Any]:
+    """A profile block as a dict (an empty block is ``{}``), or one error naming the block and its type."""
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise ProfileError(f"{path}: {name} must be a mapping of `name: value` lines, not a "
+                           f"{type(block).__name__}. Write each parameter as `key: value` under it.")
+    return block
 
 
 def notebook_parameters(profile: dict[str, Any], notebook_number: str) -> dict[str, Any]:
@@ -101,3 +114,47 @@ def notebook_parameters(profile: dict[str, Any], notebook_number: str) -> dict[s
     params = dict(profile.get("common") or {})
     params.update((profile.get("notebooks") or {}).get(notebook_number) or {})
     return params
+
+
+def coerce_value(value: Any, default: Any) -> Any:
+    """``value`` as the type of a parameter's ``default``; a ``ValueError`` names the expected type.
+
+    YAML 1.1 (PyYAML) reads ``1e-4`` as a string: a numeric string for a number parameter becomes the
+    number. A bool is never a number, a float with a fraction is never an integer; a string parameter
+    keeps a string or a bool (``resume: true``) and takes a number as its text.
+    """
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ValueError("expected true or false")
+    if isinstance(default, (int, float)):
+        return _coerce_number(value, integer=isinstance(default, int))
+    if isinstance(default, str):
+        if isinstance(value, (str, bool)):
+            return value
+        if isinstance(value, (int, float)):
+            return str(value)
+        raise ValueError("expected a string")
+    if isinstance(default, list):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ValueError("expected a list, e.g. [a, b]")
+    return value
+
+
+def _coerce_number(value: Any, integer: bool) -> int | float:
+    """An int or float from a number or a numeric string (``"1e-4"``); a ``ValueError`` otherwise."""
+    expected = "expected an integer" if integer else "expected a number, e.g. 1e-4"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(expected)
+    try:
+        number = float(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        raise ValueError(expected) from None
+    if not math.isfinite(number):
+        raise ValueError(f"{expected} (finite)")
+    if integer:
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError(expected)
+        return int(number)
+    return float(number)

@@ -15,6 +15,7 @@ from peft import PeftModel
 from tqdm import tqdm  # plain text bar: renders the same in JupyterLab, papermill and a terminal
 from transformers import AutoTokenizer
 
+from utils.data import apply_system_prompt, system_prompt_policy
 from utils.device import default_device, torch_dtype
 from utils.files import read_json
 from utils.modeling import load_model
@@ -44,6 +45,17 @@ def require_run(run: str | Path) -> Path:
     return run
 
 
+def read_run_config(run: Path) -> dict:
+    """A finished run's ``04_config.json``, or one error saying it is damaged and how to get a good one."""
+    try:
+        return read_json(run / CONFIG_FILE)
+    except ValueError as exc:  # cut off or hand-edited JSON
+        raise AdapterNotFoundError(
+            f"{run / CONFIG_FILE} is not valid JSON ({exc}); it was cut off or edited. Run notebook 04 again "
+            "(the run before it is kept in previous/).", [run / CONFIG_FILE]
+        ) from None
+
+
 def load_trained(run: str | Path, device: str | torch.device | None = None):
     """Base model loaded as in training (same model, quantisation, compute dtype) + the saved adapter.
 
@@ -51,7 +63,7 @@ def load_trained(run: str | Path, device: str | torch.device | None = None):
     On a machine without CUDA a run trained in fp16/bf16 is loaded with fp32 compute.
     """
     run = require_run(run)
-    config = read_json(run / CONFIG_FILE)
+    config = read_run_config(run)
     device = torch.device(device) if device is not None else default_device()
     compute = config["compute_dtype"] if device.type == "cuda" else "fp32"
     model = load_model(config["model_name"], quantization=config["quantization"], device=device,
@@ -70,10 +82,30 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def prompt_of(record: dict) -> list[dict]:
-    """The chat a model answers: every turn of the record but the final assistant one."""
+def prompt_of(record: dict, system_prompt: str | None = None) -> list[dict]:
+    """The chat a model answers: every turn of the record but the final assistant one.
+
+    ``system_prompt`` (the dataset's, ``utils.data.system_prompt_policy``) opens a chat that has no system
+    turn, so the model is not asked under its chat template's hidden default prompt.
+    """
+    if system_prompt is not None:
+        [record], _ = apply_system_prompt([record], system_prompt)
     messages = list(record["messages"])
     return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+
+
+def with_system_prompt(chats: Sequence[Sequence[dict]], system_prompt: str | None = None
+                       ) -> tuple[list[list[dict]], list[str]]:
+    """Chats where each one without a system turn gets ``system_prompt``, and a note saying how many did.
+
+    ``system_prompt`` is the dataset's (``utils.data.system_prompt_policy``, as training applies it); without
+    one the chats are asked as they are.
+    """
+    if system_prompt is None:
+        return [list(chat) for chat in chats], []
+    records = [{"id": k, "messages": list(chat)} for k, chat in enumerate(chats)]
+    applied, notes = apply_system_prompt(records, system_prompt)
+    return [r["messages"] for r in applied], notes
 
 
 @contextlib.contextmanager
@@ -117,12 +149,17 @@ def generate_answers(
     adapter: bool = True,
     desc: str | None = None,
     progress: bool = True,
+    system_prompt: str | None = None,
 ) -> list[dict[str, Any]]:
     """Greedy answers to ``chats`` in left-padded batches; one dict per chat, in input order.
 
     Each dict: ``answer`` (decoded, special tokens dropped), ``n_tokens`` (generated before the stop
-    token) and ``stopped`` (a stop token came before ``max_new_tokens``).
+    token) and ``stopped`` (a stop token came before ``max_new_tokens``). With ``system_prompt`` (the dataset's), a
+    chat without a system turn is asked under it rather than the template's hidden default (a note says how many).
     """
+    chats, notes = with_system_prompt(chats, system_prompt)
+    for note in notes:
+        print(f"note: {note}")
     stops = stop_token_ids(model, tokenizer)
     prompts = [tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False) for c in chats]
     # Longest first, so each batch holds prompts of similar length (little padding).

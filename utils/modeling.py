@@ -282,7 +282,13 @@ def load_tokenizer(name: str = EMBEDDED):
         folder = prepare_llama_tokenizer()
     else:
         folder = model_folder(name)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as exc:  # no tokenizer files: transformers asks for sentencepiece/tiktoken
+        raise ModelNotAvailableError(
+            f"cannot load a tokenizer from {folder} ({str(exc).splitlines()[0]}). The folder must hold the model's "
+            "tokenizer.json and tokenizer_config.json (copy them with the weights)."
+        ) from None
     if tokenizer.chat_template is None and "<|eot_id|>" in tokenizer.get_vocab():
         tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:

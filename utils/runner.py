@@ -12,6 +12,8 @@ so a run never changes a committed file). ``--publish`` copies a complete run's 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import os
 import shutil
 import sys
@@ -22,7 +24,9 @@ from typing import Any
 import papermill as pm
 from papermill.exceptions import PapermillExecutionError
 
-from utils.config import ProfileError, list_profiles, load_profile, notebook_parameters, profile_file
+from utils.config import (
+    ProfileError, coerce_value, list_profiles, load_profile, notebook_parameters, profile_file,
+)
 from utils.files import save_json
 from utils.paths import NOTEBOOKS_DIR, published_figures_dir, run_dir
 
@@ -41,7 +45,9 @@ def select_notebooks(only: list[str] | None) -> list[Path]:
     notebooks = list_notebooks()
     if not only:
         return notebooks
-    only = [part for item in only for part in item.split(",") if part]  # "--only 01,03" as "--only 01 03"
+    only = [part.strip() for item in only for part in item.split(",") if part.strip()]  # "--only 01,03"
+    if not only:
+        raise ProfileError("--only names no notebook; give numbers such as --only 01,04 (or leave it out for all)")
     wanted = {o.zfill(2) if o.isdigit() else o for o in only}
     chosen = [nb for nb in notebooks if nb.name[:2] in wanted or nb.stem in wanted]
     missing = wanted - {nb.name[:2] for nb in chosen} - {nb.stem for nb in chosen}
@@ -59,26 +65,77 @@ def resolve_parameters(notebook: Path, params: dict[str, Any]) -> dict[str, Any]
 
 def declared_parameters(notebook: Path) -> set[str]:
     """The names a notebook's ``parameters`` cell declares."""
-    return set(pm.inspect_notebook(str(notebook)))
+    return set(declared_defaults(notebook))
 
 
-def check_profile_keys(profile_name: str, profile: dict[str, Any]) -> None:
-    """Fail on any parameter a profile sets that no notebook it reaches declares (a typo), ``common`` included."""
+def declared_defaults(notebook: Path) -> dict[str, Any]:
+    """Each parameter's default as the ``parameters`` cell writes it (None where it is not a plain literal)."""
+    return dict(_inspect_defaults(str(notebook), Path(notebook).stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=32)
+def _inspect_defaults(notebook: str, mtime_ns: int) -> dict[str, Any]:
+    """``declared_defaults`` once per notebook version (papermill's inspection starts a parser each time)."""
+    defaults = {}
+    for name, info in pm.inspect_notebook(notebook).items():
+        try:
+            defaults[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            defaults[name] = None
+    return defaults
+
+
+def check_profile_keys(profile_name: str, profile: dict[str, Any]) -> dict[str, Any]:
+    """Fail on any parameter a profile sets that no notebook it reaches declares (a typo), ``common`` included.
+
+    Returns the profile with every value converted to the type of the declared default (``coerce_profile``).
+    """
     notebooks = list_notebooks()
-    declared = {nb.name[:2]: declared_parameters(nb) for nb in notebooks}
-    blocks = {"common": (profile.get("common") or {}, set().union(*declared.values()))}
+    declared = {nb.name[:2]: declared_defaults(nb) for nb in notebooks}
+    blocks = {"common": (profile.get("common") or {}, [d for d in declared.values()])}
     for number, own in (profile.get("notebooks") or {}).items():
         if str(number) not in declared:
             raise ProfileError(f"{profile_file(profile_name)}: notebooks.{number}: no notebook has that number; "
                                f"the notebooks are {', '.join(sorted(declared))}.")
-        blocks[f"notebooks.{number}"] = (own or {}, declared[str(number)])
-    for block, (values, known) in blocks.items():
+        blocks[f"notebooks.{number}"] = (own or {}, [declared[str(number)]])
+    for block, (values, defaults) in blocks.items():
+        known = set().union(*defaults)
         unknown = sorted(set(values) - known)
         if unknown:
             raise ProfileError(
                 f"{profile_file(profile_name)}: {block} sets {unknown}, which no notebook there declares in its "
                 f"'parameters' cell. Fix the name; the known names are: {', '.join(sorted(known))}."
             )
+    return coerce_profile(profile_name, profile, blocks)
+
+
+def coerce_profile(profile_name: str, profile: dict[str, Any],
+                   blocks: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]) -> dict[str, Any]:
+    """The profile with each value as the type of its notebook's default (``1e-4`` read as text → 1e-4).
+
+    A value that does not convert is one ``ProfileError`` naming the file, block, key, value and type.
+    """
+    coerced = {**profile, "common": {}, "notebooks": {}}
+    for block, (values, defaults) in blocks.items():
+        converted = {}
+        for key, value in values.items():
+            errors = []
+            for default in (d[key] for d in defaults if key in d):
+                try:
+                    converted[key] = coerce_value(value, default)
+                    break
+                except ValueError as exc:
+                    errors.append(str(exc))
+            else:
+                raise ProfileError(
+                    f"{profile_file(profile_name)}: {block}: {key}: {value!r} cannot be used: {errors[0]} "
+                    f"(the notebook's default is {next(d[key] for d in defaults if key in d)!r})."
+                )
+        if block == "common":
+            coerced["common"] = converted
+        else:
+            coerced["notebooks"][block.split(".", 1)[1]] = converted
+    return coerced
 
 
 def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], log_output: bool) -> None:
@@ -104,7 +161,7 @@ def run_profile(profile_name: str, only: list[str] | None = None, log_output: bo
     """Run the selected notebooks on a profile; return the run folder."""
     profile = load_profile(profile_name)
     notebooks = select_notebooks(only)
-    check_profile_keys(profile_name, profile)
+    profile = check_profile_keys(profile_name, profile)
     out_dir = run_dir(profile_name)
     os.environ["QLORA_PROFILE"] = profile_name
     # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads slowed
@@ -149,7 +206,7 @@ def publish_figures(profile_name: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.runner", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", required=True, help=f"one of: {', '.join(list_profiles())}")
-    parser.add_argument("--only", nargs="+", help="notebook numbers to run, e.g. --only 01 03")
+    parser.add_argument("--only", nargs="+", action="extend", help="notebook numbers to run, e.g. --only 01 03")
     parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
     parser.add_argument("--publish", action="store_true",
                         help="after a complete run, copy its figures to the committed figures/<profile>/")

@@ -1,12 +1,14 @@
 """The command line of the dataset, ``python -m utils.data``::
 
-    python -m utils.data validate FILE [FILE ...] [--tokenizer llama-3.2] [--max-seq-length 512]
+    python -m utils.data validate FILE [FILE ...] [--tokenizer llama-3.2 | --no-tokenizer] [--max-seq-length 512]
     python -m utils.data convert IN OUT --to messages|text [--layout llama3|newlines] [--force]
     python -m utils.data build [--seed 42] [--test-fraction 0.12]
 
 ``validate`` reports every problem of every file as ``file:line: severity: what is wrong — how to fix``
-and exits 1 when there is an error. ``build`` reads ``dataset/sources/utn_qa.yaml`` and writes the two
-split files plus the counts block of ``dataset/README.md``.
+and exits 1 when there is an error; it checks token lengths with the thesis model's tokenizer (``llama-3.2``,
+shipped with the project) unless told otherwise. A command that cannot run (a bad option, a file it must not
+or cannot write) prints one ``error: ...`` line and exits 2. ``build`` reads ``dataset/sources/utn_qa.yaml``
+and writes the two split files plus the counts block of ``dataset/README.md``.
 """
 
 from __future__ import annotations
@@ -34,19 +36,27 @@ DESCRIPTION = "The dataset: both JSONL formats, their validation, the converter 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.files]
+    if args.max_seq_length < 1:
+        print(f"error: --max-seq-length {args.max_seq_length}: must be at least 1 (the training's max_seq_length, "
+              "512 in the thesis)", file=sys.stderr)
+        return 2
     tokenizer = None
-    if args.tokenizer:
+    if not args.no_tokenizer:
         try:
             tokenizer = as_tokenizer(args.tokenizer)
         except ModelNotAvailableError as exc:
-            print(f"error: --tokenizer {args.tokenizer}: {exc}", file=sys.stderr)
+            print(f"error: --tokenizer {args.tokenizer}: {exc} (or pass --no-tokenizer to skip the length check)",
+                  file=sys.stderr)
             return 2
     failed = False
-    for path in paths:
-        others = [p for p in paths if p != path]
+    for k, path in enumerate(paths):
+        others = paths[:k] + paths[k + 1:]  # the same file given twice is reported as train = test
         report = validate_file(path, tokenizer=tokenizer, max_seq_length=args.max_seq_length, other_paths=others)
         print(report.format())
         failed |= not report.ok
+    if tokenizer is None:
+        print("note: token lengths were not checked (--no-tokenizer): an example longer than max_seq_length "
+              "would be truncated or dropped in training; drop --no-tokenizer to check them")
     return 1 if failed else 0
 
 
@@ -58,17 +68,27 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         out = convert_file(args.input, args.output, to=args.to, force=args.force, layout=layout)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {out} ({args.to} format)")
     return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    if not 0 < args.test_fraction < 0.5:
+        print(f"error: --test-fraction {args.test_fraction}: must be above 0 and below 0.5 (the shipped split "
+              "uses the default)", file=sys.stderr)
+        return 2
     try:
         summary = build_dataset(seed=args.seed, test_fraction=args.test_fraction, corpus_path=args.corpus)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename or 'the split files'} ({exc.strerror or exc}) — each file is "
+              "either as before or fully written (atomic writes); free disk space or check the folder's "
+              "permissions, then run build again",
+              file=sys.stderr)
+        return 2
     print(f"wrote {summary['train_path']} ({summary['train']} examples) and {summary['test_path']} "
           f"({summary['test']} examples, {summary['test_share']:.1%} of all)")
     if summary["readme_updated"]:
@@ -85,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("validate", help="report every problem of JSONL files (train and test together: overlap)")
     p.add_argument("files", nargs="+")
-    p.add_argument("--tokenizer", help="check lengths with this tokenizer: llama-3.2, embedded, a hub id or folder")
+    p.add_argument("--tokenizer", default="llama-3.2",
+                   help="check lengths with this tokenizer: llama-3.2 (default, the thesis model's, shipped "
+                        "offline), embedded, a hub id or folder")
+    p.add_argument("--no-tokenizer", action="store_true", help="skip the token-length check (says so)")
     p.add_argument("--max-seq-length", type=int, default=512, help="max_seq_length of the training (default 512)")
     p.set_defaults(func=_cmd_validate)
     p = sub.add_parser("convert", help="convert between the messages and the original text format")

@@ -10,6 +10,7 @@ import difflib
 import json
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +36,10 @@ END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
 _MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 _KNOWN_MARKERS = frozenset({BOT, START_HEADER, END_HEADER, EOT})
+# Special tokens of the Llama-3 and SmolLM2 (ChatML) chat templates: in a turn's content they would open or
+# close a turn in training (a fake turn, an early stop), so the validator refuses them.
+SPECIAL_TOKENS = (BOT, START_HEADER, END_HEADER, EOT, "<|finetune_right_pad_id|>", "<|im_start|>", "<|im_end|>",
+                  "<|endoftext|>")
 
 # One piece of a chat string: ("marker" | "text", its value, its start character).
 Piece = tuple[str, str, int]
@@ -74,6 +79,42 @@ def question_of(messages: Sequence[dict]) -> str:
 def answer_of(messages: Sequence[dict]) -> str:
     """The reference answer of a chat: the content of its last assistant turn."""
     return _last_turn(messages, ASSISTANT)
+
+
+def special_tokens_in(text: str, tokens: Sequence[str] = SPECIAL_TOKENS) -> list[str]:
+    """The chat-template special tokens (``SPECIAL_TOKENS`` or ``tokens``) that ``text`` contains, in order."""
+    return [token for token in dict.fromkeys(tokens) if token and token in text]
+
+
+def has_system_message(record: dict) -> bool:
+    """Whether a record's chat holds a system turn."""
+    return any(isinstance(m, dict) and m.get("role") == SYSTEM for m in record["messages"])
+
+
+def system_prompt_policy(records: Sequence[dict]) -> str | None:
+    """The dataset's system prompt: its most common system message (None when no record has one)."""
+    prompts = Counter(m["content"] for r in records for m in r["messages"] if m.get("role") == SYSTEM)
+    return prompts.most_common(1)[0][0] if prompts else None
+
+
+def apply_system_prompt(records: Sequence[dict], policy: str | None) -> tuple[list[dict], list[str]]:
+    """Records where each chat without a system turn gets ``policy`` as its first turn, and notes saying so.
+
+    Without it the chat template adds the model's hidden default (SmolLM2: "You are a helpful AI assistant
+    named SmolLM…"), so those examples would train or be answered under a prompt the dataset never shows.
+    ``policy`` is the dataset's system prompt (``system_prompt_policy``); the input records are not changed.
+    """
+    missing = [r for r in records if not has_system_message(r)]
+    if not missing:
+        return list(records), []
+    if policy is None:
+        return list(records), [f"{len(missing)} records have no system message and the dataset has none: the "
+                               "chat template's default system prompt applies to them"]
+    system = {"role": SYSTEM, "content": policy}
+    out = [r if has_system_message(r) else {**r, "messages": [system, *r["messages"]]} for r in records]
+    shown = policy if len(policy) <= 60 else policy[:57] + "..."
+    return out, [f"{len(missing)} records had no system message; the dataset's system prompt was added "
+                 f"({shown!r}; first ids: {', '.join(str(r['id']) for r in missing[:10])})"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -103,6 +103,28 @@ def loss_token_share(lengths: pd.DataFrame) -> pd.DataFrame:
     return grouped.reset_index()
 
 
+def leaked_ids(train: Sequence[dict], test: Sequence[dict]) -> list[str]:
+    """Ids of the test records whose normalised question is also asked in train (a leak of its answer)."""
+    train_keys = {normalize_question(question_of(r["messages"])) for r in train}
+    return [str(r["id"]) for r in test if normalize_question(question_of(r["messages"])) in train_keys]
+
+
+def sequence_lengths(records: Sequence[dict], tokenizer) -> list[tuple[int, int]]:
+    """``(prompt, total)`` tokens of each record, split as TRL's prompt–completion tokenisation splits them.
+
+    ``prompt`` = the masked tokens (every turn but the last + the generation prompt), ``total`` = the whole
+    chat; the answer and its end-of-turn are the ``total - prompt`` tokens after the prompt.
+    """
+    chats = [list(r["messages"]) for r in records]
+    if not chats:
+        return []
+    prompts = tokenizer.apply_chat_template(
+        [c[:-1] for c in chats], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    full = tokenizer.apply_chat_template(chats, tokenize=True, return_dict=True)["input_ids"]
+    return [(common_prefix_length(p, ids), len(ids)) for p, ids in zip(prompts, full)]
+
+
 def overlap_checks(splits: dict[str, Sequence[dict]]) -> pd.DataFrame:
     """Duplicate questions within each split, test questions present in train, untaught test facts."""
     rows = []
@@ -111,10 +133,9 @@ def overlap_checks(splits: dict[str, Sequence[dict]]) -> pd.DataFrame:
         rows.append({"chequeo": f"preguntas repetidas dentro de {name}",
                      "resultado": sum(c - 1 for c in keys.values() if c > 1)})
     train, test = splits.get("train", []), splits.get("test", [])
-    train_keys = {normalize_question(question_of(r["messages"])) for r in train}
     taught = {f for r in train for f in r["facts"]}
     rows.append({"chequeo": "preguntas de test con la misma redacción normalizada en train",
-                 "resultado": sum(normalize_question(question_of(r["messages"])) in train_keys for r in test)})
+                 "resultado": len(leaked_ids(train, test))})
     rows.append({"chequeo": "ejemplos de test sobre hechos que train no enseña",
                  "resultado": sum(any(f not in taught for f in r["facts"]) for r in test)})
     rows.append({"chequeo": "respuestas de test idénticas a alguna de train (misma respuesta, otra redacción)",

@@ -14,6 +14,11 @@ def as_tokenizer(tokenizer: Any) -> Any:
     return load_tokenizer(tokenizer)
 
 
+def tokenizer_special_tokens(tokenizer: Any) -> list[str]:
+    """A loaded tokenizer's ``all_special_tokens`` (none for None): text that must not appear in content."""
+    return [t for t in getattr(tokenizer, "all_special_tokens", None) or [] if isinstance(t, str) and t.strip()]
+
+
 def tokenizer_name(tokenizer: Any) -> str:
     """Short name of a loaded tokenizer (the last part of its folder or hub id) for messages."""
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__).rstrip("/").split("/")[-1]

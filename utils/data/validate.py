@@ -7,6 +7,7 @@ file is refused with the whole report.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +19,7 @@ from utils.data.records import (
     DEFAULT_TOPIC,
     KINDS,
     ROLES,
+    SPECIAL_TOKENS,
     SYSTEM,
     USER,
     DatasetError,
@@ -27,10 +29,15 @@ from utils.data.records import (
     normalize_question,
     parse_text,
     question_of,
+    special_tokens_in,
     write_jsonl,
 )
-from utils.data.tokenizers import as_tokenizer, tokenizer_name
+from utils.data.stats import sequence_lengths
+from utils.data.tokenizers import as_tokenizer, tokenizer_name, tokenizer_special_tokens
 from utils.paths import resolve_path
+
+
+SPLIT_OVERLAP = "split_overlap"  # Problem.code of a question in both splits (or train and test one file)
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class Problem:
     line: int
     message: str  # "what is wrong — how to fix"
     severity: str = "error"  # "error" | "warning"
+    code: str = ""  # a kind a caller may acknowledge: SPLIT_OVERLAP
 
     def format(self) -> str:
         where = f"{self.path}:{self.line}" if self.line else self.path
@@ -57,6 +65,7 @@ class ValidationReport:
     file_format: str | None = None  # "messages" | "text"
     n_lines: int = 0
     token_counts: dict[str, int] = field(default_factory=dict)  # id -> tokens (when a tokenizer was given)
+    leaked_ids: list[str] = field(default_factory=list)  # ids whose question the other split also asks
 
     @property
     def errors(self) -> list[Problem]:
@@ -70,8 +79,8 @@ class ValidationReport:
     def ok(self) -> bool:
         return not self.errors
 
-    def error(self, line: int, message: str) -> None:
-        self.problems.append(Problem(self.path, line, message, "error"))
+    def error(self, line: int, message: str, code: str = "") -> None:
+        self.problems.append(Problem(self.path, line, message, "error", code))
 
     def warn(self, line: int, message: str) -> None:
         self.problems.append(Problem(self.path, line, message, "warning"))
@@ -90,7 +99,8 @@ class ValidationReport:
         return "\n".join([p.format() for p in ordered] + [self.summary()])
 
 
-def _check_messages(messages: Any, report: ValidationReport, line: int) -> bool:
+def _check_messages(messages: Any, report: ValidationReport, line: int,
+                    special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> bool:
     """Check the roles and contents of one chat; report every problem; True when usable."""
     if not isinstance(messages, list) or not messages:
         report.error(line, "field 'messages' is empty or not a list — give a list of "
@@ -123,6 +133,8 @@ def _check_messages(messages: Any, report: ValidationReport, line: int) -> bool:
             report.error(line, f"message {n} ({role}) has an empty 'content' — write the turn's text "
                                "or drop the example")
             usable = False
+        else:
+            usable &= _check_special_tokens(content, n, role, special_tokens, report, line)
     if not usable:
         return False
     if ASSISTANT not in roles:
@@ -137,6 +149,17 @@ def _check_messages(messages: Any, report: ValidationReport, line: int) -> bool:
                            "first, then user and assistant alternating, ending with assistant")
         return False
     return True
+
+
+def _check_special_tokens(content: str, n: int, role: Any, special_tokens: tuple[str, ...],
+                          report: ValidationReport, line: int) -> bool:
+    """An error per chat-template special token inside a turn's content (a fake turn or an early stop)."""
+    found = special_tokens_in(content, special_tokens)
+    for token in found:
+        report.error(line, f"message {n} ({role}) contains the chat-template special token {token} at character "
+                           f"{content.index(token)} — in training it would open or close a turn (a fake turn, an "
+                           "early stop); remove it or write it without the <| |> brackets")
+    return not found
 
 
 def _check_metadata(obj: dict, report: ValidationReport, line: int) -> bool:
@@ -170,9 +193,29 @@ def _canonical(obj: dict, messages: list[dict], path: Path, line: int) -> dict:
     }
 
 
+def _read_bytes(path: Path, report: ValidationReport) -> bytes | None:
+    """The file's bytes; None after one error when it cannot be read or is UTF-16 rather than UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        report.error(0, f"cannot read the file ({exc.strerror or exc}) — check its permissions and the path")
+        return None
+    if data.startswith(b"\x1f\x8b"):
+        report.error(1, "the file is gzip-compressed, not JSONL text — decompress it first (`gunzip FILE`)")
+        return None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        how = "a UTF-16 byte-order mark" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else "NUL bytes"
+        report.error(1, f"the file is UTF-16 ({how}), not UTF-8 — save as UTF-8 (an editor's \"Save with "
+                        "encoding\", or `iconv -f UTF-16 -t UTF-8 IN > OUT`)")
+        return None
+    return data
+
+
 def _read_lines(path: Path, report: ValidationReport) -> list[tuple[int, str]]:
     """Decode a JSONL file line by line; report BOM, CRLF, bad bytes and blank lines."""
-    data = path.read_bytes()
+    data = _read_bytes(path, report)
+    if data is None:
+        return []
     if not data.strip():
         report.error(1, "the file is empty — it must hold one JSON example per line")
         return []
@@ -219,7 +262,7 @@ def _questions_by_file(path: Path) -> dict[str, int]:
     for n, raw in enumerate(raw_lines, 1):
         try:
             obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # bad bytes or JSON, huge numbers, deep nesting: validate says so
             continue
         if not isinstance(obj, dict):
             continue
@@ -243,15 +286,36 @@ class _Seen:
     bos_lines: list[int] = field(default_factory=list)  # text lines that start with BOS
     first_layout: tuple[TextLayout, int] | None = None  # text format: the first line's layout and line
     record_lines: list[int] = field(default_factory=list)  # the line of each accepted record
+    special_tokens: tuple[str, ...] = SPECIAL_TOKENS  # refused in content: the templates' and the tokenizer's
+
+
+def _parse_json(n: int, text: str, report: ValidationReport) -> Any:
+    """The JSON value of one line; None after one error (bad JSON, deep nesting, a huge number, a lone surrogate)."""
+    try:
+        obj = json.loads(text)
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")  # what writing it back needs
+    except json.JSONDecodeError as exc:
+        report.error(n, f"invalid JSON ({exc.msg} at column {exc.colno}) — each line must be one complete "
+                        "JSON object; check quotes, commas and braces")
+    except RecursionError:
+        report.error(n, "JSON nested too deeply to read — an example is one flat object "
+                        '{"messages": [{"role": ..., "content": ...}, ...]}; remove the nesting')
+    except UnicodeEncodeError as exc:
+        report.error(n, f"holds a lone surrogate {exc.object[exc.start:exc.end]!r} (a \\uD800-\\uDFFF escape "
+                        "without its pair), which is not a character and cannot be saved as UTF-8 — fix or remove "
+                        "that \\u escape")
+    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        report.error(n, f"unreadable JSON value ({str(exc).split(':')[0]}) — a number this long is not valid "
+                        "here; write it as a string or remove it")
+    else:
+        return obj
+    return None
 
 
 def _read_object(n: int, text: str, report: ValidationReport) -> dict | None:
     """The JSON object of one line, holding exactly one of ``messages`` / ``text``; None after an error."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        report.error(n, f"invalid JSON ({exc.msg} at column {exc.colno}) — each line must be one complete "
-                        "JSON object; check quotes, commas and braces")
+    obj = _parse_json(n, text, report)
+    if obj is None and text.strip() != "null":
         return None
     if not isinstance(obj, dict):
         report.error(n, f"a JSON {type(obj).__name__}, not an object — write one "
@@ -336,35 +400,55 @@ def _check_line(n: int, text: str, path: Path, report: ValidationReport, seen: _
         messages = _text_messages(obj["text"], n, report, seen)
     else:
         messages = obj["messages"] if _check_metadata(obj, report, n) else None
-    if messages is not None and _check_messages(messages, report, n):
+    if messages is not None and _check_messages(messages, report, n, seen.special_tokens):
         _accept_record(obj, messages, path, n, report, seen)
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same real file (symlinks, hard links, ``..`` and relative paths resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
 def _check_overlap(report: ValidationReport, path: Path, other: Path, record_lines: list[int]) -> None:
-    """An error for every question that ``other`` (the other split) also asks."""
-    if other.resolve() == path.resolve():
+    """An error for every question that ``other`` (the other split) also asks; one if it is the same file."""
+    if same_file(other, path):
+        report.error(0, f"is the same file as {other} — train and test must be different files, or every "
+                        "test answer is trained on", SPLIT_OVERLAP)
+        report.leaked_ids.extend(str(r["id"]) for r in report.records)
         return
     other_questions = _questions_by_file(other)
     for n, record in zip(record_lines, report.records):
         key = normalize_question(question_of(record["messages"]))
         if key in other_questions:
+            report.leaked_ids.append(str(record["id"]))
             report.error(n, f"same question as {other}:{other_questions[key]} (normalised: {key!r}) — a "
-                            "question in both train and test leaks its answer; keep it in one split only")
+                            "question in both train and test leaks its answer; keep it in one split only",
+                         SPLIT_OVERLAP)
 
 
 def _check_lengths(report: ValidationReport, tokenizer: Any, max_seq_length: int, seen: _Seen) -> None:
-    """Count every record's tokens under ``tokenizer``; warn about truncation and about a doubled BOS."""
+    """Count every record's tokens under ``tokenizer``; warn about truncation and about a doubled BOS.
+
+    An example whose prompt alone fills ``max_seq_length`` is an error: training would drop it (no answer
+    token left), and ``load_training_data`` refuses that unless ``allow_dropping_long_examples``.
+    """
     name = tokenizer_name(tokenizer)
-    ids = tokenizer.apply_chat_template(
-        [r["messages"] for r in report.records], tokenize=True, return_dict=True
-    )["input_ids"]
     too_long = []
-    for n, record, example_ids in zip(seen.record_lines, report.records, ids):
-        report.token_counts[record["id"]] = len(example_ids)
-        if len(example_ids) > max_seq_length:
+    for n, record, (prompt, total) in zip(seen.record_lines, report.records,
+                                          sequence_lengths(report.records, tokenizer)):
+        report.token_counts[record["id"]] = total
+        if prompt >= max_seq_length:
             too_long.append(n)
-            report.warn(n, f"{len(example_ids)} tokens under {name}, longer than max_seq_length={max_seq_length} "
-                           f"— the last {len(example_ids) - max_seq_length} tokens (the end of the answer and its "
+            report.error(n, f"the prompt alone (system + question) is {prompt} tokens under {name}, at least "
+                            f"max_seq_length={max_seq_length} — training would drop this example entirely (no "
+                            "answer token left); shorten the system prompt or the question, or raise max_seq_length")
+        elif total > max_seq_length:
+            too_long.append(n)
+            report.warn(n, f"{total} tokens under {name}, longer than max_seq_length={max_seq_length} "
+                           f"— the last {total - max_seq_length} tokens (the end of the answer and its "
                            "end-of-turn) will be truncated; shorten the answer or raise max_seq_length")
     if too_long:
         report.warn(0, f"{len(too_long)} of {len(report.records)} examples exceed max_seq_length={max_seq_length} "
@@ -387,16 +471,21 @@ def validate_file(
     """Check one JSONL file in either format and report every problem with its line.
 
     ``tokenizer`` (an object or a name for ``load_tokenizer``) adds the length check: a warning per
-    example longer than ``max_seq_length`` tokens once rendered with the tokenizer's chat template.
+    example longer than ``max_seq_length`` tokens once rendered with the tokenizer's chat template; its
+    special tokens join ``SPECIAL_TOKENS`` among those refused inside a turn's content.
     ``other_paths`` (e.g. the test file when checking train) adds the cross-file question overlap check.
     """
     path = Path(path)
     report = ValidationReport(str(path))
+    if path.is_dir():
+        report.error(0, f"is a directory ({path.resolve()}), not a file — give the path of a .jsonl file")
+        return report
     if not path.is_file():
         report.error(0, f"file not found ({path.resolve()}) — check the path and the file name")
         return report
+    tokenizer = as_tokenizer(tokenizer)
     lines = _read_lines(path, report)
-    seen = _Seen()
+    seen = _Seen(special_tokens=tuple(dict.fromkeys([*SPECIAL_TOKENS, *tokenizer_special_tokens(tokenizer)])))
     for n, text in lines:
         _check_line(n, text, path, report, seen)
     report.file_format = next(iter(seen.formats), None)
@@ -404,7 +493,6 @@ def validate_file(
         report.error(0, "no usable example — the file must hold at least one chat")
     for other in other_paths:
         _check_overlap(report, path, Path(other), seen.record_lines)
-    tokenizer = as_tokenizer(tokenizer)
     if tokenizer is not None and report.records:
         _check_lengths(report, tokenizer, max_seq_length, seen)
     return report
@@ -418,14 +506,48 @@ def load_records(path: str | Path) -> list[dict]:
     return report.records
 
 
+def check_reports(reports: Iterable[ValidationReport], allow_split_overlap: bool = False) -> list[str]:
+    """Raise ``DatasetError`` with every error of the reports (notebook 01 stops on it); return warnings.
+
+    A train/test overlap (``SPLIT_OVERLAP``) is an error too, naming the leaked ids, unless
+    ``allow_split_overlap`` acknowledges it: then it comes back as a warning line.
+    """
+    errors, notes = [], []
+    for report in reports:
+        leaks = [p for p in report.errors if p.code == SPLIT_OVERLAP]
+        errors += [p.format() for p in report.errors if p.code != SPLIT_OVERLAP or not allow_split_overlap]
+        if leaks:
+            ids = report.leaked_ids
+            shown = ", ".join(ids[:10]) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else f" ({len(ids)})")
+            line = (f"{report.path}: train/test leak, leaked ids: {shown} — rebuild the split (`python -m "
+                    "utils.data build`) or fix the files; allow_split_overlap = True acknowledges it")
+            (notes if allow_split_overlap else errors).append(line)
+    if errors:
+        raise DatasetError("\n".join(errors))
+    return notes
+
+
 def convert_file(source: str | Path, target: str | Path, to: str, force: bool = False,
                  layout: TextLayout | None = None) -> Path:
-    """Convert a JSONL file between formats; never writes over ``source``, nor over ``target`` unless forced."""
-    source, target = Path(source), Path(target)
-    if target.resolve() == source.resolve():
-        raise DatasetError(f"{target}: the output is the input file — choose another output path "
+    """Convert a JSONL file between formats; never writes over ``source``, nor over ``target`` unless forced.
+
+    ``source`` is read as ``load_records`` reads it (relative to the repository root); ``target`` is compared
+    with it as real files (symlinks, hard links, relative paths), and written atomically: a failure leaves
+    any previous ``target`` as it was.
+    """
+    source, target = resolve_path(source), Path(target)
+    if target.is_dir():
+        raise DatasetError(f"{target}: is a directory — give the output file's path, e.g. {target / source.name}")
+    if target.exists() and same_file(source, target):
+        raise DatasetError(f"{target}: the output is the input file ({source}) — choose another output path "
                            "(the converter never writes over its input)")
     if target.exists() and not force:
         raise DatasetError(f"{target}: already exists — choose another output path or pass --force")
     records = load_records(source)
-    return write_jsonl(records, target, to=to, layout=layout)
+    try:
+        return write_jsonl(records, target, to=to, layout=layout)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DatasetError(f"{target}: cannot write ({reason}) — nothing was changed: any previous {target.name} "
+                           "is intact; free disk space, check the folder's permissions or choose another "
+                           "path") from exc

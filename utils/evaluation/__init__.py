@@ -13,8 +13,8 @@ Figures are in ``utils.plotting.evaluation``, the Spanish findings in ``utils.re
 
 from utils.evaluation.export import MergeCheckError, compare_logits, export_merged, merge_dtype, probe_logits
 from utils.evaluation.loading import (
-    PARAMETER_NAMES, load_for_evaluation, parameters_of, require_adapter, select_records, setup_table,
-    system_prompt_of,
+    PARAMETER_NAMES, RunMismatchError, load_for_evaluation, parameters_of, require_adapter, select_records,
+    setup_table, system_prompt_of,
 )
 from utils.evaluation.metrics import (
     DECLINE_PATTERN, KIND_LABELS, METRICS, MODEL_LABELS, MODELS, POINTER_PATTERN, SpanishTokenizer, chrf,
@@ -36,7 +36,7 @@ from utils.inference import AdapterNotFoundError  # what ``require_adapter`` rai
 
 __all__ = [
     "AdapterNotFoundError", "DECLINE_PATTERN", "KIND_LABELS", "METRICS", "METRICS_FILE", "MODELS", "MODEL_LABELS",
-    "MergeCheckError", "PARAMETER_NAMES", "POINTER_PATTERN", "SpanishTokenizer", "add_losses", "bootstrap_ci",
+    "MergeCheckError", "PARAMETER_NAMES", "RunMismatchError", "POINTER_PATTERN", "SpanishTokenizer", "add_losses", "bootstrap_ci",
     "bootstrap_indices", "chrf", "collect_runs", "compare_logits", "completion_losses", "declines",
     "export_merged", "highlight_keywords", "is_refusal", "is_wrongful_refusal", "keyword_hits",
     "keyword_pattern", "keyword_recall", "load_for_evaluation", "loss_table", "make_ask", "merge_dtype",

@@ -16,9 +16,10 @@ import pandas as pd
 import torch
 
 from utils.device import dtype_name
-from utils.files import read_json
-from utils.inference import AdapterNotFoundError, load_trained, model_device, require_run, stop_token_ids
-from utils.paths import ADAPTER_DIR, CONFIG_FILE, RUNS_DIR
+from utils.inference import (
+    AdapterNotFoundError, load_trained, model_device, read_run_config, require_run, stop_token_ids,
+)
+from utils.paths import ADAPTER_DIR, RUNS_DIR
 
 # The parameters cell of notebook 05, in order (recorded in 05_run.json; a test checks the notebook).
 PARAMETER_NAMES = (
@@ -32,6 +33,10 @@ PARAMETER_NAMES = (
 def parameters_of(namespace: dict[str, Any]) -> dict[str, Any]:
     """The notebook's parameters with their values (for ``05_run.json`` and ``05_metrics.json``)."""
     return {name: namespace[name] for name in PARAMETER_NAMES}
+
+
+class RunMismatchError(ValueError):
+    """Notebook 05 was given another model than the one notebook 04 trained."""
 
 
 def require_adapter(profile: str) -> Path:
@@ -55,9 +60,9 @@ def load_for_evaluation(profile: str, model_name: str, device: str | torch.devic
     """
     require_adapter(profile)
     run = RUNS_DIR / profile
-    config = read_json(run / CONFIG_FILE)
+    config = read_run_config(run)
     if config.get("model_name") != model_name:
-        raise ValueError(
+        raise RunMismatchError(
             f"notebook 04 trained runs/{profile} on model_name={config.get('model_name')!r}, but notebook 05 "
             f"was given model_name={model_name!r}. Set model_name to the trained one in the profile "
             f"(notebooks/params/{profile}.yaml), or retrain: python -m utils.runner --profile {profile} --only 04"

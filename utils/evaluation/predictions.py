@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TextStreamer
 
-from utils.data import answer_of, completion_mask, question_of
+from utils.data import answer_of, completion_mask, question_of, system_prompt_policy
 from utils.evaluation.metrics import MODELS
 from utils.files import atomic_write_text
 from utils.inference import adapter_state, generate_answers, model_device, prompt_of, stop_token_ids
@@ -122,11 +122,12 @@ def run_predictions(
 ) -> list[dict[str, Any]]:
     """Base and tuned answers to every record, one flat dict per record (the predictions JSONL)."""
     chats = [prompt_of(r) for r in records]
+    policy = system_prompt_policy(records)  # as training applies it to a record without a system turn
     answers = {
         "base": generate_answers(model, tokenizer, chats, max_new_tokens, batch_size, adapter=False,
-                                 desc="Modelo base", progress=progress),
+                                 desc="Modelo base", progress=progress, system_prompt=policy),
         "tuned": generate_answers(model, tokenizer, chats, max_new_tokens, batch_size, adapter=True,
-                                  desc="Modelo ajustado", progress=progress),
+                                  desc="Modelo ajustado", progress=progress, system_prompt=policy),
     }
     rows = []
     for k, record in enumerate(records):

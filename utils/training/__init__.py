@@ -10,8 +10,18 @@ same functions in the same order (also under ``accelerate launch``). One module 
 - ``cli``: the command line (profiles and flags).
 
 Figures are in ``utils.plotting.training``, the Spanish prose in ``utils.reports.training``; a trained run is
-loaded back with ``utils.inference.load_trained``.
+loaded back with ``utils.inference.load_trained``. ``lifecycle``: the run folder's lock, a finished run kept
+aside in ``previous/``, one error for a folder that cannot be written.
 """
+
+import os
+import sys
+
+# ``python -m utils.training`` imports this package, and torch with it, before ``__main__`` runs, and libgomp
+# reads OMP_WAIT_POLICY once, when torch loads it: so it is set here, for that command only (see __main__).
+if sys.orig_argv[1:3] == ["-m", "utils.training"]:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 from utils.training.callbacks import HistoryCsvCallback, LivePlotCallback, ThroughputCallback, history_frame
 from utils.training.checkpoints import find_last_checkpoint
@@ -20,6 +30,7 @@ from utils.training.data import (
     TrainingData, bos_counts, check_bos, expected_bos, load_training_data, load_training_tokenizer,
     strip_template_bos, tokenizer_adds_bos,
 )
+from utils.training.errors import TrainingConfigError, TrainingOutOfMemoryError, TrainingOutputError
 from utils.training.inspect import (
     answers_table, compare_stop_rates, describe_labels, double_bos_table, label_table, settings_table,
     stop_rate_records, trainable_parameter_counts,
@@ -33,15 +44,20 @@ from utils.training.run import (
     load_history, oom_message, run_training, save_training_outputs, success_line, train, write_config,
     write_training_record,
 )
+from utils.training.lifecycle import (
+    LOCK_FILE, PREVIOUS_DIR, acquire_lock, is_finished_run, move_finished_run, read_lock, release_lock,
+)
 from utils.training.settings import (
-    FAST_PATH_CHOICES, NOTEBOOK, NOTEBOOK_ONLY, QUANTIZATION_CHOICES, RESUME_MUST_MATCH, RUN_FILE,
-    TrainingConfigError, TrainingOutOfMemoryError, TrainingPlan, TrainingSettings, plan_training,
+    FAST_PATH_CHOICES, NOTEBOOK, NOTEBOOK_ONLY, OPTIMIZERS, QUANTIZATION_CHOICES, RESUME_MUST_MATCH, RUN_FILE,
+    SCHEDULERS, TrainingPlan, TrainingSettings, plan_training,
 )
 
 __all__ = [
-    "FAST_PATH_CHOICES", "NOTEBOOK", "NOTEBOOK_ONLY", "QUANTIZATION_CHOICES", "RESUME_MUST_MATCH", "RUN_FILE",
+    "FAST_PATH_CHOICES", "LOCK_FILE", "NOTEBOOK", "NOTEBOOK_ONLY", "OPTIMIZERS", "PREVIOUS_DIR", "QUANTIZATION_CHOICES",
+    "RESUME_MUST_MATCH", "RUN_FILE", "SCHEDULERS",
     "HistoryCsvCallback", "LivePlotCallback", "OriginalPadMaskingCollator", "ThroughputCallback", "TrainingConfigError",
-    "TrainingData", "TrainingOutOfMemoryError", "TrainingPlan", "TrainingSettings",
+    "TrainingData", "TrainingOutOfMemoryError", "TrainingOutputError", "TrainingPlan", "TrainingSettings",
+    "acquire_lock", "is_finished_run", "move_finished_run", "read_lock", "release_lock",
     "answers_table", "bos_counts", "build_parser", "build_sft_config", "build_trainer", "build_training_lora_config",
     "check_bos", "check_fast_path_model", "check_memory", "compare_stop_rates", "describe_labels",
     "double_bos_table", "estimate_training_memory", "expected_bos", "find_last_checkpoint", "history_frame",

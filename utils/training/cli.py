@@ -2,7 +2,8 @@
 
     python -m utils.training --profile demo                      # the profile's common and "04" parameters
     python -m utils.training --profile smoke --max-steps 6 --save-steps 2 --output-dir /tmp/run
-    python -m utils.training --profile smoke --output-dir /tmp/run --resume  # continue after a crash
+    python -m utils.training --profile smoke --output-dir /tmp/run           # after a crash: continues (resume auto)
+    python -m utils.training --profile smoke --output-dir /tmp/run --no-resume  # stops if checkpoints are left
     python -m utils.training --model embedded --max-steps 5 --compute-dtype fp16 --quantization nf4_dq
     accelerate launch --num_processes 2 -m utils.training --profile thesis   # DDP, one process per GPU
 """
@@ -20,7 +21,8 @@ from utils.modeling import ModelNotAvailableError
 from utils.runner import check_profile_keys, resolve_parameters, select_notebooks
 from utils.training.run import train
 from utils.training.settings import (
-    NOTEBOOK, NOTEBOOK_ONLY, TrainingConfigError, TrainingOutOfMemoryError, TrainingSettings, setting_names,
+    NOTEBOOK, NOTEBOOK_ONLY, TrainingConfigError, TrainingOutOfMemoryError, TrainingOutputError, TrainingSettings,
+    setting_names,
 )
 
 
@@ -31,8 +33,7 @@ def profile_settings(profile: str, **overrides: Any) -> TrainingSettings:
     "04" is one ``ProfileError`` naming the key, the file and the known names), and notebook 04 receives the
     ``common`` keys its parameters cell declares (``max_seq_length`` among them) overlaid by its own block.
     """
-    data = load_profile(profile)
-    check_profile_keys(profile, data)
+    data = check_profile_keys(profile, load_profile(profile))  # checked, and "1e-4" read as text → 1e-4
     params = resolve_parameters(select_notebooks([NOTEBOOK])[0], notebook_parameters(data, NOTEBOOK))
     params.update({k: v for k, v in overrides.items() if v is not None})
     params["profile"] = profile
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainingSettings):
         if f.name == "profile":
             continue
+        if f.name == "resume":
+            parser.add_argument("--resume", nargs="?", const=True, default=None, type=_resume_flag,
+                                help="auto (default): continue an unfinished run of the same settings; "
+                                     "--resume: continue (also a finished run); --no-resume: never continue")
+            parser.add_argument("--no-resume", dest="resume", action="store_false")
+            continue
         flags = [f"--{f.name.replace('_', '-')}"] + (["--model"] if f.name == "model_name" else [])
         if f.type in ("bool", bool):
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
@@ -62,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_flag(text: str) -> bool | str:
+    """``--resume auto|true|false`` (``--resume`` alone is True)."""
+    value = {"auto": "auto", "true": True, "false": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, true or false")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m utils.training``; user errors print one message and exit with 2."""
     args = vars(build_parser().parse_args(argv))
@@ -70,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = profile_settings(profile, **args)
         train(settings, keep_trl_bf16_adapters=keep_bf16)
-    except (TrainingConfigError, TrainingOutOfMemoryError, DatasetError, ModelNotAvailableError,
-            ProfileError) as exc:
+    except (TrainingConfigError, TrainingOutOfMemoryError, TrainingOutputError, DatasetError,
+            ModelNotAvailableError, ProfileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

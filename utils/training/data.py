@@ -1,24 +1,62 @@
-"""The training data: the tokenizer as the plan wants it, both datasets in the loss's form, one BOS per example."""
+"""The training data: the tokenizer as the plan wants it, both datasets in the loss's form, one BOS per example.
+
+Before any dataset is built, ``load_training_data`` refuses what would train silently on the wrong thing: a
+train/test leak (or one file for both), chat-template special tokens inside a turn, and examples that
+``max_seq_length`` would drop entirely; it applies the dataset's system prompt to records without one and
+reports, by id, the examples whose answer ``max_seq_length`` cuts.
+"""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
-from utils.data import load_records, to_prompt_completion, to_text_dataset
+from utils.data import (
+    SPECIAL_TOKENS,
+    DatasetError,
+    apply_system_prompt,
+    leaked_ids,
+    load_records,
+    same_file,
+    sequence_lengths,
+    special_tokens_in,
+    system_prompt_policy,
+    to_prompt_completion,
+    to_text_dataset,
+    tokenizer_special_tokens,
+)
 from utils.modeling import load_tokenizer, use_original_padding
+from utils.paths import resolve_path
 from utils.training.settings import TrainingConfigError, TrainingPlan, TrainingSettings
+
+DROP_FIXES = ("raise max_seq_length, shorten the system prompt, or remove these examples from the file "
+              "(allow_dropping_long_examples=True drops them instead)")
 
 
 @dataclass
 class TrainingData:
-    """The training and evaluation datasets, in the form the loss needs, and the records behind them."""
+    """The training and evaluation datasets, in the form the loss needs, and the records behind them.
+
+    ``truncated_ids`` / ``dropped_ids``: training examples whose answer ``max_seq_length`` cuts (no end-of-turn
+    left) or that it drops (the prompt alone fills it: nothing left to train); ``eval_*`` the same for the test
+    examples. ``notes``: one line per thing the caller must print (truncation, dropping, added system prompts).
+    """
 
     train: Any
     eval: Any
     train_records: list[dict]
     test_records: list[dict]
+    truncated_ids: list[str] = field(default_factory=list)
+    dropped_ids: list[str] = field(default_factory=list)
+    eval_truncated_ids: list[str] = field(default_factory=list)
+    eval_dropped_ids: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _shown(ids: Sequence[str]) -> str:
+    """The first 10 ids and the count."""
+    return ", ".join(ids[:10]) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else f" ({len(ids)})")
 
 
 def sample_records(records: list[dict], limit: int, seed: int) -> list[dict]:
@@ -42,6 +80,14 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
 
 
+def _without_template_bos(text: str, tokenizer) -> str:
+    """``text`` without the template's leading BOS when the tokenizer adds its own (one BOS, not two)."""
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer_adds_bos(tokenizer):
+        return text[len(bos):]
+    return text
+
+
 def strip_template_bos(dataset, tokenizer):
     """Drop the template's leading BOS from ``text`` when the tokenizer adds its own (one BOS, not two)."""
     bos = tokenizer.bos_token
@@ -50,21 +96,127 @@ def strip_template_bos(dataset, tokenizer):
     return dataset.map(lambda ex: {"text": ex["text"][len(bos):] if ex["text"].startswith(bos) else ex["text"]})
 
 
+def check_split_files(settings: TrainingSettings, train: list[dict], test: list[dict]) -> list[str]:
+    """Refuse ``train_file == test_file`` and a train/test question overlap unless ``allow_split_overlap``."""
+    allowed = bool(getattr(settings, "allow_split_overlap", False))  # a TrainingSettings field (LIFECYCLE)
+    train_path, test_path = resolve_path(settings.train_file), resolve_path(settings.test_file)
+    if same_file(train_path, test_path):
+        problem = (f"train_file and test_file are the same file ({train_path}): every test answer is trained on "
+                   "and the eval loss measures memorisation")
+    else:
+        leaked = leaked_ids(train, test)
+        if not leaked:
+            return []
+        problem = (f"{len(leaked)} test questions of {test_path} are also asked in {train_path} (same normalised "
+                   f"question), leaked ids: {_shown(leaked)}")
+    if allowed:
+        return [f"{problem}; allowed by allow_split_overlap=True"]
+    raise DatasetError(f"{problem} — rebuild the split (`python -m utils.data build`) or fix the files; set "
+                       "allow_split_overlap=True only to train on a leaked split knowingly")
+
+
+def check_special_tokens(records: Sequence[dict], tokenizer, path: str) -> None:
+    """Refuse chat-template special tokens (and the tokenizer's own) inside any turn's content."""
+    tokens = tuple(dict.fromkeys([*SPECIAL_TOKENS, *tokenizer_special_tokens(tokenizer)]))
+    found = [(r["id"], n, t) for r in records for n, m in enumerate(r["messages"], 1)
+             for t in special_tokens_in(m["content"], tokens)]
+    if found:
+        where = "; ".join(f"id {i} message {n}: {t}" for i, n, t in found[:10])
+        raise DatasetError(f"{path}: {len(found)} chat-template special tokens inside turns ({where}) — in training "
+                           "they would open or close a turn; remove them (`python -m utils.data validate` lists "
+                           "each with its line)")
+
+
+def long_examples(records: Sequence[dict], tokenizer, max_seq_length: int, full_text: bool
+                  ) -> tuple[list[str], list[str]]:
+    """Ids whose answer ``max_seq_length`` cuts, and ids it drops (prompt alone ≥ max: fully masked).
+
+    Prompt–completion: TRL truncates to ``max_seq_length`` and drops an example with no trained token left.
+    Full text (the original): every token is trained, nothing is dropped; an example over the limit is cut.
+    """
+    if tokenizer is None or not records:
+        return [], []
+    truncated, dropped = [], []
+    if full_text:
+        texts = [_without_template_bos(tokenizer.apply_chat_template(r["messages"], tokenize=False), tokenizer)
+                 for r in records]
+        lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        return [str(r["id"]) for r, n in zip(records, lengths) if n > max_seq_length], []
+    for record, (prompt, total) in zip(records, sequence_lengths(records, tokenizer)):
+        if prompt >= max_seq_length:
+            dropped.append(str(record["id"]))
+        elif total > max_seq_length:
+            truncated.append(str(record["id"]))
+    return truncated, dropped
+
+
+def _length_notes(split: str, truncated: list[str], dropped: list[str], max_seq_length: int) -> list[str]:
+    """What ``max_seq_length`` does to a split's examples, one line each."""
+    notes = []
+    if truncated:
+        notes.append(f"{len(truncated)} {split} examples are longer than max_seq_length={max_seq_length}: their "
+                     f"answer is cut and loses its end-of-turn token (ids: {_shown(truncated)}); raise "
+                     "max_seq_length or shorten those answers")
+    if dropped:
+        notes.append(f"{len(dropped)} {split} examples were dropped: their prompt alone fills "
+                     f"max_seq_length={max_seq_length} (ids: {_shown(dropped)}); allowed by "
+                     "allow_dropping_long_examples=True")
+    return notes
+
+
+def apply_length_policy(settings: TrainingSettings, records: list[dict], tokenizer, full_text: bool,
+                        split: str) -> tuple[list[dict], list[str], list[str], list[str]]:
+    """Records kept, truncated ids, dropped ids and notes; refuse dropping unless ``allow_dropping_long_examples``."""
+    max_len = settings.max_seq_length
+    truncated, dropped = long_examples(records, tokenizer, max_len, full_text)
+    file = settings.train_file if split == "training" else settings.test_file
+    if dropped and not getattr(settings, "allow_dropping_long_examples", False):  # a TrainingSettings field
+        raise TrainingConfigError(
+            f"{len(dropped)} {split} examples of {file} would be dropped: their prompt alone is at least "
+            f"max_seq_length={max_len} tokens, so no answer token is left to train (ids: {_shown(dropped)}) — "
+            f"{DROP_FIXES}")
+    gone = set(dropped)
+    kept = [r for r in records if str(r["id"]) not in gone]
+    if not kept and records:
+        limit = "train_limit" if split == "training" else "eval_limit"
+        raise TrainingConfigError(
+            f"no {split} example is left: allow_dropping_long_examples=True dropped all {len(records)} of {file} "
+            f"(prompt alone ≥ max_seq_length={max_len}; {limit}={getattr(settings, limit)}) — raise "
+            "max_seq_length or shorten the system prompt")
+    return kept, truncated, dropped, _length_notes(split, truncated, dropped, max_len)
+
+
 def load_training_data(settings: TrainingSettings, plan: TrainingPlan, tokenizer) -> TrainingData:
     """Read and validate both files (``DatasetError`` lists every problem) and build the datasets.
 
     Fixed: prompt–completion (the loss covers the answer and its end-of-turn token). Original: one
-    ``text`` column rendered by the chat template (the loss covers every token).
+    ``text`` column rendered by the chat template (the loss covers every token). Refuses a leaked split,
+    special tokens in content and silently dropped examples; ``notes`` says what was truncated or added.
     """
-    train_records = sample_records(load_records(settings.train_file), settings.train_limit, settings.seed)
-    test_records = sample_records(load_records(settings.test_file), settings.eval_limit, settings.seed)
-    if plan.loss == "full_text":
+    all_train, all_test = load_records(settings.train_file), load_records(settings.test_file)
+    notes = check_split_files(settings, all_train, all_test)
+    check_special_tokens(all_train, tokenizer, settings.train_file)
+    check_special_tokens(all_test, tokenizer, settings.test_file)
+    policy = system_prompt_policy(all_train)
+    train_records, train_notes = apply_system_prompt(
+        sample_records(all_train, settings.train_limit, settings.seed), policy)
+    test_records, test_notes = apply_system_prompt(
+        sample_records(all_test, settings.eval_limit, settings.seed), policy)
+    notes += [f"training: {n}" for n in train_notes] + [f"evaluation: {n}" for n in test_notes]
+    full_text = plan.loss == "full_text"
+    train_records, truncated, dropped, train_len_notes = apply_length_policy(
+        settings, train_records, tokenizer, full_text, "training")
+    test_records, eval_truncated, eval_dropped, test_len_notes = apply_length_policy(
+        settings, test_records, tokenizer, full_text, "evaluation")
+    notes += train_len_notes + test_len_notes
+    if full_text:
         train = strip_template_bos(to_text_dataset(train_records, tokenizer), tokenizer)
         evaluation = strip_template_bos(to_text_dataset(test_records, tokenizer), tokenizer)
     else:
         train = to_prompt_completion(train_records)
         evaluation = to_prompt_completion(test_records)
-    return TrainingData(train, evaluation, train_records, test_records)
+    return TrainingData(train, evaluation, train_records, test_records, truncated, dropped, eval_truncated,
+                        eval_dropped, notes)
 
 
 def bos_counts(dataset, tokenizer) -> list[int]:

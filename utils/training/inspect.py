@@ -15,7 +15,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from utils.config import THESIS
-from utils.data import load_records, to_text_dataset
+from utils.data import load_records, system_prompt_policy, to_text_dataset
 from utils.inference import generate_answers, prompt_of
 from utils.memory import load_model_config
 from utils.modeling import build_lora_config, build_twin, load_tokenizer, resolve_model
@@ -124,7 +124,8 @@ def answers_table(model, tokenizer, records: list[dict], max_new_tokens: int, ba
     """Greedy answers to the records' questions (``utils.inference.generate_answers``), one row per record:
     did it stop, new tokens, the answer."""
     answers = generate_answers(model, tokenizer, [prompt_of(r) for r in records], max_new_tokens,
-                               batch_size=batch_size, adapter=adapter, progress=False)
+                               batch_size=batch_size, adapter=adapter, progress=False,
+                               system_prompt=system_prompt_policy(records))
     return pd.DataFrame([
         {"id": r.get("id"), "termina": a["stopped"], "tokens_nuevos": a["n_tokens"], "respuesta": a["answer"]}
         for r, a in zip(records, answers)

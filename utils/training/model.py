@@ -250,6 +250,11 @@ def build_trainer(settings: TrainingSettings, plan: TrainingPlan, model, tokeniz
         data_collator=_collator(plan, model, tokenizer),
         callbacks=[HistoryCsvCallback(Path(plan.output_dir) / HISTORY_FILE), *(callbacks or [])],
     )
+    if len(trainer.train_dataset) == 0:  # a sampler of 0 samples fails later as "num_samples should be positive"
+        raise TrainingConfigError(
+            f"no training example is left after tokenising {settings.train_file} with max_seq_length="
+            f"{settings.max_seq_length} (train_limit={settings.train_limit}): raise max_seq_length or train_limit."
+        )
     if plan.recast_trainable_fp32:
         recast_trainable_parameters(trainer.model, torch.float32)
     if plan.fast_path:

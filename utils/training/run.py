@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import os
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,21 @@ import torch
 from transformers import set_seed
 
 from utils.files import save_json
-from utils.paths import ADAPTER_DIR, CONFIG_FILE, HISTORY_FILE, run_dir
+from utils.paths import ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, HISTORY_FILE, run_dir
 from utils.provenance import Stopwatch, result_provenance, write_run_record
 from utils.training.callbacks import ThroughputCallback, history_frame, write_history
-from utils.training.checkpoints import tokens_seen_at
+from utils.training.checkpoints import find_last_checkpoint, tokens_seen_at
 from utils.training.data import load_training_data, load_training_tokenizer
 from utils.training.model import (
     build_sft_config, build_trainer, build_training_lora_config, check_memory, load_training_model,
     trainable_dtypes,
 )
+from utils.training.lifecycle import (
+    acquire_lock, checkpoint_dirs, is_finished_run, move_finished_run, output_errors, release_lock,
+)
 from utils.training.settings import (
-    NOTEBOOK, RUN_FILE, TrainingOutOfMemoryError, TrainingPlan, TrainingSettings, is_main_process, plan_training,
+    NOTEBOOK, RUN_FILE, TrainingConfigError, TrainingOutOfMemoryError, TrainingPlan, TrainingSettings,
+    is_main_process, leftover_message, plan_training,
 )
 from utils.units import GIB
 
@@ -103,7 +106,8 @@ def oom_message(settings: TrainingSettings, plan: TrainingPlan, error: BaseExcep
         f"max_seq_length={settings.max_seq_length} → shorter; gradient_checkpointing="
         f"{settings.gradient_checkpointing} → True; per_device_eval_batch_size={settings.per_device_eval_batch_size} "
         f"→ 1; quantization={plan.quantization!r} → 'nf4_dq'. Checkpoints so far are in {plan.checkpoints_dir}: "
-        "rerun with resume=True after changing only batch/accumulation-free knobs."
+        "rerun (resume='auto', the default, continues from the last one) after changing only "
+        "batch/accumulation-free knobs."
     )
 
 
@@ -125,11 +129,29 @@ def peak_memory_gib(device: str | torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss is KiB on Linux
 
 
+def claim_output_dir(settings: TrainingSettings, plan: TrainingPlan) -> None:
+    """Take the folder's lock; a new run first moves a finished run to ``previous/`` and finds no checkpoint.
+
+    Checked again here, under the lock, because the folder may have changed since ``plan_training``: the
+    trainer's rotation (``save_total_limit``) would delete checkpoints another run left there.
+    """
+    out = Path(plan.output_dir)
+    acquire_lock(out)
+    if plan.resume_from is not None:
+        return
+    if is_finished_run(out):
+        moved = move_finished_run(out)
+        print(f"the finished run that was in {out} is now in {moved} (moved, nothing deleted)")
+    leftovers = checkpoint_dirs(out)
+    if leftovers:
+        raise TrainingConfigError(
+            leftover_message(settings, out, leftovers, find_last_checkpoint(out / CHECKPOINTS_DIR)))
+
+
 def _prepare_run(trainer, settings: TrainingSettings, plan: TrainingPlan) -> None:
-    """Fresh checkpoints (unless resuming), the config written first, the seed, the peak-memory counter."""
+    """The folder claimed (lock, finished run kept aside), the config written first, the seed, peak memory."""
     if is_main_process():
-        if plan.resume_from is None:
-            shutil.rmtree(plan.checkpoints_dir, ignore_errors=True)  # a fresh run must not rotate old ones
+        claim_output_dir(settings, plan)
         write_config(settings, plan, trainer)  # before training: a resumed run checks against it
     # The sampler draws from the global generator: the same order whatever ran before this cell.
     set_seed(settings.seed)
@@ -171,23 +193,30 @@ def training_result(trainer, plan: TrainingPlan, output, seconds: float, tokens_
 
 
 def run_training(trainer, settings: TrainingSettings, plan: TrainingPlan) -> dict[str, Any]:
-    """``trainer.train()`` (from the last checkpoint when resuming); OOM becomes one clear error.
+    """``trainer.train()`` (from the last checkpoint when resuming); OOM, a full or read-only disk: one error.
 
+    Holds the folder's lock (``04_training.lock``) from here until ``save_training_outputs`` (or until an error).
     Returns steps, wall time, tokens/s (non-padding tokens of this session), peak memory and losses.
     """
-    _prepare_run(trainer, settings, plan)
-    tokens_before = tokens_seen_at(plan.resume_from)
-    throughput = ThroughputCallback()
-    if hasattr(trainer, "add_callback"):
-        trainer.add_callback(throughput)
-    start = time.perf_counter()
     try:
-        output = trainer.train(resume_from_checkpoint=plan.resume_from)
-    except Exception as error:  # noqa: BLE001 - only OOM is translated, the rest re-raised as is
-        if is_oom(error):
-            raise TrainingOutOfMemoryError(oom_message(settings, plan, error)) from None
+        with output_errors(plan.output_dir):
+            _prepare_run(trainer, settings, plan)
+            tokens_before = tokens_seen_at(plan.resume_from)
+            throughput = ThroughputCallback()
+            if hasattr(trainer, "add_callback"):
+                trainer.add_callback(throughput)
+            start = time.perf_counter()
+            try:
+                output = trainer.train(resume_from_checkpoint=plan.resume_from)
+            except Exception as error:  # noqa: BLE001 - only OOM is translated, the rest re-raised as is
+                if is_oom(error):
+                    raise TrainingOutOfMemoryError(oom_message(settings, plan, error)) from None
+                raise
+            seconds = time.perf_counter() - start
+    except BaseException:
+        if is_main_process():
+            release_lock(plan.output_dir)
         raise
-    seconds = time.perf_counter() - start
     return training_result(trainer, plan, output, seconds, tokens_before, throughput)
 
 
@@ -196,18 +225,26 @@ def run_training(trainer, settings: TrainingSettings, plan: TrainingPlan) -> dic
 # --------------------------------------------------------------------------------------------
 
 
-def save_training_outputs(trainer, tokenizer, settings: TrainingSettings, plan: TrainingPlan) -> dict[str, Path]:
-    """Adapter (safetensors) + tokenizer in ``04_adapter/``, ``04_config.json``, ``04_log_history.csv``."""
+def save_training_outputs(trainer, tokenizer, settings: TrainingSettings, plan: TrainingPlan,
+                          release: bool = True) -> dict[str, Path]:
+    """Adapter (safetensors) + tokenizer in ``04_adapter/``, ``04_config.json``, ``04_log_history.csv``.
+
+    A new run's ``04_adapter/`` is empty (a finished run was moved to ``previous/``); a resumed run rewrites its
+    own. Then the folder's lock is released (``release=False`` keeps it, for ``train`` to write ``04_run.json``).
+    """
     out = Path(plan.output_dir)
     adapter = out / ADAPTER_DIR
-    if trainer.is_world_process_zero():
-        shutil.rmtree(adapter, ignore_errors=True)
-    trainer.save_model(str(adapter))  # PEFT model: adapter_model.safetensors + adapter_config.json
-    paths = {"adapter": adapter}
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(adapter)
-        paths["config"] = write_config(settings, plan, trainer)
-        paths["history"] = write_history(trainer.state.log_history, out / HISTORY_FILE)
+    try:
+        with output_errors(out):
+            trainer.save_model(str(adapter))  # PEFT model: adapter_model.safetensors + adapter_config.json
+            paths = {"adapter": adapter}
+            if trainer.is_world_process_zero():
+                tokenizer.save_pretrained(adapter)
+                paths["config"] = write_config(settings, plan, trainer)
+                paths["history"] = write_history(trainer.state.log_history, out / HISTORY_FILE)
+    finally:
+        if release and trainer.is_world_process_zero():
+            release_lock(out)
     return paths
 
 
@@ -220,13 +257,14 @@ def write_training_record(settings: TrainingSettings, training_plan: TrainingPla
                           **results: Any) -> Path:
     """``04_run.json`` in the run's folder (``utils.provenance.write_run_record`` for the profile folder)."""
     out = Path(training_plan.output_dir)
-    if out.resolve() == run_dir(settings.profile).resolve():
-        return write_run_record(NOTEBOOK, settings.profile, settings.to_dict(), stopwatch, **results)
-    record = {
-        "notebook": NOTEBOOK, "profile": settings.profile, "parameters": settings.to_dict(),
-        "started_at": stopwatch.started_at, "wall_time_s": stopwatch.seconds, **result_provenance(), **results,
-    }
-    return save_json(record, out / RUN_FILE)
+    with output_errors(out):
+        if out.resolve() == run_dir(settings.profile).resolve():
+            return write_run_record(NOTEBOOK, settings.profile, settings.to_dict(), stopwatch, **results)
+        record = {
+            "notebook": NOTEBOOK, "profile": settings.profile, "parameters": settings.to_dict(),
+            "started_at": stopwatch.started_at, "wall_time_s": stopwatch.seconds, **result_provenance(), **results,
+        }
+        return save_json(record, out / RUN_FILE)
 
 
 def train(settings: TrainingSettings, callbacks: list | None = None, verbose: bool = True,
@@ -244,14 +282,20 @@ def train(settings: TrainingSettings, callbacks: list | None = None, verbose: bo
         print(f"note: {note}")
     tokenizer = load_training_tokenizer(settings, plan)
     data = load_training_data(settings, plan, tokenizer)
+    for note in data.notes:  # cut answers, added system prompts, acknowledged leaks
+        print(f"note: {note}")
     estimate = check_memory(settings, plan)
     model = load_training_model(settings, plan)
     trainer = build_trainer(settings, plan, model, tokenizer, data, callbacks)
-    result = run_training(trainer, settings, plan)
-    save_training_outputs(trainer, tokenizer, settings, plan)
-    result["memory_estimate_gib"] = estimate
-    if trainer.is_world_process_zero():
-        write_training_record(settings, plan, stopwatch, plan=plan.to_dict(), training=result)
+    try:
+        result = run_training(trainer, settings, plan)
+        save_training_outputs(trainer, tokenizer, settings, plan, release=False)
+        result["memory_estimate_gib"] = estimate
+        if trainer.is_world_process_zero():
+            write_training_record(settings, plan, stopwatch, plan=plan.to_dict(), training=result)
+    finally:
+        if is_main_process():
+            release_lock(plan.output_dir)
     if verbose and trainer.is_world_process_zero():
         print(success_line(settings, plan, result))
     return result

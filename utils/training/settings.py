@@ -13,17 +13,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.trainer_utils import SchedulerType
+from transformers.training_args import OptimizerNames
 
-from utils.config import HUB_MODEL_ID, THESIS
+from utils.config import HUB_MODEL_ID, THESIS, coerce_value
 from utils.device import DTYPES, default_device, dtype_name, pick_compute_dtype
 from utils.files import read_json
-from utils.paths import CHECKPOINTS_DIR, CONFIG_FILE, resolve_path, run_dir
+from utils.paths import CHECKPOINTS_DIR, CONFIG_FILE, RUNS_DIR, resolve_path
 from utils.speed import FastPathOptions
 from utils.training.checkpoints import find_last_checkpoint
+from utils.training.errors import (  # noqa: F401 - the errors are imported from here too
+    TrainingConfigError, TrainingOutOfMemoryError, TrainingOutputError,
+)
+from utils.training.lifecycle import (
+    check_not_locked, check_writable, checkpoint_dirs, is_finished_run, previous_run_dir,
+)
 
 NOTEBOOK = "04"
 RUN_FILE = "04_run.json"
 
+RESUME_CHOICES = ("auto", True, False)
 QUANTIZATION_CHOICES = ("auto", "none", "fp32", "fp16", "bf16", "int8", "fp4", "nf4", "nf4_dq")
 BNB_QUANTIZATIONS = ("int8", "fp4", "nf4", "nf4_dq")
 FAST_PATH_CHOICES = ("auto", "on", "off")
@@ -41,15 +50,15 @@ RESUME_MUST_MATCH = (
 
 # Settings that must be at least 1.
 POSITIVE_SETTINGS = ("max_seq_length", "lora_r", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "max_steps", "per_device_eval_batch_size", "eval_steps", "logging_steps", "save_steps")
-
-
-class TrainingConfigError(ValueError):
-    """A training configuration that cannot run; the message names the setting and the fix."""
-
-
-class TrainingOutOfMemoryError(RuntimeError):
-    """Training ran out of memory; the message lists the knobs that lower the peak."""
+                     "max_steps", "per_device_eval_batch_size", "eval_steps", "logging_steps", "save_steps",
+                     "save_total_limit")
+# Settings that must be 0 or more (0 = every example, no warm-up, no decay, the device's memory).
+NON_NEGATIVE_SETTINGS = ("train_limit", "eval_limit", "warmup_steps", "weight_decay", "memory_budget_gib")
+SCHEDULERS = tuple(s.value for s in SchedulerType)
+OPTIMIZERS = tuple(o.value for o in OptimizerNames)
+# The optimizers worth naming in a message (TrainingArguments accepts every name of ``OPTIMIZERS``).
+USUAL_OPTIMIZERS = ("paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_32bit",
+                    "adafactor", "sgd")
 
 
 @dataclass
@@ -86,10 +95,25 @@ class TrainingSettings:
     gradient_checkpointing: bool = True
     fast_path: str = "auto"  # "auto": utils.speed's fast path on a CUDA GPU unless replicating the original
     replicate_original: bool = False
-    resume: bool = False
+    allow_split_overlap: bool = False  # True: train although train and test share questions (utils.training.data)
+    allow_dropping_long_examples: bool = False  # True: drop examples whose prompt fills max_seq_length
+    resume: bool | str = "auto"  # "auto": continue an unfinished run of the same settings; True; False
     seed: int = 42
     output_dir: str = ""  # "" = runs/<profile>
     memory_budget_gib: float = 0.0  # 0 = the device's memory; e.g. 8.0 for the RTX 2070 SUPER
+
+    def __post_init__(self) -> None:
+        """Each value as its field's type (``learning_rate="1e-4"`` → 1e-4); one error naming the setting."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "resume":
+                if value not in RESUME_CHOICES or not isinstance(value, (bool, str)):
+                    raise TrainingConfigError(f"resume={value!r}: use 'auto', True or False.")
+                continue
+            try:
+                setattr(self, f.name, coerce_value(value, f.default))
+            except ValueError as exc:
+                raise TrainingConfigError(f"{f.name}={value!r}: {exc} (default {f.default!r}).") from None
 
     @classmethod
     def from_parameters(cls, namespace: dict[str, Any]) -> "TrainingSettings":
@@ -127,6 +151,7 @@ class TrainingPlan:
     checkpoints_dir: str
     resume_from: str | None
     notes: list[str] = field(default_factory=list)
+    previous_run: str | None = None  # where the finished run in output_dir moves before this one writes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,8 +163,8 @@ def is_main_process() -> bool:
 
 
 def output_dir_of(settings: TrainingSettings) -> Path:
-    """Folder of a run's outputs: ``output_dir`` when set, else ``runs/<profile>``."""
-    return resolve_path(settings.output_dir) if settings.output_dir else run_dir(settings.profile)
+    """Folder of a run's outputs: ``output_dir`` when set, else ``runs/<profile>`` (not created here)."""
+    return resolve_path(settings.output_dir) if settings.output_dir else RUNS_DIR / settings.profile
 
 
 def plan_training(settings: TrainingSettings, device: str | torch.device | None = None) -> TrainingPlan:
@@ -158,7 +183,10 @@ def plan_training(settings: TrainingSettings, device: str | torch.device | None 
     batch, accumulation = _micro_batches(settings, fast, notes)
     out = output_dir_of(settings)
     checkpoints = out / CHECKPOINTS_DIR
-    resume_from = _resume_point(settings, out, notes)
+    check_writable(out)
+    if is_main_process():  # the other ranks of a DDP run see rank 0's lock
+        check_not_locked(out)
+    resume_from, previous = _resume_point(settings, out, notes)
     return TrainingPlan(
         device=str(device),
         quantization=quantization,
@@ -178,6 +206,7 @@ def plan_training(settings: TrainingSettings, device: str | torch.device | None 
         checkpoints_dir=str(checkpoints),
         resume_from=str(resume_from) if resume_from else None,
         notes=notes,
+        previous_run=str(previous) if previous else None,
     )
 
 
@@ -239,8 +268,6 @@ def _resolve_fast_path(settings: TrainingSettings, on_cuda: bool, quantization: 
                        notes: list[str]) -> bool:
     """Whether the fast path runs: "auto" = on a CUDA GPU, 4-bit or 16-bit weights, not the original."""
     choice = settings.fast_path
-    if choice not in FAST_PATH_CHOICES:
-        raise TrainingConfigError(f"fast_path={choice!r}: use one of {', '.join(FAST_PATH_CHOICES)}.")
     if choice == "off":
         return False
     blockers = []
@@ -279,31 +306,78 @@ def _micro_batches(settings: TrainingSettings, fast: bool, notes: list[str]) -> 
     return batch * accumulation, 1
 
 
-def _resume_point(settings: TrainingSettings, out: Path, notes: list[str]) -> Path | None:
-    """The checkpoint a ``resume=True`` run continues from (checked against the run that wrote it), or None."""
-    if not settings.resume:
-        return None
-    checkpoints = out / CHECKPOINTS_DIR
-    resume_from = find_last_checkpoint(checkpoints)
-    if resume_from is None:
-        notes.append(f"resume=True but {checkpoints} holds no complete checkpoint: starting at step 0.")
-        return None
+def _resume_point(settings: TrainingSettings, out: Path, notes: list[str]) -> tuple[Path | None, Path | None]:
+    """(checkpoint to continue from, where a finished run moves first); stops rather than lose a checkpoint.
+
+    ``resume="auto"`` continues an unfinished run whose settings match; ``True`` also continues a finished one;
+    a new run into a folder holding a finished run first moves that run to ``previous/<date>/``. Leftover
+    checkpoints of an unfinished run that this run would not continue stop it with the ways out.
+    """
+    last = find_last_checkpoint(out / CHECKPOINTS_DIR)
+    if is_finished_run(out) and not (settings.resume is True and last is not None):
+        previous = previous_run_dir(out)
+        notes.append(f"{out} holds a finished run: it moves to {previous} before this run writes anything.")
+        return None, previous
+    leftovers = checkpoint_dirs(out)
+    if settings.resume is False or (leftovers and last is None):
+        if leftovers:
+            raise TrainingConfigError(leftover_message(settings, out, leftovers, last))
+        return None, None
+    if last is None:
+        if settings.resume is True:
+            notes.append(f"resume=True but {out / CHECKPOINTS_DIR} holds no checkpoint: starting at step 0.")
+        return None, None
     check_resume_matches(settings, out)
-    notes.append(f"resume=True: continuing from {resume_from.name}.")
-    return resume_from
+    notes.append(f"resume={settings.resume!r}: continuing from {last.name} of the unfinished run in {out}.")
+    return last, None
+
+
+def leftover_message(settings: TrainingSettings, out: Path, leftovers: list[Path], last: Path | None) -> str:
+    """Checkpoints of an unfinished run that this run would not continue: how to resume it or start over."""
+    names = ", ".join(p.name for p in leftovers)
+    if last is None:
+        why = (f"{out / CHECKPOINTS_DIR} holds checkpoints cut off before they were complete ({names}): there is "
+               "nothing to resume")
+        resume = ""
+    else:
+        why = (f"resume={settings.resume!r}, but {out / CHECKPOINTS_DIR} holds the checkpoints of an unfinished "
+               f"run ({names})")
+        resume = "To continue it, set resume='auto' (or True; --resume on the command line). "
+    return (f"{why}, and a new run there would rotate them away. {resume}To start over, set resume=False with "
+            f"a new output_dir, or move {out} away first (e.g. mv {out} {out}-old).")
 
 
 def check_values(s: TrainingSettings) -> None:
-    """One clear error for a setting out of range (named, with the fix)."""
-    if s.quantization not in QUANTIZATION_CHOICES:
-        raise TrainingConfigError(f"quantization={s.quantization!r}: use one of {', '.join(QUANTIZATION_CHOICES)}.")
-    if s.compute_dtype not in ("auto", *DTYPES):
-        raise TrainingConfigError(f"compute_dtype={s.compute_dtype!r}: use 'auto', 'fp32', 'fp16' or 'bf16'.")
+    """One clear error for a setting out of range: the setting, its value and what is allowed."""
+    choices = {"quantization": QUANTIZATION_CHOICES, "compute_dtype": ("auto", *DTYPES),
+               "fast_path": FAST_PATH_CHOICES, "lr_scheduler_type": SCHEDULERS}
+    for name, allowed in choices.items():
+        if getattr(s, name) not in allowed:
+            raise TrainingConfigError(f"{name}={getattr(s, name)!r}: use one of {', '.join(allowed)}.")
+    if s.optim not in OPTIMIZERS:
+        raise TrainingConfigError(
+            f"optim={s.optim!r} is not an optimizer TrainingArguments knows. Usual ones: "
+            f"{', '.join(USUAL_OPTIMIZERS)} (all {len(OPTIMIZERS)}: transformers.training_args.OptimizerNames)."
+        )
     for name in POSITIVE_SETTINGS:
         if getattr(s, name) < 1:
-            raise TrainingConfigError(f"{name}={getattr(s, name)}: must be a positive integer.")
-    if not 0 < s.learning_rate < 1:
-        raise TrainingConfigError(f"learning_rate={s.learning_rate}: expected a value like 1e-4.")
+            raise TrainingConfigError(f"{name}={getattr(s, name)}: must be an integer of 1 or more.")
+    for name in NON_NEGATIVE_SETTINGS:
+        if getattr(s, name) < 0:
+            raise TrainingConfigError(f"{name}={getattr(s, name)}: must be 0 or more.")
+    ranges = [
+        ("lora_alpha", s.lora_alpha > 0, "must be above 0 (LoRA's scale is lora_alpha / lora_r; 0 learns nothing)"),
+        ("lora_dropout", 0 <= s.lora_dropout < 1, "must be in [0, 1) (1 drops every input of the adapters)"),
+        ("learning_rate", 0 < s.learning_rate < 1, "must be in (0, 1); the thesis uses 1e-4"),
+        ("max_grad_norm", s.max_grad_norm > 0, "must be above 0 (the clipping norm; the thesis uses 0.5)"),
+        ("seed", 0 <= s.seed < 2**32, "must be in [0, 2**32 - 1] (numpy's seed range); the original used 42"),
+    ]
+    for name, ok, allowed in ranges:
+        if not ok:
+            raise TrainingConfigError(f"{name}={getattr(s, name)}: {allowed}.")
+    if not s.model_name or not s.train_file or not s.test_file:
+        empty = next(n for n in ("model_name", "train_file", "test_file") if not getattr(s, n))
+        raise TrainingConfigError(f"{empty}='': name a model or file.")
     if s.warmup_steps >= s.max_steps:
         raise TrainingConfigError(
             f"warmup_steps={s.warmup_steps} is not below max_steps={s.max_steps}: the learning rate would "
@@ -311,17 +385,23 @@ def check_values(s: TrainingSettings) -> None:
         )
 
 
-def check_resume_matches(settings: TrainingSettings, out: Path) -> None:
-    """Refuse to resume a checkpoint written with other hyperparameters (it would mix two runs)."""
+def resume_mismatches(settings: TrainingSettings, out: Path) -> dict[str, tuple[Any, Any]]:
+    """The settings of ``RESUME_MUST_MATCH`` that differ from the run that wrote the checkpoints: (then, now)."""
     config_path = out / CONFIG_FILE
     if not config_path.is_file():
-        return
+        return {}
     saved = read_json(config_path).get("parameters", {})
     current = settings.to_dict()
-    diff = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != current[k]]
+    return {k: (saved[k], current[k]) for k in RESUME_MUST_MATCH if k in saved and saved[k] != current[k]}
+
+
+def check_resume_matches(settings: TrainingSettings, out: Path) -> None:
+    """Refuse to resume a checkpoint written with other hyperparameters (it would mix two runs)."""
+    diff = resume_mismatches(settings, out)
     if diff:
-        pairs = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {current[k]!r}" for k in diff)
+        pairs = ", ".join(f"{k}: checkpoint {then!r} vs now {now!r}" for k, (then, now) in diff.items())
         raise TrainingConfigError(
-            f"resume=True, but the checkpoints in {out / CHECKPOINTS_DIR} come from a run with other settings "
-            f"({pairs}). Use the same settings, or resume=False (starts over), or another output_dir."
+            f"resume={settings.resume!r}, but the checkpoints in {out / CHECKPOINTS_DIR} come from an unfinished "
+            f"run with other settings ({pairs}). To continue it, use its settings. To start over, set "
+            f"resume=False with a new output_dir, or move {out} away first (e.g. mv {out} {out}-old)."
         )
