@@ -715,7 +715,7 @@ def build(*args: str) -> Callable[[Path], int]:
 def dataset_copy(work: Path) -> None:
     """The shipped split files and datasheet, copied to ``work/dataset`` (a failed build must leave them)."""
     (work / "dataset").mkdir(exist_ok=True)
-    for name, target in (("train_v3_combined_split.jsonl", "train.jsonl"), ("test_v3_combined_split.jsonl",
+    for name, target in (("utn_sample_train.jsonl", "train.jsonl"), ("utn_sample_test.jsonl",
                                                                              "test.jsonl"), ("README.md", "README.md")):
         shutil.copyfile(REPO_ROOT / "dataset" / name, work / "dataset" / target)
 

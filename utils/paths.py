@@ -18,9 +18,12 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 TWIN_CONFIG_FILE = ASSETS_DIR / "llama-3.2-3b-config.json"
 
-# The file names of the original script (train_peft_v3.py), kept so a student can drop theirs in.
-TRAIN_FILE = DATASET_DIR / "train_v3_combined_split.jsonl"
-TEST_FILE = DATASET_DIR / "test_v3_combined_split.jsonl"
+# The shipped sample corpus (built from ``dataset/sources/utn_qa.yaml``): named so that it cannot be mistaken
+# for the student's own files (``train_v3_combined_split.jsonl`` in the original script). Validation drives every
+# choice during training; test is read only by notebook 05.
+TRAIN_FILE = DATASET_DIR / "utn_sample_train.jsonl"
+VALIDATION_FILE = DATASET_DIR / "utn_sample_validation.jsonl"
+TEST_FILE = DATASET_DIR / "utn_sample_test.jsonl"
 
 # What a training run (notebook 04, ``python -m utils.training``) writes into its run folder; notebook 05 and
 # ``utils.inference`` read it back.

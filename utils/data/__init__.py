@@ -4,7 +4,7 @@ Two formats are read, one per file:
 
 - **messages** (canonical): ``{"id", "messages": [system, user, assistant], "source", "topic", "kind",
   "keywords", "facts"}``; only ``messages`` is required;
-- **text** (the original ``train_v3_combined_split.jsonl``): ``{"text": "<|begin_of_text|><|start_header_id|>
+- **text** (the original script's ``train_v3_combined_split.jsonl``): ``{"text": "<|begin_of_text|><|start_header_id|>
   system<|end_header_id|>\\n\\n...<|eot_id|>..."}``, the whole Llama-3 chat in one string.
 
 Modules: ``records`` (record access, the text layout, writing JSONL, the datasets TRL trains on),

@@ -69,8 +69,8 @@ class TrainingSettings:
     model_name: str = HUB_MODEL_ID
     quantization: str = "auto"  # "auto": nf4_dq on CUDA, none (fp32) on the CPU
     compute_dtype: str = "auto"  # "auto": bf16 from compute capability 8.0, fp16 below, fp32 on the CPU
-    train_file: str = "dataset/train_v3_combined_split.jsonl"
-    test_file: str = "dataset/test_v3_combined_split.jsonl"
+    train_file: str = "dataset/utn_sample_train.jsonl"
+    test_file: str = "dataset/utn_sample_test.jsonl"
     train_limit: int = 0  # 0 = every training example
     eval_limit: int = 0  # 0 = every test example
     max_seq_length: int = THESIS.max_seq_length
