@@ -31,6 +31,8 @@ CHECKPOINTS_DIR = "04_checkpoints"
 ADAPTER_DIR = "04_adapter"
 CONFIG_FILE = "04_config.json"
 HISTORY_FILE = "04_log_history.csv"
+PROGRESS_FILE = "04_progress.json"  # {"step": n, "max_steps": m}, rewritten each step: the runner's progress bar
+TENSORBOARD_DIR = "04_tensorboard"  # TensorBoard event files of the run (when tensorboard is installed)
 
 
 FIGURES_DIR = REPO_ROOT / "figures"
