@@ -145,7 +145,7 @@ def _fake_build_trainer(settings, plan, model, tokenizer, data, callbacks=None):
     return FakeTrainer(settings, plan)
 
 
-def _fake_run_notebook(notebook, output, parameters, log_output):
+def _fake_run_notebook(notebook, output, parameters, log_output, progress=None):
     TRACE.setdefault("notebooks", []).append(Path(notebook).name[:2])
     TRACE.setdefault("parameters", {})[Path(notebook).name[:2]] = dict(parameters)
 
@@ -703,7 +703,7 @@ def build(*args: str) -> Callable[[Path], int]:
 
         out = work / "dataset"
         sandboxed = partial(corpus.build_dataset, train_path=out / "train.jsonl", test_path=out / "test.jsonl",
-                            readme=out / "README.md")
+                            validation_path=out / "validation.jsonl", readme=out / "README.md")
         with patched(data_cli, "build_dataset", sandboxed), patched(data_cli, "README_FILE", out / "README.md"):
             if (work / "ro").exists():
                 with read_only(out):
@@ -715,8 +715,8 @@ def build(*args: str) -> Callable[[Path], int]:
 def dataset_copy(work: Path) -> None:
     """The shipped split files and datasheet, copied to ``work/dataset`` (a failed build must leave them)."""
     (work / "dataset").mkdir(exist_ok=True)
-    for name, target in (("utn_sample_train.jsonl", "train.jsonl"), ("utn_sample_test.jsonl",
-                                                                             "test.jsonl"), ("README.md", "README.md")):
+    for name, target in (("utn_sample_train.jsonl", "train.jsonl"), ("utn_sample_validation.jsonl", "validation.jsonl"),
+                         ("utn_sample_test.jsonl", "test.jsonl"), ("README.md", "README.md")):
         shutil.copyfile(REPO_ROOT / "dataset" / name, work / "dataset" / target)
 
 
@@ -741,7 +741,7 @@ BUILDS = [
              build(), ("error",), r"(?i)read-only|cannot write|permission",
              lambda work: (dataset_copy(work), (work / "ro").mkdir())),
     Scenario("build-ok", BUILD, "build with the defaults (rewrites the split, as asked)", build(), ("accepted",), "",
-             dataset_copy, ("dataset/train.jsonl", "dataset/test.jsonl", "dataset/README.md")),
+             dataset_copy, ("dataset/train.jsonl", "dataset/validation.jsonl", "dataset/test.jsonl", "dataset/README.md")),
 ]
 
 
@@ -1013,7 +1013,7 @@ NOTEBOOK_SCENARIOS = [
 # --------------------------------------------------------------------------------------------
 
 TDATA = "training data"
-FILES = ("--train-file", "{work}/train.jsonl", "--test-file", "{work}/test.jsonl")
+FILES = ("--train-file", "{work}/train.jsonl", "--validation-file", "{work}/test.jsonl")
 
 
 def tdata(sid: str, what: str, setup, expect: tuple[str, ...], match: str, *extra: str) -> Scenario:
@@ -1026,10 +1026,14 @@ TRAINING_DATA = [
     Scenario("train-file-directory", TDATA, "--train-file is a directory",
              train_cli("--train-file", "{work}/dir"), ("error",), r"(?i)dir.*director|director.*dir",
              put(("dir/a.jsonl", GOOD_FILE))),
-    Scenario("train-equals-test", TDATA, "--train-file and --test-file are the same file",
-             train_cli("--train-file", "{work}/train.jsonl", "--test-file", "{work}/train.jsonl"), ("error",),
-             r"(?i)same file|train_file.*test_file|test_file.*train_file", put(("train.jsonl", jsonl(*GOOD_TRAIN)))),
-    tdata("train-test-leak", "a test question is also in the training file", split_files(GOOD_TRAIN, [rec(2), rec(60)]),
+    Scenario("train-equals-validation", TDATA, "--train-file and --validation-file are the same file",
+             train_cli("--train-file", "{work}/train.jsonl", "--validation-file", "{work}/train.jsonl"), ("error",),
+             r"(?i)same file|train_file.*validation_file|validation_file.*train_file",
+             put(("train.jsonl", jsonl(*GOOD_TRAIN)))),
+    Scenario("train-test-file-renamed", TDATA, "--test-file (renamed: training reads validation, never test)",
+             train_cli("--train-file", "{work}/train.jsonl", "--test-file", "{work}/test.jsonl"), ("error",),
+             r"(?i)validation_file", put(("train.jsonl", jsonl(*GOOD_TRAIN)), ("test.jsonl", jsonl(*GOOD_TEST)))),
+    tdata("train-validation-leak", "a validation question is also in the training file", split_files(GOOD_TRAIN, [rec(2), rec(60)]),
           ("error",), r"(?i)leak|both|r2"),
     tdata("train-broken-line", "line 3 of the training file is broken",
           put(("train.jsonl", jsonl(rec(1), rec(2), "{oops", rec(4))), ("test.jsonl", jsonl(*GOOD_TEST))),
@@ -1440,7 +1444,7 @@ LIFECYCLE = [
              life_cli("--resume", "--max-steps", "8"), ("error", "warning"), r"max_steps",
              make_run(True, steps=(2, 4, 6))),
     Scenario("life-resume-no-checkpoint", LIFE, "--resume on a folder without checkpoints",
-             life_cli("--resume"), ("warning", "error"), r"(?i)no (complete )?checkpoint|step 0|nothing to resume",
+             life_cli("--resume"), ("warning", "error"), r"(?i)no (complete )?checkpoint|step 0|nothing to resume|no tiene checkpoints|paso 0",
              make_run(False, steps=()), (CONFIG,)),
     Scenario("life-resume-half-written", LIFE, "--resume when the only checkpoint was cut while being written",
              life_cli("--resume"), ("warning", "error"), r"(?i)checkpoint", make_run(False, steps=(), half=(2,)),

@@ -1,16 +1,23 @@
-"""utils.data: the validator on one damaged fixture per kind, the converter, the split, the shipped corpus."""
+"""utils.data: the validator on one damaged fixture per kind, the converter, the three-way split, the shipped corpus."""
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
+from matplotlib.text import Text
 
 from utils import data
-from utils.paths import REPO_ROOT, TEST_FILE, TRAIN_FILE
+from utils.plotting import check_print_standard
+from utils.plotting import data as data_plots
+from utils.paths import REPO_ROOT, TEST_FILE, TRAIN_FILE, VALIDATION_FILE
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 SMALL_CORPUS = FIXTURES / "corpus_small.yaml"
@@ -231,38 +238,113 @@ def test_completion_mask_covers_exactly_the_answer_and_end_of_turn(request, whic
 # --------------------------------------------------------------------------------------------
 
 
+def wording(record: dict) -> str:
+    return data.normalize_question(data.question_of(record["messages"]))
+
+
 @pytest.mark.parametrize("seed", range(5))
-def test_split_has_no_leakage_and_teaches_every_test_fact(seed):
+def test_split_has_no_leakage_and_teaches_every_held_out_fact(seed):
     records = data.corpus_records(data.load_corpus(SMALL_CORPUS))
-    train, test = data.split_records(records, seed=seed, test_fraction=0.2)
-    assert len(train) + len(test) == len(records) and test
-    train_questions = {data.normalize_question(data.question_of(r["messages"])) for r in train}
-    assert not any(data.normalize_question(data.question_of(r["messages"])) in train_questions for r in test)
-    taught = {f for r in train for f in r["facts"]}
-    assert all(f in taught for r in test for f in r["facts"])
+    splits = data.split_records(records, seed=seed, test_fraction=0.2, validation_fraction=0.2)
+    assert list(splits) == ["train", "validation", "test"]
+    assert sum(len(s) for s in splits.values()) == len(records) and splits["test"] and splits["validation"]
+    for first, second in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        assert not {wording(r) for r in splits[first]} & {wording(r) for r in splits[second]}, (first, second)
+    taught = {f for r in splits["train"] for f in r["facts"]}
+    assert all(f in taught for name in data.HELD_OUT for r in splits[name] for f in r["facts"])
     for fact in {r["facts"][0] for r in records if r["kind"] == "fact"}:
-        assert sum(r["facts"] == [fact] and r["kind"] == "fact" for r in train) >= data.MIN_TRAIN_QUESTIONS_PER_FACT
+        in_train = sum(r["facts"] == [fact] and r["kind"] == "fact" for r in splits["train"])
+        assert in_train >= data.MIN_TRAIN_QUESTIONS_PER_FACT
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_held_out_splits_take_whole_items_and_single_fact_questions(seed):
+    records = data.corpus_records(data.load_corpus(SMALL_CORPUS))
+    splits = data.split_records(records, seed=seed, test_fraction=0.2, validation_fraction=0.2)
+    home = {r["id"]: name for name, rs in splits.items() for r in rs}
+    items: dict[str, set[str]] = {}
+    for record in records:
+        items.setdefault(record["id"].rsplit("-q", 1)[0], set()).add(home[record["id"]])
+    for item, where in items.items():
+        if not item.startswith("F"):  # combined and out-of-scope items never straddle two splits
+            assert len(where) == 1, (item, where)
+    assert {r["kind"] for name in data.HELD_OUT for r in splits[name]} == set(data.KINDS) - {"combined"}
+
+
+def test_check_split_names_every_pair_that_shares_a_wording():
+    records = data.corpus_records(data.load_corpus(SMALL_CORPUS))
+    splits = data.split_records(records, seed=3, test_fraction=0.2, validation_fraction=0.2)
+    data.check_split(splits)  # the built split passes
+    leaked = {**splits, "test": splits["test"] + [splits["validation"][0]]}
+    with pytest.raises(data.DatasetError, match=f"test {splits['validation'][0]['id']} has the wording of "
+                                                f"validation {splits['validation'][0]['id']}"):
+        data.check_split(leaked)
+    untaught = {"train": [r for r in splits["train"] if "F003" not in r["facts"]],
+                "validation": [r for r in records if r["facts"] == ["F003"]][:1], "test": []}
+    with pytest.raises(data.DatasetError, match="validation F003-q\\d asks about fact F003"):
+        data.check_split(untaught)
+
+
+@pytest.mark.parametrize("test_fraction,validation_fraction,fragment", [
+    (0.0, 0.1, "test_fraction=0.0"), (0.1, 0.5, "validation_fraction=0.5"), (0.3, 0.3, "at least half"),
+])
+def test_bad_fractions_name_the_option(test_fraction, validation_fraction, fragment):
+    records = data.corpus_records(data.load_corpus(SMALL_CORPUS))
+    with pytest.raises(ValueError, match=fragment):
+        data.split_records(records, test_fraction=test_fraction, validation_fraction=validation_fraction)
+
+
+def test_build_validation_fraction_option_sizes_validation(tmp_path, monkeypatch, capsys):
+    sizes = {}
+    for share in ("0.1", "0.3"):
+        out = tmp_path / share
+        monkeypatch.setattr(data.cli, "build_dataset", functools.partial(
+            data.build_dataset, train_path=out / "tr.jsonl", validation_path=out / "va.jsonl",
+            test_path=out / "te.jsonl", readme=None))
+        assert data.main(["build", "--corpus", str(SMALL_CORPUS), "--test-fraction", "0.15",
+                          "--validation-fraction", share]) == 0
+        sizes[share] = len(data.load_records(out / "va.jsonl"))
+    assert sizes["0.1"] < sizes["0.3"]
+    assert "va.jsonl" in capsys.readouterr().out
+    assert data.main(["build", "--validation-fraction", "0.6"]) == 2
+    assert "--validation-fraction=0.6" in capsys.readouterr().err
+
+
+def build_into(folder: Path, seed: int, **kwargs) -> tuple[bytes, bytes, bytes]:
+    paths = folder / "train.jsonl", folder / "validation.jsonl", folder / "test.jsonl"
+    data.build_dataset(seed=seed, corpus_path=SMALL_CORPUS, train_path=paths[0], validation_path=paths[1],
+                       test_path=paths[2], **{"test_fraction": 0.2, "validation_fraction": 0.2, "readme": None,
+                                              **kwargs})
+    return tuple(p.read_bytes() for p in paths)
 
 
 def test_split_is_reproducible_and_seeded(tmp_path):
-    paths = {}
-    for run, seed in (("a", 7), ("b", 7), ("c", 8)):
-        train, test = tmp_path / f"train_{run}.jsonl", tmp_path / f"test_{run}.jsonl"
-        data.build_dataset(seed=seed, test_fraction=0.2, corpus_path=SMALL_CORPUS,
-                           train_path=train, test_path=test, readme=None)
-        paths[run] = (train.read_bytes(), test.read_bytes())
-    assert paths["a"] == paths["b"]
-    assert paths["a"] != paths["c"]
+    runs = {run: build_into(tmp_path / run, seed) for run, seed in (("a", 7), ("b", 7), ("c", 8))}
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
 
 
 def test_build_updates_only_the_counts_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Datos\n\nantes\n{data.COUNTS_START}\nviejo\n{data.COUNTS_END}\ndespués\n", encoding="utf-8")
-    data.build_dataset(seed=1, test_fraction=0.2, corpus_path=SMALL_CORPUS, train_path=tmp_path / "tr.jsonl",
-                       test_path=tmp_path / "te.jsonl", readme=readme)
+    build_into(tmp_path, 1, readme=readme)
     text = readme.read_text(encoding="utf-8")
     assert text.startswith("# Datos\n\nantes\n") and text.endswith(f"{data.COUNTS_END}\ndespués\n")
-    assert "viejo" not in text and "| `fact` |" in text and "| **total** | 22 | 5 | 27 |" in text
+    splits = {name: data.load_records(tmp_path / f"{name}.jsonl") for name in data.SPLITS}
+    sizes = " | ".join(str(len(splits[name])) for name in data.SPLITS)
+    assert "viejo" not in text and "| `fact` |" in text and f"| **total** | {sizes} | 27 |" in text
+    assert "--validation-fraction 0.2" in text and "| kind | validation | test |" in text
+
+
+def test_verbatim_answers_are_the_held_out_fact_questions():
+    records = data.corpus_records(data.load_corpus(SMALL_CORPUS))
+    splits = data.split_records(records, seed=2, test_fraction=0.2, validation_fraction=0.2)
+    for name in data.HELD_OUT:
+        verbatim = data.verbatim_answer_ids(splits["train"], splits[name])
+        assert verbatim == [r["id"] for r in splits[name] if r["kind"] == "fact"]
+    table = data.verbatim_answer_table(splits)
+    n_fact = sum(r["kind"] == "fact" for r in splits["test"])
+    assert list(table.columns) == ["validation", "test"] and table.loc["fact", "test"] == f"{n_fact} of {n_fact}"
 
 
 def test_corpus_problems_are_listed_together(tmp_path):
@@ -285,37 +367,76 @@ def test_corpus_problems_are_listed_together(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+SHIPPED = {"train": TRAIN_FILE, "validation": VALIDATION_FILE, "test": TEST_FILE}
+
+
 def test_shipped_splits_validate_clean():
-    for path, other in ((TRAIN_FILE, TEST_FILE), (TEST_FILE, TRAIN_FILE)):
-        report = data.validate_file(path, other_paths=[other])
+    for name, path in SHIPPED.items():
+        report = data.validate_file(path, other_paths=[p for n, p in SHIPPED.items() if n != name])
         assert report.ok and not report.warnings, report.format()
         assert all(r["kind"] in data.KINDS for r in report.records)
+        assert not data.missing_fields(report.records, ("keywords", "kind", "topic", "facts"))
 
 
 def test_shipped_splits_are_what_the_build_command_writes(tmp_path):
-    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
-    summary = data.build_dataset(train_path=train, test_path=test, readme=None)
-    assert train.read_bytes() == TRAIN_FILE.read_bytes(), "run `python -m utils.data build` and commit the result"
-    assert test.read_bytes() == TEST_FILE.read_bytes(), "run `python -m utils.data build` and commit the result"
-    assert 0.10 <= summary["test_share"] <= 0.15
+    built = {name: tmp_path / f"{name}.jsonl" for name in SHIPPED}
+    summary = data.build_dataset(train_path=built["train"], validation_path=built["validation"],
+                                 test_path=built["test"], readme=None)
+    for name, path in SHIPPED.items():
+        assert built[name].read_bytes() == path.read_bytes(), "run `python -m utils.data build` and commit the result"
+    assert 0.10 <= summary["test_share"] <= 0.15 and 0.10 <= summary["validation_share"] <= 0.15
     readme = (REPO_ROOT / "dataset" / "README.md").read_text(encoding="utf-8")
     block = readme.split(data.COUNTS_START)[1].split(data.COUNTS_END)[0]
-    records = data.load_records(train), data.load_records(test)
-    assert block.strip() == data.counts_markdown(*records, data.DEFAULT_SEED, data.DEFAULT_TEST_FRACTION).strip()
+    records = {name: data.load_records(path) for name, path in built.items()}
+    expected = data.counts_markdown(records, data.DEFAULT_SEED, data.DEFAULT_TEST_FRACTION,
+                                    data.DEFAULT_VALIDATION_FRACTION)
+    assert block.strip() == expected.strip(), "run `python -m utils.data build` and commit dataset/README.md"
 
 
-def test_shipped_test_questions_never_appear_in_train():
-    train = {data.normalize_question(data.question_of(r["messages"])) for r in data.load_records(TRAIN_FILE)}
-    test = data.load_records(TEST_FILE)
-    assert {r["kind"] for r in test} == set(data.KINDS)
-    assert not [r["id"] for r in test if data.normalize_question(data.question_of(r["messages"])) in train]
+def test_shipped_held_out_questions_are_in_no_other_split():
+    splits = {name: data.load_records(path) for name, path in SHIPPED.items()}
+    for name in data.HELD_OUT:
+        assert {r["kind"] for r in splits[name]} == set(data.KINDS), name
+    data.check_split(splits)
+    assert data.overlap_checks(splits).query("chequeo.str.startswith('misma')")["resultado"].sum() == 0
+
+
+def test_shipped_held_out_splits_ask_each_fact_at_most_once_and_balance_kinds():
+    splits = {name: data.load_records(path) for name, path in SHIPPED.items()}
+    for name in data.HELD_OUT:
+        facts = [r["facts"][0] for r in splits[name] if r["kind"] == "fact"]
+        assert len(facts) == len(set(facts)), f"{name} asks a fact twice"
+    kinds = {name: Counter(r["kind"] for r in splits[name]) for name in data.HELD_OUT}
+    for kind in data.KINDS:  # the same design: each kind about as large in validation as in test
+        assert abs(kinds["validation"][kind] - kinds["test"][kind]) <= max(2, kinds["test"][kind] // 10), kind
 
 
 def test_shipped_train_file_validates_clean_from_the_command_line():
-    out = subprocess.run([sys.executable, "-m", "utils.data", "validate", str(TRAIN_FILE), str(TEST_FILE)],
+    out = subprocess.run([sys.executable, "-m", "utils.data", "validate", *map(str, SHIPPED.values())],
                          cwd=REPO_ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(" OK — ") == 2 and ": error:" not in out.stdout
+    assert out.stdout.count(" OK — ") == 3 and ": error:" not in out.stdout
+
+
+def test_the_fact_sheet_ships_with_the_dataset_and_the_datasheet_cites_it():
+    sheet = REPO_ROOT / "dataset" / "normativa" / "HECHOS.md"
+    assert sheet.is_file() and "NO VERIFICADO" in sheet.read_text(encoding="utf-8")
+    readme = (REPO_ROOT / "dataset" / "README.md").read_text(encoding="utf-8")
+    assert "dataset/normativa/HECHOS.md" in readme and "train_v3_combined_split.jsonl" in readme
+    header = data.CORPUS_FILE.read_text(encoding="utf-8").splitlines()[:5]
+    assert any("dataset/normativa/HECHOS.md" in line for line in header)
+
+
+def test_notebook_01_figures_meet_the_print_standard(embedded_tokenizer):
+    splits = {name: data.load_records(path)[:40] for name, path in SHIPPED.items()}
+    lengths = data.token_lengths(splits, embedded_tokenizer, "SmolLM2-135M-Instruct (embebido)")
+    for name, fig in (("01_longitudes_tokens", data_plots.plot_token_lengths(lengths, 512)),
+                      ("01_ejemplos_por_tema", data_plots.plot_counts(data.count_table(splits, "topic")))):
+        assert check_print_standard(fig, name) >= 8
+        shown = " ".join(t.get_text() for t in fig.findobj(Text))
+        assert "validación" in shown and "entrenamiento" in shown and "prueba" in shown
+        assert not re.search(r"\b(train|validation|test)\b", shown), shown  # Spanish names, no internal ids
+        plt.close(fig)
 
 
 def test_text_lines_in_two_layouts_are_flagged(tmp_path):

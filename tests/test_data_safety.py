@@ -20,6 +20,7 @@ import pytest
 from utils import data, paths
 from utils.inference import prompt_of, with_system_prompt
 from utils.paths import NOTEBOOKS_DIR
+from utils.training import data as training_data
 from utils.training.data import load_training_data
 from utils.training.settings import TrainingConfigError, TrainingSettings
 
@@ -319,12 +320,13 @@ LONG_ANSWER = "La Ord. 1549 tiene diez capítulos. " * 10  # 228 tokens under th
 LONG_SYSTEM = "Contexto largo de la normativa. " * 20  # a prompt of 223 tokens
 
 
-def training_settings(tmp_path: Path, train: list[dict], test: list[dict] | None = None, **extra):
-    """Settings reading ``train`` / ``test`` from files in ``tmp_path``; ``extra`` set as attributes."""
-    test = test if test is not None else [chat("¿Pregunta de test distinta?", "Respuesta.", id="t1")]
+def training_settings(tmp_path: Path, train: list[dict], validation: list[dict] | None = None, **extra):
+    """Settings reading ``train`` / ``validation`` from files in ``tmp_path``; ``extra`` set as attributes."""
+    validation = validation if validation is not None else [chat("¿Pregunta de validación distinta?", "Respuesta.",
+                                                                 id="v1")]
     settings = TrainingSettings(profile="smoke", model_name="embedded", output_dir=str(tmp_path / "run"),
                                 train_file=str(write_lines(tmp_path / "train.jsonl", train)),
-                                test_file=str(write_lines(tmp_path / "test.jsonl", test)))
+                                validation_file=str(write_lines(tmp_path / "validation.jsonl", validation)))
     for key, value in extra.items():
         setattr(settings, key, value)  # allow_* are TrainingSettings fields; set like this to read as getattr
     return settings
@@ -363,23 +365,33 @@ def test_an_empty_training_set_after_dropping_names_the_setting(tmp_path, embedd
         load_training_data(settings, FIXED_LOSS, embedded_tokenizer)
 
 
-def test_training_refuses_a_train_test_leak_naming_the_ids(tmp_path, embedded_tokenizer):
+def test_training_refuses_a_train_validation_leak_naming_the_ids(tmp_path, embedded_tokenizer):
     train = [chat("¿Qué ordenanza rige?", "La Ord. 1549.", id="a"), chat("¿Otra?", "Sí.", id="b")]
-    test = [chat("¿que ORDENANZA rige", "La 1549.", id="t-leak"), chat("¿Nueva?", "No.", id="t-ok")]
-    settings = training_settings(tmp_path, train, test)
-    with pytest.raises(data.DatasetError, match="leaked ids: t-leak \\(1\\)") as info:
+    validation = [chat("¿que ORDENANZA rige", "La 1549.", id="v-leak"), chat("¿Nueva?", "No.", id="v-ok")]
+    settings = training_settings(tmp_path, train, validation)
+    with pytest.raises(data.DatasetError, match="leaked ids: v-leak \\(1\\)") as info:
         load_training_data(settings, FIXED_LOSS, embedded_tokenizer)
     assert "allow_split_overlap" in str(info.value)
-    settings = training_settings(tmp_path, train, test, allow_split_overlap=True)
+    settings = training_settings(tmp_path, train, validation, allow_split_overlap=True)
     loaded = load_training_data(settings, FIXED_LOSS, embedded_tokenizer)
-    assert any("t-leak" in n and "allow_split_overlap=True" in n for n in loaded.notes)
+    assert any("v-leak" in n and "allow_split_overlap=True" in n for n in loaded.notes)
 
 
-def test_training_refuses_one_file_as_train_and_test(tmp_path, embedded_tokenizer):
+def test_training_evaluates_on_validation_and_opens_test_only_to_refuse_an_overlap(tmp_path, embedded_tokenizer,
+                                                                                    monkeypatch):
+    read = []
+    monkeypatch.setattr(training_data, "load_records", lambda p: read.append(str(p)) or data.load_records(p))
+    settings = training_settings(tmp_path, [chat("¿Hola?", "Sí.", id="a")])
+    loaded = load_training_data(settings, FIXED_LOSS, embedded_tokenizer)
+    assert [r["id"] for r in loaded.validation_records] == ["v1"]
+    assert read[:2] == [settings.train_file, settings.validation_file] and set(read[2:]) <= {str(paths.TEST_FILE)}
+
+
+def test_training_refuses_one_file_as_train_and_validation(tmp_path, embedded_tokenizer):
     settings = training_settings(tmp_path, [chat("¿Hola?", "Sí.", id="a")])
     (tmp_path / "alias.jsonl").symlink_to(tmp_path / "train.jsonl")
-    settings.test_file = str(tmp_path / "alias.jsonl")
-    with pytest.raises(data.DatasetError, match="train_file and test_file are the same file"):
+    settings.validation_file = str(tmp_path / "alias.jsonl")
+    with pytest.raises(data.DatasetError, match="train_file and validation_file are the same file"):
         load_training_data(settings, FIXED_LOSS, embedded_tokenizer)
 
 

@@ -163,14 +163,16 @@ def test_summary_pairs_models_and_weights_loss_by_tokens():
     pd.testing.assert_frame_equal(again.set_index(["model", "metric"]), summary)
 
 
-def test_pick_examples_follows_the_stated_rule():
+def test_pick_examples_ranks_out_of_scope_answers_by_correctness_then_keywords():
     scores = _fake_scores()
-    scores.loc[(scores["id"] == "r05") & (scores["model"] == "tuned"), "rouge_l"] += 3.0
-    scores.loc[(scores["id"] == "r06") & (scores["model"] == "tuned"), ["keyword_recall", "rouge_l"]] = 0.0
-    picks = ev.pick_examples(scores).set_index("caso")["id"]
-    assert picks["mejor mejora"] == "r05"
-    assert picks["peor empeoramiento"] == "r06"
-    assert picks["fuera de alcance"] == "r00"  # all gain 1 in refusals; the first id wins the tie on Δ
+    for column, value in (("citation_accuracy", math.nan), ("number_match", math.nan), ("invented_citation", 0.0)):
+        scores[column] = value
+    scores["strict_correct"] = scores["refusal_oos"].where(scores["kind"] == "out_of_scope", 0.0)
+    picks, absent = ev.pick_examples(scores)
+    oos = scores[(scores["model"] == "tuned") & (scores["kind"] == "out_of_scope")]
+    # every tuned refusal passes, citations and numbers do not apply: the keyword recall decides
+    assert picks.set_index("caso")["id"]["fuera de alcance"] == oos.loc[oos["keyword_recall"].idxmax(), "id"]
+    assert "el ajuste acierta y el modelo base no" in absent  # no answerable answer passes: no pick, no filler
 
 
 def test_select_records_keeps_every_kind():
@@ -185,30 +187,24 @@ def test_select_records_keeps_every_kind():
 # --------------------------------------------------------------------------------------------
 
 
-def test_latex_longtable_escapes_special_characters(tmp_path):
-    table = pd.DataFrame({"pregunta": ["¿50% & $x_1$?"], "referencia": ["línea 1\n\nlínea 2"],
-                          "base": ["#1 {a}"], "ajustado": ["ok"]})
-    text = ev.write_latex_longtable(table, tmp_path / "t.tex", caption="Respuestas").read_text()
-    assert r"\begin{longtable}" in text and r"\caption{Respuestas}" in text
-    assert r"50\% \& \$x\_1\$" in text and r"\#1 \{a\}" in text
-    assert "línea 1 línea 2" in text  # no blank line inside a p{} cell
+def test_picks_print_as_a_longtable_with_cut_and_collapsed_answers(tmp_path):
+    from utils.latex import write_table
 
-
-def test_collect_runs_reads_every_run(tmp_path):
-    for run, value in (("original", 0.2), ("fixed", 0.6)):
-        folder = tmp_path / run
-        folder.mkdir()
-        rows = [{"model": "tuned", "metric": "keyword_recall", "value": value, "low": value - 0.1,
-                 "high": value + 0.1, "n": 10, "label": "x"}]
-        (folder / "05_metrics.json").write_text(json.dumps({"metrics": rows}))
-        pd.DataFrame({"step": [1, 2, 2], "loss": [2.0, 1.5, None], "eval_loss": [None, None, 1.7]}).to_csv(
-            folder / "04_log_history.csv", index=False)
-    (tmp_path / "empty").mkdir()
-    metrics, curves = ev.collect_runs(tmp_path)
-    assert sorted(metrics["run"]) == ["fixed", "original"]
-    assert len(curves) == 6 and set(curves["split"]) == {"train", "eval"}
-    table = ev.runs_table(metrics)
-    assert list(table.columns) == ["fixed", "original"] and "0.600" in table.iloc[0, 0]
+    reference = "Según la Ord. 1549, art. 1.2, son 30 días hábiles."
+    prediction = {"id": "r1", "kind": "fact", "topic": "t", "question": "¿50% & $x_1$?", "reference": reference,
+                  "keywords": ["30"], "reference_tokens": 12,
+                  "answer_base": "Son " + "2" + "0" * 200 + " días " + "muy " * 80, "tokens_base": 128,
+                  "stopped_base": False, "answer_tuned": reference, "tokens_tuned": 12, "stopped_tuned": True}
+    scores = ev.score_predictions([prediction])
+    picks, _ = ev.pick_examples(scores)
+    table = ev.picks_table(picks, [prediction], scores, ["base", "tuned"], word_limit=10)
+    assert list(table["Texto"]) == ["Pregunta", "Referencia", "Base", "Ajustado (LoRA)"]
+    base = table.loc[table["Texto"] == "Base", "Contenido"].iloc[0]
+    assert base == "Son 2000… días muy […]" and len(base.split()) <= 11
+    assert table.loc[table["Texto"] == "Ajustado (LoRA)", "Verificación"].iloc[0].endswith("correcta")
+    text = write_table(table, "05_respuestas", caption="Casos", widths=[0.17, 0.14, 0.47, 0.22], long=True,
+                       directory=tmp_path).read_text()
+    assert r"\begin{longtable}" in text and r"50\% \& \$x\_1\$" in text
 
 
 def test_missing_adapter_says_to_run_notebook_04(tmp_path, monkeypatch):
@@ -337,13 +333,21 @@ def test_notebook_05_runs_on_smoke():
     executed = nbformat.read(run / "05_evaluation.ipynb", as_version=4)
     html_outputs = "".join(o.get("data", {}).get("text/html", "") for c in executed.cells if c.cell_type == "code"
                            for o in c.get("outputs", []))
-    assert "<mark>" in html_outputs or "pregunta" in html_outputs  # the side-by-side table is shown
+    assert "Pregunta" in html_outputs and "Referencia" in html_outputs  # picks shown side by side
     predictions = ev.read_jsonl(run / "05_predictions.jsonl")
     metrics = json.loads((run / "05_metrics.json").read_text())
-    assert {m["model"] for m in metrics["metrics"]} >= {"base", "tuned", "delta"}
+    systems = metrics["systems"]
+    assert {"base", "tuned"} <= set(systems) and metrics["n_test_records"] == len(predictions)
+    assert {m["model"] for m in metrics["metrics"]} >= {*systems, "delta"}
+    assert {m["metric"] for m in metrics["metrics"]} >= {"citation_accuracy", "number_match", "strict_correct"}
     assert len(predictions) == len(pd.read_csv(run / "05_respuestas.csv"))
+    rubric = pd.read_csv(run / ev.BLANK_NAME)
+    assert len(rubric) == len(predictions) * len(systems)
     figures = run / "figures"
     assert (figures / "05_respuestas.tex").read_text().count(r"\begin{longtable}") == 1
-    assert (figures / "05_metricas_base_vs_ajustado.pdf").is_file()
+    for name in ("05_metricas_por_sistema", "05_etiquetas_error"):
+        assert (figures / f"{name}.pdf").is_file(), name
+    for name in ("05_metricas", "05_diferencias", "05_etiquetas_error", "05_subconjuntos"):
+        assert (figures / f"{name}.tex").is_file(), name
     record = json.loads((run / "05_run.json").read_text())
     assert record["profile"] == "smoke" and record["n_test_records"] == len(predictions)

@@ -79,7 +79,7 @@ def test_a_rerun_after_a_crash_continues_from_the_last_complete_checkpoint(tmp_p
     assert settings.resume == "auto"
     plan = training.plan_training(settings, "cpu")
     assert plan.resume_from == str(complete) and plan.previous_run is None
-    assert any("continuing from checkpoint-2" in note for note in plan.notes)
+    assert any("se continúa desde checkpoint-2" in note for note in plan.notes)
     trainer = FakeTrainer(tmp_path)
     with pytest.raises(Stop):
         training.run_training(trainer, settings, plan)
@@ -144,7 +144,7 @@ def test_a_new_run_moves_the_finished_run_to_previous_first(tmp_path, capsys):
     assert moved.name == config["date"][:19].replace("-", "").replace(":", "") + "Z"
     for name, data in files.items():
         assert (moved / name).read_bytes() == data, name  # moved whole, byte for byte
-    assert f"is now in {moved}" in capsys.readouterr().out
+    assert f"ahora está en {moved}" in capsys.readouterr().out
     # when training starts: the new config and the lock, no old checkpoint, adapter or history
     assert trainer.seen == sorted(["01_run.json", "04_training.ipynb", CONFIG_FILE, training.LOCK_FILE,
                                    training.PREVIOUS_DIR])
@@ -174,7 +174,7 @@ def test_training_twice_into_one_folder_keeps_the_first_run(tmp_path):
     first_config = (tmp_path / CONFIG_FILE).read_bytes()
     second = _train_cli(tmp_path)
     (moved,) = (tmp_path / training.PREVIOUS_DIR).iterdir()
-    assert f"is now in {moved}" in second.stdout and "TRAINING OK" in second.stdout
+    assert f"ahora está en {moved}" in second.stdout and "TRAINING OK" in second.stdout
     assert (moved / ADAPTER_DIR / "adapter_model.safetensors").read_bytes() == first
     assert (moved / CONFIG_FILE).read_bytes() == first_config
     assert (moved / CHECKPOINTS_DIR / "checkpoint-1" / "trainer_state.json").is_file()

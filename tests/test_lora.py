@@ -12,6 +12,7 @@ import torch
 from utils import lora, memory
 from utils.modeling import build_tiny_twin, build_twin, twin_config
 from utils.paths import REPO_ROOT
+from utils.memory import prepare
 from utils.reports import lora as lora_report
 from utils.units import MB
 
@@ -23,6 +24,23 @@ TWIN_BASE = 3_212_749_824
 @pytest.fixture(scope="module")
 def twin_peft():
     return lora.attach_lora(build_twin("meta"))
+
+
+@pytest.fixture(scope="module")
+def tiny_4bit(tmp_path_factory):
+    """The tiny twin loaded in NF4 + DQ on the CPU, its unquantised tensors in fp16 as a GPU load keeps them."""
+    folder = tmp_path_factory.mktemp("tiny")
+    build_tiny_twin("cpu").save_pretrained(folder, safe_serialization=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = memory.load_for_measurement(str(folder), "nf4_dq", "cpu")
+    prepare.cast_unquantized(model, torch.float16)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prepare_effects(tiny_4bit):
+    return prepare.inspect_prepare(tiny_4bit)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +125,10 @@ def test_the_claimed_trainable_count_is_llama_3_1_8b():
     assert lora.search_lora_counts(TWIN_LORA)["arquitectura"].tolist() == ["Llama-3.2-3B"]
 
 
-def _claims(twin_counts):
+def _claims(twin_counts, prepare_effects=None):
     gpu = memory.load_gpu_report(GPU_REPORT)
     return lora.claims_table({
+        "prepare": prepare_effects, "prepare_on": "gemelo mínimo (NF4 + DQ, CPU)",
         "twin_counts": twin_counts,
         "twin_adapter": {"file_bytes": 4 * twin_counts["peft_trainable"] + 52_552,
                          "tensor_bytes": 4 * twin_counts["peft_trainable"]},
@@ -118,10 +137,21 @@ def _claims(twin_counts):
     }).set_index("afirmación")
 
 
-def test_claims_table_is_computed_from_the_measurements(twin_peft):
-    measured = _claims(lora.count_parameters(twin_peft))
+def test_claims_table_is_computed_from_the_measurements(twin_peft, prepare_effects):
+    measured = _claims(lora.count_parameters(twin_peft), prepare_effects)
     assert len(measured) == len(lora.ORIGINAL_CLAIMS)
-    assert measured.loc["parámetros entrenables", "medido"] == f"{TWIN_LORA:,}"
+    assert measured.loc["parámetros entrenables", "medido"] == "48.627.712"
+    assert measured.loc["% entrenable", "medido"] == "1,491\xa0%"
+    # "3 billones" is 3 × 10¹² in Spanish: the model has 3,21 mil millones
+    assert measured.loc["parámetros del modelo base", "veredicto"] == "incorrecto"
+    assert measured.loc["parámetros del modelo base", "medido"].startswith("3.212.749.824 = 3,21 mil millones")
+    # "~6 GB": the bf16 weights measured on the GPU, 6,43 GB = 5,98 GiB
+    assert measured.loc["tamaño del modelo completo", "veredicto"] == "correcto"
+    assert "6,43\xa0GB" in measured.loc["tamaño del modelo completo", "medido"]
+    assert "5,98\xa0GiB" in measured.loc["tamaño del modelo completo", "medido"]
+    row = measured.loc["qué hace prepare_model_for_kbit_training"]
+    assert row["veredicto"] == "incorrecto" and "embeddings y normas a fp32" in row["medido"]
+    assert "0,74\xa0GiB en el gemelo" in row["medido"]  # 789.403.648 bytes measured on the H100
     assert measured.loc["parámetros entrenables", "veredicto"] == "incorrecto"
     assert "Llama-3.1-8B" in measured.loc["parámetros entrenables", "por qué"]
     assert measured.loc["VRAM con QLoRA", "veredicto"] == "correcto"
@@ -129,14 +159,34 @@ def test_claims_table_is_computed_from_the_measurements(twin_peft):
     # feed the claimed numbers instead: the verdicts follow the input, they are not typed in
     claimed = {"peft_trainable": 83_886_080, "peft_all": 3_213_004_800, "numel_trainable": 0, "numel_all": 0,
                "unpacked_all": 0, "packed_4bit_tensors": 0}
-    as_claimed = _claims(claimed)
+    as_claimed = _claims(claimed, {**prepare_effects, "lora_tensors": 4, "upcast_kinds": ["norms"]})
     assert (as_claimed.loc[["parámetros entrenables", "parámetros totales", "% entrenable"], "veredicto"]
             == "correcto").all()
     assert as_claimed.loc["tamaño del adaptador", "veredicto"] == "incorrecto"  # 335.5 MB is not ~185 MB
+    assert as_claimed.loc["qué hace prepare_model_for_kbit_training", "veredicto"] == "correcto"
 
 
 def test_claims_latex_export(twin_peft, tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_FIGURES_DIR", str(tmp_path))
     path = lora_report.save_claims_latex(_claims(lora.count_parameters(twin_peft)).reset_index())
     text = path.read_text(encoding="utf-8")
-    assert path.name == "03_claims.tex" and "\\begin{table}" in text and "48,627,712" in text
+    assert path.name == "03_claims.tex" and "\\begin{table}" in text and "48.627.712" in text
+    assert "1,491" in text and "1.491" not in text  # es-AR: never read as 1491 %
+    assert "$\\sim$185" in text and "textasciitilde" not in text
+    assert sum(lora_report.CLAIM_WIDTHS) <= 1
+
+
+def test_prepare_freezes_everything_upcasts_16_bit_tensors_and_turns_on_checkpointing(tiny_4bit, prepare_effects):
+    """What prepare_model_for_kbit_training does, measured: not 'gradients for the adapters only'."""
+    effects = prepare_effects
+    assert effects["trainable_before"] > 0 and effects["trainable_after"] == 0
+    assert effects["lora_tensors"] == 0  # no adapter exists yet when prepare runs
+    assert effects["upcast_kinds"] == ["embedding", "norms"]  # not just the norms; 4-bit weights untouched
+    counts = memory.analytic_parameter_counts(tiny_4bit.config)
+    assert effects["upcast_params"] == counts["embedding"] + counts["norms"]
+    assert effects["added_bytes"] == 2 * effects["upcast_params"]  # fp16 → fp32
+    assert all(p.dtype == torch.float32 for n, p in tiny_4bit.named_parameters() if "norm" in n)
+    assert not effects["checkpointing_before"] and effects["checkpointing_after"]
+    assert not effects["input_hook_before"] and effects["input_hook_after"] and effects["input_grads_after"]
+    table = prepare.prepare_table(effects)
+    assert table.iloc[0].tolist()[1:] == [str(effects["trainable_before"]), "0"]

@@ -15,6 +15,7 @@ from utils import memory
 from utils.device import dtype_name
 from utils.modeling import build_tiny_twin, build_twin, tiny_twin_config, twin_config
 from utils.paths import REPO_ROOT
+from utils.numbers import fmt_num
 from utils.reports import memory as memory_report
 from utils.units import MIB
 
@@ -261,5 +262,7 @@ def test_findings_without_live_measurements_use_the_analytic_sizes():
                                     memory.training_table(report["train"]), "Llama-3.2-3B (gemelo)",
                                     analytic=analytic, skipped_steps={"la sección 3": "sin pesos"})
     ratio = analytic["total_gib"].iloc[0] / analytic["total_gib"].iloc[2]
-    assert f"{ratio:.1f}×" in text and "No medido en esta corrida**: la sección 3 (motivo: sin pesos)" in text
-    assert "H100" in text  # the committed measurements still reach the conclusions
+    assert f"{fmt_num(ratio, 1)}×" in text and "No medido en esta corrida**: la sección 3 (motivo: sin pesos)" in text
+    assert "gemelo, medido en GPU" in text  # the committed measurements still reach the conclusions
+    # the seed's "~6 GB" whole model: the twin's 16-bit weights, 6,43 GB = 5,98 GiB
+    assert "= 6,43\xa0GB = 5,98\xa0GiB" in text and "3.212.749.824 parámetros" in text

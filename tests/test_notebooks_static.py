@@ -71,10 +71,20 @@ def test_setup_cell_second(notebook):
     nb = nbformat.read(notebook, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "%autoreload 2" in code[1].source
-    assert "set_style()" in code[1].source
+    # The figure context (model, profile, date in every caption) applies the style too.
+    assert "set_figure_context(" in code[1].source
+    assert "quiet_known_noise()" in code[1].source
 
 
 def test_kernel_is_generic(notebook):
     nb = nbformat.read(notebook, as_version=4)
     assert nb.metadata["kernelspec"]["name"] == "python3"
     assert NOTEBOOKS_DIR == notebook.parent
+
+
+def test_ends_with_conclusions_appendix_and_references(notebook):
+    """A thesis chapter: the body, then "Conclusiones para la tesis", "Apéndice técnico" and "Referencias"."""
+    nb = nbformat.read(notebook, as_version=4)
+    headers = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines()
+               if line.startswith("## ")]
+    assert headers[-3:] == ["## Conclusiones para la tesis", "## Apéndice técnico", "## Referencias"], headers[-4:]

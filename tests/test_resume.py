@@ -82,7 +82,7 @@ def test_killed_run_resumes_where_the_uninterrupted_run_would_be(tmp_path):
 
     resumed = _run(broken, "--resume")
     last = training.find_last_checkpoint(broken / CHECKPOINTS_DIR)
-    assert "continuing from checkpoint-" in resumed.stdout
+    assert "se continúa desde checkpoint-" in resumed.stdout
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["global_step"] == MAX_STEPS and last.name == f"checkpoint-{MAX_STEPS}"
 

@@ -1,15 +1,41 @@
-"""The papermill runner: profiles, selection and failures reported by notebook and cell."""
+"""The papermill runner: profiles, selection, failures reported by notebook and cell, and a quiet console."""
 
 from __future__ import annotations
 
+import io
+import logging
+import os
 import subprocess
 import sys
+import time
+import warnings
 
 import nbformat
 import pytest
+from tqdm import TqdmWarning
 
-from utils import config, runner
-from utils.paths import PARAMS_DIR
+from utils import config, quiet, runner
+from utils.files import save_json
+from utils.modeling import load_tokenizer
+from utils.paths import PARAMS_DIR, PROGRESS_FILE
+
+
+def write_notebook(path, *sources: str):
+    """A notebook with a ``parameters`` cell (``x = 1``) and one code cell per source."""
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("x = 1  # a parameter")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, *(nbformat.v4.new_code_cell(src) for src in sources)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def stderr_outputs(notebook) -> list[str]:
+    """The stderr stream texts of an executed notebook."""
+    nb = nbformat.read(notebook, as_version=4)
+    return [o["text"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if o.get("output_type") == "stream" and o.get("name") == "stderr"]
 
 
 def test_unknown_profile_lists_known_ones():
@@ -55,13 +81,7 @@ def test_only_selects_by_number():
 
 
 def test_failure_names_notebook_and_cell(tmp_path, monkeypatch):
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("x = 1  # a parameter")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell("raise ValueError('bad value of x')")]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    source = tmp_path / "09_broken.ipynb"
-    nbformat.write(nb, source)
+    source = write_notebook(tmp_path / "09_broken.ipynb", "raise ValueError('bad value of x')")
     with pytest.raises(runner.NotebookFailed) as info:
         runner.run_notebook(source, tmp_path / "out.ipynb", {"x": 2}, log_output=False)
     message = str(info.value)
@@ -92,3 +112,92 @@ def test_publish_needs_a_complete_run():
     out = subprocess.run([sys.executable, "-m", "utils.runner", "--profile", "smoke", "--only", "01", "--publish"],
                          capture_output=True, text=True)
     assert out.returncode != 0 and "--publish needs a complete run" in out.stderr
+
+
+def test_dead_kernel_names_the_notebook_and_its_kernel_log(tmp_path):
+    source = write_notebook(tmp_path / "09_dies.ipynb", "import os\nos._exit(3)")
+    with pytest.raises(runner.NotebookFailed, match="kernel died") as info:
+        runner.run_notebook(source, tmp_path / "out" / "09_dies.ipynb", {}, log_output=False)
+    assert "09_dies.ipynb" in str(info.value) and "09_kernel.log" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# A quiet run: one line per notebook with its progress, no transport warning, no known library noise
+# --------------------------------------------------------------------------------------------
+
+
+def test_console_line_follows_cells_then_training_steps_and_the_kernel_is_quiet(tmp_path):
+    progress_file = tmp_path / PROGRESS_FILE
+    steps = ("import json, time\n"
+             "for step in range(1, 4):\n"
+             f"    open({str(progress_file)!r}, 'w').write(json.dumps({{'step': step, 'max_steps': 3}}))\n"
+             "    time.sleep(0.6)\n"
+             "time.sleep(0.6)")
+    # The two warnings the kernel's startup filters (utils/quiet.py) and one of ours, which must still show.
+    noise = ("import logging, warnings\n"
+             "logging.getLogger('bitsandbytes.backends.cpu.ops').warning("
+             "'Failed to load CPU gemm_4bit_forward from kernels-community: no kernels')\n"
+             "warnings.warn_explicit('`is_gradient_checkpointing` is deprecated and will be removed in v6.',"
+             " FutureWarning, 'modeling_utils.py', 1, module='transformers.modeling_utils')\n"
+             "warnings.warn('ours', UserWarning)")
+    source = write_notebook(tmp_path / "04_demo.ipynb", noise, steps)
+    console = io.StringIO()
+    progress = runner.NotebookProgress("[4/5] 04_demo (test)", progress_file, stream=console)
+    runner.run_notebook(source, tmp_path / "out" / "04_demo.ipynb", {}, False, progress)
+    progress.close("ok (3 s)")
+    last = console.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("[4/5] 04_demo (test) 100%|") and "3/3 step" in last and last.endswith("ok (3 s)")
+    stderr = stderr_outputs(tmp_path / "out" / "04_demo.ipynb")
+    assert len(stderr) == 1 and "UserWarning: ours" in stderr[0], stderr
+    kernel_log = (tmp_path / "out" / "04_kernel.log").read_text()
+    assert "without encryption" not in kernel_log
+
+
+def test_progress_file_is_read_only_when_this_run_wrote_it(tmp_path):
+    path = tmp_path / "04_progress.json"
+    save_json({"step": 7, "max_steps": 10}, path)
+    os.utime(path, (time.time() - 3600, time.time() - 3600))  # left over from an earlier run
+    progress = runner.NotebookProgress("x", path, stream=io.StringIO())
+    try:
+        assert progress.read_steps() is None
+        save_json({"step": 2, "max_steps": 10}, path)
+        assert progress.read_steps() == (2, 10)
+        path.write_text('{"step": 3, "max_')  # a half-written file is skipped, not an error
+        assert progress.read_steps() is None
+    finally:
+        progress.close("ok")
+
+
+def test_training_progress_file_is_the_one_the_runner_follows(tmp_path):
+    assert runner.progress_path(tmp_path, runner.NOTEBOOKS_DIR / "04_training.ipynb") == tmp_path / PROGRESS_FILE
+
+
+def test_quiet_known_noise_drops_only_the_known_messages(monkeypatch):
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "0")  # the user's own setting wins
+    quiet.quiet_known_noise()
+    quiet.quiet_known_noise()  # idempotent
+    bnb = logging.getLogger(quiet.BNB_CPU_LOGGER)
+    assert sum(isinstance(f, quiet.DropMessage) for f in bnb.filters) == 1
+    assert not bnb.filter(bnb.makeRecord(bnb.name, logging.WARNING, "ops.py", 1, quiet.BNB_CPU_MESSAGE + ": x",
+                                         (), None))
+    assert bnb.filter(bnb.makeRecord(bnb.name, logging.WARNING, "ops.py", 1, "another problem", (), None))
+    with warnings.catch_warnings(record=True) as caught:
+        quiet.quiet_known_noise()  # catch_warnings reset the filters
+        warnings.warn_explicit("`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+                               FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+        warnings.warn_explicit("IProgress not found. Please update jupyter and ipywidgets.", TqdmWarning,
+                               "auto.py", 1, module="tqdm.auto")
+        warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning, "mine.py", 1,
+                               module="mine")
+    assert [str(w.message) for w in caught] == ["`is_gradient_checkpointing` is deprecated"]
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "0"
+
+
+def test_llama_tokenizer_decodes_without_the_bpe_cleanup_warning():
+    tokenizer = load_tokenizer("llama-3.2")
+    assert tokenizer.clean_up_tokenization_spaces is False
+    text = "Hola , ¿qué tal ? Artículo 12 , inciso b ."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text  # the spaces before punctuation stay, as they did with the warning

@@ -42,6 +42,12 @@ SMOKE = dict(profile="smoke", model_name="embedded", train_limit=4, eval_limit=2
     (dict(compute_dtype="fp8"), ["compute_dtype='fp8'", "bf16"]),
     (dict(fast_path="maybe"), ["fast_path='maybe'", "auto, on, off"]),
     (dict(model_name=""), ["model_name=''"]),
+    (dict(validation_file=""), ["validation_file=''"]),
+    (dict(train_sampling_strategy="sorted"), ["train_sampling_strategy='sorted'", "group_by_length"]),
+    (dict(early_stopping_patience=-1), ["early_stopping_patience=-1", "0 or more"]),
+    (dict(early_stopping_patience=2, eval_steps=2, save_steps=3), ["save_steps=3", "multiple of eval_steps=2"]),
+    (dict(early_stopping_patience=2, eval_steps=2, save_steps=2, save_total_limit=1),
+     ["save_total_limit=1", "2 or more"]),
 ])
 def test_a_setting_that_cannot_train_is_one_message_before_any_model_loads(tmp_path, change, expected):
     settings = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path), **change})
@@ -146,3 +152,35 @@ def test_a_bad_flag_value_is_one_line_from_the_command_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: lora_alpha=0") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()  # nothing written, no model loaded
+
+
+def test_test_file_is_now_validation_file_with_one_message_everywhere(tmp_path, monkeypatch, capsys):
+    """A notebook parameter, a flag or a profile key still named test_file: one message naming validation_file."""
+    with pytest.raises(training.TrainingConfigError) as info:
+        training.TrainingSettings.from_parameters({"test_file": "dataset/utn_sample_test.jsonl", "max_steps": 3})
+    message = str(info.value)
+    for part in ("test_file", "validation_file", "dataset/utn_sample_validation.jsonl", "notebook 05"):
+        assert part in message, message
+    code = training.main(["--profile", "smoke", "--test-file", "x.jsonl", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: test_file is no longer") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    _write_profile(tmp_path, monkeypatch, 'common:\n  model_name: embedded\nnotebooks:\n  "04":\n'
+                                          '    test_file: dataset/utn_sample_test.jsonl\n')
+    with pytest.raises(training.TrainingConfigError, match="validation_file"):
+        training.profile_settings("mine")
+    # in ``common`` it is notebook 05's (and 01-03's) parameter: training never receives it
+    _write_profile(tmp_path, monkeypatch, 'common:\n  model_name: embedded\n  test_file: dataset/utn_sample_test.jsonl\n')
+    settings = training.profile_settings("mine", output_dir=str(tmp_path / "run"))
+    assert settings.validation_file == "dataset/utn_sample_validation.jsonl" and "test_file" not in settings.to_dict()
+
+
+def test_sampling_defaults_to_the_original_only_when_replicating_it(tmp_path):
+    def sampling(**change) -> str:
+        settings = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path), **change})
+        return training.plan_training(settings, "cpu").train_sampling_strategy
+
+    assert sampling() == "random" and sampling(replicate_original=True) == "group_by_length"
+    assert sampling(train_sampling_strategy="group_by_length") == "group_by_length"
+    assert sampling(replicate_original=True, train_sampling_strategy="random") == "random"
+    assert "train_sampling_strategy" in training.RESUME_MUST_MATCH  # another batch order is another run

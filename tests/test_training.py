@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import types
 from pathlib import Path
 
 import nbformat
@@ -14,7 +15,7 @@ from utils import training
 from utils.config import ProfileError
 from utils.data import DatasetError, completion_mask, load_records
 from utils.inference import load_trained
-from utils.paths import ADAPTER_DIR, CHECKPOINTS_DIR, NOTEBOOKS_DIR, TRAIN_FILE
+from utils.paths import ADAPTER_DIR, CHECKPOINTS_DIR, NOTEBOOKS_DIR, PROGRESS_FILE, TENSORBOARD_DIR, TRAIN_FILE
 
 SMOKE = dict(profile="smoke", model_name="embedded", train_limit=4, eval_limit=2, max_steps=2, warmup_steps=1,
              gradient_checkpointing=False)
@@ -114,7 +115,7 @@ def test_fp16_plan_recasts_and_bf16_plan_does_not(tmp_path):
     )
     assert fp16.fp16 and not fp16.bf16 and fp16.recast_trainable_fp32
     assert fp16.optim == "paged_adamw_8bit"
-    assert any("gradient scaler" in note for note in fp16.notes)
+    assert any("escalador de gradientes" in note for note in fp16.notes)
 
 
 def test_cpu_uses_adamw_torch_and_says_so_once(tmp_path):
@@ -278,7 +279,7 @@ def test_a_model_the_fast_path_cannot_run_falls_back_or_fails_clearly(tmp_path):
         compute_dtype="fp16", quantization="nf4_dq", output_dir=str(tmp_path)), "cuda:0")
     training.check_fast_path_model(training.TrainingSettings(output_dir=str(tmp_path)), auto, gpt2)
     assert not auto.fast_path and (auto.per_device_train_batch_size, auto.gradient_accumulation_steps) == (1, 2)
-    assert any("stays off" in note and "gpt2" in note for note in auto.notes)
+    assert any("queda apagado" in note and "gpt2" in note for note in auto.notes)
     on = training.TrainingSettings(fast_path="on", output_dir=str(tmp_path))
     plan = training.plan_training(on, "cpu")
     with pytest.raises(training.TrainingConfigError, match="model_type 'llama'"):
@@ -353,3 +354,189 @@ def test_the_run_config_is_written_from_the_lora_and_sft_configs(tmp_path):
     assert config["model_name"] == "embedded" and config["quantization"] is None
     assert config["compute_dtype"] == "fp32" and config["replicate_original"] is False
     assert config["commit"] and config["command"]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every evaluation during training, kept apart from train and from test
+# --------------------------------------------------------------------------------------------
+
+FIXED_LOSS = types.SimpleNamespace(loss="completion_only")  # the part of TrainingPlan the data loading reads
+
+
+def _chat(question: str, answer: str, record_id: str) -> dict:
+    return {"id": record_id, "messages": [{"role": "system", "content": "Sos un asistente de la UTN."},
+                                          {"role": "user", "content": question},
+                                          {"role": "assistant", "content": answer}]}
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_training_evaluates_on_validation_kept_apart_from_train_and_test(tmp_path, monkeypatch, embedded_tokenizer):
+    train = [_chat("¿Qué ordenanza rige el grado?", "La Ord. 1549.", "a"), _chat("¿Quién aprueba?", "El CS.", "b")]
+    validation = [_chat("¿Cuál es la norma del grado?", "La Ord. 1549.", "v1")]
+    files = {"train": _jsonl(tmp_path / "train.jsonl", train), "validation": _jsonl(tmp_path / "val.jsonl", validation),
+             "test": _jsonl(tmp_path / "test.jsonl", [_chat("¿Qué norma aplica al grado?", "Ord. 1549.", "t1")])}
+    monkeypatch.setattr("utils.training.data.TEST_FILE", files["test"])
+
+    def load(**change):
+        settings = training.TrainingSettings(**{"profile": "smoke", "model_name": "embedded",
+                                                "output_dir": str(tmp_path / "run"), "train_file": str(files["train"]),
+                                                "validation_file": str(files["validation"]), **change})
+        return training.load_training_data(settings, FIXED_LOSS, embedded_tokenizer)
+
+    data = load()
+    assert [r["id"] for r in data.validation_records] == ["v1"] and len(data.eval) == 1
+    stop = training.TrainingSettings(validation_file=str(files["validation"]))
+    assert [r["id"] for r in training.stop_rate_records(stop, 0)] == ["v1"]  # the stop rate is measured on validation
+    _jsonl(files["validation"], validation + [_chat("¿que ORDENANZA rige el grado", "Esa.", "v-leak")])
+    with pytest.raises(DatasetError, match=r"leaked ids: v-leak \(1\)") as info:
+        load()
+    assert "allow_split_overlap" in str(info.value)
+    assert any("v-leak" in n and "allow_split_overlap=True" in n for n in load(allow_split_overlap=True).notes)
+    (tmp_path / "alias.jsonl").symlink_to(files["train"])
+    with pytest.raises(DatasetError, match="train_file and validation_file are the same file"):
+        load(validation_file=str(tmp_path / "alias.jsonl"))
+    with pytest.raises(DatasetError, match="validation_file is the test split"):  # never allowed
+        load(validation_file=str(files["test"]), allow_split_overlap=True)
+    _jsonl(files["validation"], validation + [_chat("¿Qué norma aplica al grado?", "Otra.", "v-test")])
+    with pytest.raises(DatasetError, match=r"test split.*leaked ids: t1"):
+        load()
+    assert any("t1" in n for n in load(allow_split_overlap=True).notes)
+
+
+def test_sft_config_early_stopping_tensorboard_and_no_pinned_memory_on_a_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr("utils.training.settings.is_tensorboard_available", lambda: True)
+    settings = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path), "early_stopping_patience": 2,
+                                            "eval_steps": 2, "save_steps": 2})
+    plan = training.plan_training(settings, "cpu")
+    assert plan.tensorboard_dir == str(tmp_path / TENSORBOARD_DIR)
+    config = training.build_sft_config(settings, plan)
+    assert config.load_best_model_at_end and config.metric_for_best_model == "eval_loss"
+    assert config.greater_is_better is False and config.report_to == ["tensorboard"]
+    assert config.dataloader_pin_memory is False  # torch warns that pinned memory is ignored without a GPU
+    assert config.disable_tqdm  # stderr is not a terminal here (pytest captures it): no raw progress bar
+    plain = training.build_sft_config(training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path)}), plan)
+    assert not plain.load_best_model_at_end and plain.metric_for_best_model is None
+    monkeypatch.setattr("utils.training.settings.is_tensorboard_available", lambda: False)
+    without = training.plan_training(settings, "cpu")
+    assert without.tensorboard_dir is None and training.build_sft_config(settings, without).report_to == []
+    assert sum("TensorBoard no está instalado" in note for note in without.notes) == 1
+
+
+@pytest.mark.slow
+def test_a_short_run_stops_early_keeps_the_best_adapter_and_logs_progress_and_tensorboard(tmp_path):
+    """Early stopping on validation: the best checkpoint is the saved adapter; progress file and TensorBoard events."""
+    pytest.importorskip("tensorboard")
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "campaign" / "validation_2000"
+    settings = training.TrainingSettings(**{**SMOKE, "output_dir": str(run), "max_steps": 5, "warmup_steps": 0,
+                                            "eval_limit": 1, "learning_rate": 0.9, "eval_steps": 1, "save_steps": 1,
+                                            "save_total_limit": 2, "early_stopping_patience": 1,
+                                            "logging_steps": 1, "eval_on_start": False})
+    result = training.train(settings, verbose=False)
+    assert result["stopped_early"] and result["global_step"] < 5
+    best = result["adapter_step"]
+    assert best == result["best_eval_step"] < result["global_step"]
+    kept = {p.name for p in (run / CHECKPOINTS_DIR).glob("checkpoint-*")}
+    assert kept == {f"checkpoint-{best}", f"checkpoint-{result['global_step']}"}  # the best and the last
+    saved = load_file(run / ADAPTER_DIR / "adapter_model.safetensors")
+    at_best = load_file(run / CHECKPOINTS_DIR / f"checkpoint-{best}" / "adapter_model.safetensors")
+    assert saved.keys() == at_best.keys() and all(torch.equal(saved[k], at_best[k]) for k in saved)
+    assert json.loads((run / PROGRESS_FILE).read_text()) == {"step": result["global_step"], "max_steps": 5}
+    events = EventAccumulator(str(run / TENSORBOARD_DIR))
+    events.Reload()
+    assert {"train/loss", "eval/loss"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("eval/loss")) == result["global_step"]
+    assert not (run / CHECKPOINTS_DIR / "runs").exists()  # not transformers' default folder
+    _check_campaign_summary(tmp_path / "campaign", result)
+
+
+def _check_campaign_summary(folder: Path, result: dict) -> None:
+    """The finished run copied as the campaign's three runs: one strict-JSON summary with provenance, and figures."""
+    import shutil
+
+    from utils.plotting import check_print_standard, set_figure_context
+    from utils.plotting.training import plot_campaign_sampler, plot_campaign_validation
+    from utils.reports.training import describe_campaign
+
+    for name in ("random", "group_by_length"):
+        shutil.copytree(folder / "validation_2000", folder / name)
+    out = folder.parent / "04_gpu_campaign.json"
+    assert training.main(["summarize-campaign", str(folder), "--out", str(out)]) == 0
+    summary = json.loads(out.read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert set(summary["runs"]) == set(training.CAMPAIGN_RUNS)
+    run = summary["runs"]["validation_2000"]
+    assert run["training"]["global_step"] == result["global_step"] and run["settings"]["max_steps"] == result["max_steps"]
+    assert run["command"] and run["commit"] and run["versions"]["transformers"] and summary["device_name"]
+    steps = [row["step"] for row in run["history"] if row.get("eval_loss") is not None]
+    assert steps == list(range(1, result["global_step"] + 1))
+    set_figure_context("embedded", "smoke")
+    for fig in (plot_campaign_validation(run), plot_campaign_sampler(summary["runs"])):
+        assert check_print_standard(fig, "campaign") >= 8
+    assert "medido en GPU" in describe_campaign(summary)
+    (folder / "crashed").mkdir()
+    (folder / "crashed" / "04_config.json").write_text("{}")
+    with pytest.raises(training.campaign.CampaignError, match="crashed"):
+        training.summarize_campaign(folder, out)
+
+
+# --------------------------------------------------------------------------------------------
+# The time estimate for the RTX 2070 SUPER (utils.training.estimate)
+# --------------------------------------------------------------------------------------------
+
+
+def test_turing_peak_follows_the_whitepaper():
+    from utils.training import estimate
+
+    # the whitepaper's RTX 2080 Ti (68 SM, 1545 MHz): 107.6 TFLOPS fp16 accumulate, 53.8 fp32 accumulate
+    assert estimate.turing_tensor_tflops(68, 1545, fp32_accumulate=False) == pytest.approx(107.6, abs=0.05)
+    assert estimate.turing_tensor_tflops(68, 1545) == pytest.approx(53.8, abs=0.05)
+    assert estimate.RTX_2070_SUPER.tensor_tflops == pytest.approx(40 * 1024 * 1770e6 / 2 / 1e12)  # 36.2
+
+
+def test_work_per_step_and_hours_add_up():
+    from utils.modeling import twin_config
+    from utils.training import estimate
+
+    config = twin_config()
+    layers = 2 * 3072 * 3072 + 2 * 3072 * 1024 + 3 * 3072 * 8192  # q, o; k, v; gate, up, down
+    assert sum(estimate.projection_parameters(config).values()) == layers
+    assert estimate.lora_parameters(config) == 48_627_712  # PEFT's count of the thesis LoRA
+    original = estimate.flops_per_token(config, estimate.ORIGINAL, context_tokens=0)
+    fast = estimate.flops_per_token(config, estimate.FAST_PATH, context_tokens=0)
+    assert original["forward"] == original["backward"] == 2 * (28 * layers + 3072 * 128256)
+    assert original["recompute"] == 2 * 28 * layers and fast["recompute"] == 2 * 28 * 2 * 3072 * 8192
+    assert original["attention"] == 0 and original["lora"] == 2 * 48_627_712 * 4
+    assert estimate.dequant_bytes_per_step(config, estimate.ORIGINAL) == 2 * 3 * 28 * layers * 4.5
+    assert estimate.dequant_bytes_per_step(config, estimate.FAST_PATH) == (2 * 28 * layers + 28 * 2 * 3072 * 8192) * 4.5
+    peak = estimate.RTX_2070_SUPER
+    assert estimate.gpu_seconds(peak.tensor_tflops * 1e12 / 2, peak.memory_gb_s * 1e9, peak, 0.5) == pytest.approx(2.0)
+    assert estimate.step_seconds(0.3, 1.0) == 1.0 and estimate.hours_for(2000, 1.8) == pytest.approx(1.0)
+
+
+def test_the_estimate_takes_the_host_floor_and_the_measured_utilisation(tmp_path):
+    from utils.modeling import twin_config
+    from utils.training import estimate
+
+    config = twin_config()
+    fast_work = 16_000 * estimate.flops_per_token(config, estimate.FAST_PATH, 250)["total"]
+    fast_seconds = fast_work / (0.4 * estimate.H200.tensor_tflops * 1e12) + estimate.dequant_bytes_per_step(
+        config, estimate.FAST_PATH) / (estimate.H200.memory_gb_s * 1e9)
+    report = {"rows": [
+        {"name": "original_corpus_fp16", "seconds_per_step": 5.0, "tokens_per_step": 400, "micro_batch": 1},
+        {"name": "fast_2x1_corpus_fp16", "seconds_per_step": 0.01, "tokens_per_step": 400, "micro_batch": 2},
+        {"name": "fast_mb32_corpus_bf16", "seconds_per_step": fast_seconds, "tokens_per_step": 16_000, "micro_batch": 32},
+    ]}
+    assert estimate.measured_utilisation(report["rows"][2], config, estimate.FAST_PATH, estimate.H200) == pytest.approx(0.4)
+    rows = {(r["recipe"], r["workload"]): r for r in estimate.estimate_hours(config, [200, 300], [report])}
+    original, fast = rows[("original", "corpus")], rows[("fast_path", "corpus")]
+    assert original["tokens_per_step"] == 500 and original["utilisation_high"] == pytest.approx(0.4)
+    assert original["step_s_low"] == original["step_s_high"] == 5.0  # the host floor dominates
+    assert original["hours_high"] == pytest.approx(2000 * 5.0 / 3600)
+    assert fast["step_s_high"] == pytest.approx(fast["gpu_s_high"]) and fast["gpu_s_high"] > 0.01  # GPU-bound
+    assert rows[("original", "max_length")]["tokens_per_step"] == 1024

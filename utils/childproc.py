@@ -14,6 +14,7 @@ import sys
 from typing import Any, Callable
 
 from utils.paths import REPO_ROOT
+from utils.quiet import quiet_known_noise
 
 RESULT_MARK = "@@RESULT@@"
 
@@ -52,6 +53,7 @@ def run_module_child(module: str, task: dict, timeout: float, env: dict | None =
 
 def serve_child(task_json: str, run: Callable[[dict], dict[str, Any]]) -> int:
     """The ``child`` side: run one task and print its result line (what ``run_module_child`` reads)."""
+    quiet_known_noise()  # the same narrow filters as the notebooks (utils/quiet.py)
     result = run(json.loads(task_json))
     print(RESULT_MARK + json.dumps(result, default=str), flush=True)
     return 0

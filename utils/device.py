@@ -39,7 +39,7 @@ def device_name(device: torch.device | None = None) -> str:
     device = device or default_device()
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} núcleos)"
 
 
 def gpu_supports_bf16(device: int | torch.device | None = None) -> bool:

@@ -32,6 +32,7 @@ from utils.device import default_device
 from utils.memory import (ATTENTION_MODULES, LINEAR_MODULES, MLP_MODULES, QUANTIZED, analytic_parameter_counts,
                           analytic_weight_bytes, linear_shapes, load_quantized_cached, unpacked_numel)
 from utils.modeling import build_lora_config, load_model, twin_config
+from utils.numbers import fmt_num, fmt_pct, fmt_ratio, fmt_unit
 from utils.units import GB, GIB, MB, MIB
 
 MODULE_SETS = {"attention": ATTENTION_MODULES, "mlp": MLP_MODULES, "all": LINEAR_MODULES}
@@ -117,8 +118,8 @@ def per_module_table(peft_model, config, r: int = THESIS.lora_r,
     shapes = linear_shapes(config)
     table = pd.DataFrame([
         {"módulo": m, "tipo": "atención" if m in ATTENTION_MODULES else "MLP",
-         "in × out": f"{shapes[m][1]} × {shapes[m][0]}",
-         "A": f"{r} × {shapes[m][1]}", "B": f"{shapes[m][0]} × {r}",
+         "entrada × salida": f"{fmt_num(shapes[m][1])} × {fmt_num(shapes[m][0])}",
+         "A": f"{r} × {fmt_num(shapes[m][1])}", "B": f"{fmt_num(shapes[m][0])} × {r}",
          "contado": int(counted.get(m, 0)), "analítico": analytic[m]}
         for m in LINEAR_MODULES if m in analytic
     ])
@@ -157,13 +158,13 @@ def count_table(counts: dict[str, int], config, r: int = THESIS.lora_r,
     base = sum(analytic_parameter_counts(config).values())
     lora = analytic_lora_parameters(config, r, target_modules)
     packed = counts["packed_4bit_tensors"] > 0
-    pct = lambda a, b: f"{100 * a / b:.4f} %"  # noqa: E731
+    pct = lambda a, b: fmt_pct(a / b, 4)  # noqa: E731
     return pd.DataFrame([
-        {"cuenta": "entrenables", "PEFT (get_nb_trainable_parameters)": f"{counts['peft_trainable']:,}",
-         "suma de numel()": f"{counts['numel_trainable']:,}", "analítica": f"{lora:,}",
+        {"cuenta": "entrenables", "PEFT (get_nb_trainable_parameters)": fmt_num(counts["peft_trainable"]),
+         "suma de numel()": fmt_num(counts["numel_trainable"]), "analítica": fmt_num(lora),
          "por qué difieren": "no difieren: los adaptadores LoRA no se cuantizan"},
-        {"cuenta": "todos", "PEFT (get_nb_trainable_parameters)": f"{counts['peft_all']:,}",
-         "suma de numel()": f"{counts['numel_all']:,}", "analítica": f"{base + lora:,}",
+        {"cuenta": "todos", "PEFT (get_nb_trainable_parameters)": fmt_num(counts["peft_all"]),
+         "suma de numel()": fmt_num(counts["numel_all"]), "analítica": fmt_num(base + lora),
          "por qué difieren": ("numel() cuenta elementos uint8 de los tensores de 4 bits, y cada uno guarda dos "
                               "pesos; PEFT multiplica esos tensores por 2" if packed
                               else "no difieren: no hay tensores de 4 bits")},
@@ -286,16 +287,20 @@ def check_zero_init(peft_model, input_ids: torch.Tensor) -> dict[str, Any]:
 # The original analysis' claims
 # --------------------------------------------------------------------------------------------
 
-# Each claim as the original analysis (train_peft_v3.py, seed document) states it; "tolerance" is the
-# relative difference still called correct ("~" figures); 0 means the figure is exact (a count).
+# Each claim as the original analysis (train_peft_v3.py, seed document) states it, its numbers written es-AR;
+# "tolerance" is the relative difference still called correct ("~" figures); 0 means the figure is exact (a count).
 ORIGINAL_CLAIMS = (
-    {"key": "trainable", "claim": "parámetros entrenables", "text": "83,886,080", "value": 83_886_080,
+    {"key": "params_3b", "claim": "parámetros del modelo base", "text": "3 billones", "value": 3e12,
+     "tolerance": 0.10, "source": "sección 2, modelo base"},
+    {"key": "trainable", "claim": "parámetros entrenables", "text": "83.886.080", "value": 83_886_080,
      "tolerance": 0.0, "source": "sección 6, salida de print_trainable_parameters"},
-    {"key": "all", "claim": "parámetros totales", "text": "3,213,004,800", "value": 3_213_004_800,
+    {"key": "all", "claim": "parámetros totales", "text": "3.213.004.800", "value": 3_213_004_800,
      "tolerance": 0.0, "source": "sección 6"},
-    {"key": "trainable_pct", "claim": "% entrenable", "text": "2.61 %", "value": 2.61, "tolerance": 0.005,
+    {"key": "trainable_pct", "claim": "% entrenable", "text": "2,61 %", "value": 2.61, "tolerance": 0.005,
      "source": "sección 6"},
     {"key": "adapter_mb", "claim": "tamaño del adaptador", "text": "~185 MB", "value": 185.0, "tolerance": 0.10,
+     "source": "sección 11"},
+    {"key": "model_gb", "claim": "tamaño del modelo completo", "text": "~6 GB", "value": 6.0, "tolerance": 0.10,
      "source": "sección 11"},
     {"key": "vram_no_quant_gb", "claim": "VRAM sin cuantización", "text": "~12 GB", "value": 12.0,
      "tolerance": 0.10, "source": "sección 3, impacto en recursos"},
@@ -303,6 +308,9 @@ ORIGINAL_CLAIMS = (
      "source": "sección 3, impacto en recursos"},
     {"key": "saving_4bit", "claim": "ahorro de memoria de 4 bits", "text": "~8×", "value": 8.0, "tolerance": 0.10,
      "source": "sección 3"},
+    {"key": "prepare", "claim": "qué hace prepare_model_for_kbit_training",
+     "text": "congela los pesos; habilita gradientes solo para los adaptadores; ajusta las normas",
+     "value": None, "tolerance": 0.0, "source": "sección 5"},
 )
 
 # Public architectures searched for the claimed counts (values of each model's config.json on the Hub).
@@ -334,7 +342,8 @@ def search_lora_counts(target: int, ranks: Sequence[int] = (4, 8, 16, 32, 64, 12
                     per_layer = sum(i + o for m, (o, i) in linear_shapes(config).items() if m in modules)
                     rows.append({"arquitectura": arch, "r": r, "módulos": key, "capas": config.num_hidden_layers,
                                  "Σ (in + out) por capa": per_layer,
-                                 "fórmula": f"{config.num_hidden_layers} × {r} × {per_layer:,} = {n:,}"})
+                                 "fórmula": f"{config.num_hidden_layers} × {r} × {fmt_num(per_layer)} = "
+                                            f"{fmt_num(n)}"})
     return pd.DataFrame(rows)
 
 
@@ -354,9 +363,14 @@ def search_total_counts(target: int, ranks: Sequence[int] = (4, 8, 16, 32, 64, 1
     return table.reindex(table["diferencia con lo declarado"].abs().sort_values().index).head(5)
 
 
-def _verdict(claim: dict, measured: float) -> str:
-    """"correcto" when the measured value is within the claim's range or tolerance, else "incorrecto"."""
+def _verdict(claim: dict, measured: float | bool) -> str:
+    """"correcto" when the measured value is within the claim's range or tolerance, else "incorrecto".
+
+    A claim without a number (``value`` None) is measured as a truth value: ``measured`` says whether it holds.
+    """
     value = claim["value"]
+    if value is None:
+        return "correcto" if measured else "incorrecto"
     if isinstance(value, tuple):
         return "correcto" if value[0] <= measured <= value[1] else "incorrecto"
     if claim["tolerance"] == 0:
@@ -365,34 +379,43 @@ def _verdict(claim: dict, measured: float) -> str:
 
 
 # "On what" each claim was measured: the twin's counts come from the meta-device model (no weights).
-TWIN_ON = "Llama-3.2-3B (gemelo, dispositivo meta: sin pesos)"
-ClaimRow = tuple[str, float, str, str, str]  # (claim key, measured value, measured as shown, on what, why)
+TWIN_ON = "gemelo de Llama-3.2-3B (meta, sin pesos)"
+ClaimRow = tuple[str, Any, str, str, str]  # (claim key, measured value, measured as shown, on what, why)
+
+
+def _gpu_on(gpu: dict) -> str:
+    return f"gemelo de Llama-3.2-3B en una {gpu['device']}"
 
 
 def _parameter_claim_rows(measured: dict[str, Any], claimed: dict[str, dict]) -> list[ClaimRow]:
-    """Rows of the trainable count, the total count and the trainable share, measured on the twin."""
+    """Rows of the model's size in words, the trainable count, the total count and the trainable share."""
     counts = measured["twin_counts"]
     base = counts["peft_all"] - counts["peft_trainable"]
-    matches = [f"{r['arquitectura']} con r={r['r']} en {r['módulos']}: {r['fórmula']}"
+    matches = [f"{r['arquitectura']} con r = {r['r']} en {r['módulos']}: {r['fórmula']}"
                for _, r in measured["trainable_search"].iterrows()]
     match_text = "; ".join(matches) or "ninguna arquitectura conocida da esa cifra"
     nearest = measured["total_search"].iloc[0]
     twin = known_config("Llama-3.2-3B")
     per_layer = sum(i + o for m, (o, i) in linear_shapes(twin).items() if m in THESIS.target_modules)
+    share = counts["peft_trainable"] / counts["peft_all"]
+    claimed_share = claimed["trainable"]["value"] / claimed["all"]["value"]
     return [
-        ("trainable", counts["peft_trainable"], f"{counts['peft_trainable']:,}", TWIN_ON,
+        ("params_3b", base, f"{fmt_num(base)} = {fmt_num(base / 1e9, 2)} mil millones", TWIN_ON,
+         f"En español un billón es 10¹² (un millón de millones): 3 billones serían mil veces más. Tiene "
+         f"{fmt_num(base / 1e9, 2)} × 10⁹ parámetros: «3B» es el billion inglés (10⁹). Debe decir «3 mil "
+         f"millones» o «3,2 × 10⁹ parámetros»."),
+        ("trainable", counts["peft_trainable"], fmt_num(counts["peft_trainable"]), TWIN_ON,
          f"La cifra declarada es la de otra arquitectura ({match_text}). En Llama-3.2-3B, "
-         f"{twin.num_hidden_layers} capas × r={THESIS.lora_r} × {per_layer:,} = {counts['peft_trainable']:,}."),
-        ("all", counts["peft_all"], f"{counts['peft_all']:,}", TWIN_ON,
-         f"PEFT suma base ({base:,}) + LoRA ({counts['peft_trainable']:,}). Lo declarado no es la base más los "
-         f"{claimed['trainable']['text']} declarados; lo más cercano es {nearest['arquitectura']} "
-         f"{nearest['configuración']} "
-         f"({nearest['total']:,}, diferencia {nearest['diferencia con lo declarado']:,})."),
-        ("trainable_pct", 100 * counts["peft_trainable"] / counts["peft_all"],
-         f"{100 * counts['peft_trainable'] / counts['peft_all']:.3f} %", TWIN_ON,
+         f"{twin.num_hidden_layers} capas × r = {THESIS.lora_r} × {fmt_num(per_layer)} = "
+         f"{fmt_num(counts['peft_trainable'])}."),
+        ("all", counts["peft_all"], fmt_num(counts["peft_all"]), TWIN_ON,
+         f"PEFT suma base ({fmt_num(base)}) + LoRA ({fmt_num(counts['peft_trainable'])}). Lo declarado no es la "
+         f"base más los {claimed['trainable']['text']} declarados; lo más cercano es {nearest['arquitectura']} "
+         f"{nearest['configuración']} ({fmt_num(nearest['total'])}, diferencia "
+         f"{fmt_num(nearest['diferencia con lo declarado'])})."),
+        ("trainable_pct", 100 * share, fmt_pct(share, 3), TWIN_ON,
          f"Sale de las dos cifras anteriores: {claimed['trainable']['text']} / {claimed['all']['text']} = "
-         f"{100 * claimed['trainable']['value'] / claimed['all']['value']:.2f} % es coherente con ellas, pero ambas "
-         f"están mal."),
+         f"{fmt_pct(claimed_share, 2)} es coherente con ellas, pero ambas están mal."),
     ]
 
 
@@ -400,41 +423,62 @@ def _adapter_claim_row(measured: dict[str, Any], claimed: dict[str, dict]) -> Cl
     """Row of the adapter's size on disk: the twin's materialised adapter file."""
     counts, adapter = measured["twin_counts"], measured["twin_adapter"]
     size_mb = adapter["file_bytes"] / MB
-    return ("adapter_mb", size_mb, f"{size_mb:.1f} MB = {adapter['file_bytes'] / MIB:.1f} MiB",
+    return ("adapter_mb", size_mb, f"{fmt_unit(size_mb, 'MB', 1)} = {fmt_unit(adapter['file_bytes'] / MIB, 'MiB', 1)}",
             TWIN_ON + ", safetensors",
-            f"{counts['peft_trainable']:,} parámetros × 4 bytes (PEFT guarda los adaptadores en fp32) + "
-            f"{adapter['file_bytes'] - adapter['tensor_bytes']:,} bytes de encabezado. Con los "
-            f"{claimed['trainable']['text']} declarados serían {claimed['trainable']['value'] * 4 / MB:.1f} MB: "
-            f"la cifra de tamaño no es coherente con la de parámetros (sí con la cuenta real, leída en MiB).")
+            f"{fmt_num(counts['peft_trainable'])} parámetros × 4 bytes (PEFT guarda los adaptadores en fp32) + "
+            f"{fmt_num(adapter['file_bytes'] - adapter['tensor_bytes'])} bytes de encabezado. Con los "
+            f"{claimed['trainable']['text']} declarados serían "
+            f"{fmt_unit(claimed['trainable']['value'] * 4 / MB, 'MB', 1)}"
+            ": la cifra de tamaño no es coherente con la de parámetros (sí con la cuenta real, leída en MiB).")
+
+
+def _model_size_claim_row(gpu: dict) -> ClaimRow:
+    """Row of the whole model's size: the twin's 16-bit weights, analytic and as measured on the GPU."""
+    weights = {r["format"]: r for r in gpu["weights"] if r.get("ok")}
+    analytic = analytic_weight_bytes(known_config("Llama-3.2-3B"), "bf16")["total"]
+    measured = weights["bf16"]["weights_bytes"]
+    return ("model_gb", measured / GB,
+            f"{fmt_unit(measured / GB, 'GB', 2)} = {fmt_unit(measured / GIB, 'GiB', 2)} (bf16)",
+            _gpu_on(gpu) + ", pesos bf16",
+            f"Analítico: {fmt_num(analytic_parameter_count())} parámetros × 2 bytes (bf16 o fp16, como se publica) "
+            f"= {fmt_unit(analytic / GB, 'GB', 2)}; medido al cargar: {fmt_unit(measured / GB, 'GB', 2)} "
+            f"(el asignador redondea cada tensor). «~6 GB» vale si se lee en GiB ({fmt_num(measured / GIB, 2)}); "
+            f"en GB decimales son {fmt_num(measured / GB, 2)}. En fp32 serían {fmt_unit(2 * analytic / GB, 'GB', 1)}.")
+
+
+def analytic_parameter_count() -> int:
+    """Parameters of Llama-3.2-3B from its architecture (embeddings tied to lm_head, counted once)."""
+    return sum(analytic_parameter_counts(known_config("Llama-3.2-3B")).values())
 
 
 def _vram_claim_rows(gpu: dict) -> list[ClaimRow]:
     """Rows of the VRAM without quantisation and with QLoRA: peak reserved memory of one measured step."""
-    gpu_on = f"{gpu['label']}, {gpu['device']} (results/02_twin_gpu_memory.json)"
     train = {r["name"]: r for r in gpu["train"] if r.get("ok")}
     weights = {r["format"]: r for r in gpu["weights"] if r.get("ok")}
     qlora, fp16, fp32 = train["qlora_fp16_prepare"], train["lora_fp16_weights_gc"], train["lora_fp32_weights_gc"]
+
+    def gb(r: dict, key: str) -> str:
+        return f"{fmt_unit(r[key] / GB, 'GB', 2)} ({fmt_unit(r[key] / GIB, 'GiB', 2)})"
+
     return [
         ("vram_no_quant_gb", fp32["peak_reserved_bytes"] / GB,
-         f"{fp32['peak_reserved_bytes'] / GB:.2f} GB ({fp32['peak_reserved_bytes'] / GIB:.2f} GiB) con pesos fp32; "
-         f"{fp16['peak_reserved_bytes'] / GB:.2f} GB ({fp16['peak_reserved_bytes'] / GIB:.2f} GiB) con pesos fp16",
-         gpu_on + ", pico reservado de un paso",
+         f"{gb(fp32, 'peak_reserved_bytes')} con pesos fp32; {gb(fp16, 'peak_reserved_bytes')} con pesos fp16",
+         _gpu_on(gpu) + ", pico reservado de un paso",
          f"Sin quantization_config, transformers 4.x cargaba en fp32: solo los pesos son "
-         f"{weights['fp32']['weights_bytes'] / GB:.2f} GB, y el paso llega a "
-         f"{fp32['peak_reserved_bytes'] / GB:.2f} GB. "
-         f"En fp16 son {fp16['peak_reserved_bytes'] / GB:.2f} GB. La conclusión 'no cabe en 8 GB' se sostiene "
-         f"en ambos casos (más el contexto CUDA); la cifra de 12 GB no corresponde a ninguno."),
+         f"{fmt_unit(weights['fp32']['weights_bytes'] / GB, 'GB', 2)}, y el paso llega a "
+         f"{fmt_unit(fp32['peak_reserved_bytes'] / GB, 'GB', 2)}. En fp16 son "
+         f"{fmt_unit(fp16['peak_reserved_bytes'] / GB, 'GB', 2)}. La conclusión «no cabe en 8 GB» se sostiene en "
+         "ambos casos (más el contexto CUDA); la cifra de 12 GB no corresponde a ninguno."),
         ("vram_qlora_gb", qlora["peak_reserved_bytes"] / GB,
-         f"{qlora['peak_reserved_bytes'] / GB:.2f} GB ({qlora['peak_reserved_bytes'] / GIB:.2f} GiB) reservados; "
-         f"{qlora['peak_bytes'] / GB:.2f} GB asignados", gpu_on + ", configuración original (fp16, prepare)",
-         "Pico de un paso con la configuración original (1 × 2 × 512, NF4 + DQ, prepare_model_for_kbit_training, "
+         f"{gb(qlora, 'peak_reserved_bytes')} reservados; {fmt_unit(qlora['peak_bytes'] / GB, 'GB', 2)} asignados",
+         _gpu_on(gpu) + ", configuración original (fp16, prepare)",
+         "Pico de un paso con la configuración original (1 × 2 × 512 tokens, NF4 + DQ, prepare_model_for_kbit_training, "
          "paged_adamw_8bit). Una tarjeta real suma el contexto CUDA (~0,3–0,5 GiB)."),
     ]
 
 
 def _saving_claim_row(gpu: dict) -> ClaimRow:
     """Row of the 4-bit memory saving: measured weight bytes, explained by the twin's analytic bytes."""
-    gpu_on = f"{gpu['label']}, {gpu['device']} (results/02_twin_gpu_memory.json)"
     weights = {r["format"]: r for r in gpu["weights"] if r.get("ok")}
     twin = known_config("Llama-3.2-3B")
     kinds = analytic_parameter_counts(twin)
@@ -442,11 +486,32 @@ def _saving_claim_row(gpu: dict) -> ClaimRow:
     dq_bits = 8 * analytic_weight_bytes(twin, "nf4_dq")["linear_constants"] / (kinds["attention"] + kinds["mlp"])
     ratio32 = weights["fp32"]["weights_bytes"] / weights["nf4_dq"]["weights_bytes"]
     ratio16 = weights["bf16"]["weights_bytes"] / weights["nf4_dq"]["weights_bytes"]
-    return ("saving_4bit", ratio32,
-            f"{ratio32:.2f}× frente a fp32; {ratio16:.2f}× frente a bf16", gpu_on + ", pesos cargados",
-            f"8× es la razón de 32 a 4 bits en los datos de las matrices lineales; NF4 + DQ suma {dq_bits:.3f} bit "
-            f"de constantes por peso y los embeddings (atados a lm_head, {100 * embed_share:.1f} % del modelo) no "
-            f"se cuantizan. El modelo se publica en bf16: frente a eso el ahorro es {ratio16:.2f}×.")
+    return ("saving_4bit", ratio32, f"{fmt_ratio(ratio32)} frente a fp32; {fmt_ratio(ratio16)} frente a bf16",
+            _gpu_on(gpu) + ", pesos cargados",
+            f"8× es la razón de 32 a 4 bits en los datos de las matrices lineales; NF4 + DQ suma "
+            f"{fmt_num(dq_bits, 3)} bit de constantes por peso y los embeddings (atados a lm_head, "
+            f"{fmt_pct(embed_share, 1)} del modelo) no se cuantizan. El modelo se publica en bf16: frente a eso el "
+            f"ahorro es {fmt_ratio(ratio16)}.")
+
+
+def _prepare_claim_row(effects: dict[str, Any], on: str, gpu: dict) -> ClaimRow:
+    """Row of what prepare_model_for_kbit_training does, from ``utils.memory.prepare.inspect_prepare``."""
+    train = {r["name"]: r for r in gpu["train"] if r.get("ok")}
+    twin_added = train["qlora_fp16_prepare"]["weights_bytes"] - train["qlora_fp16_no_prepare_gc"]["weights_bytes"]
+    # the claim holds only if prepare left gradients on adapters alone and cast nothing but norms
+    holds = bool(effects["lora_tensors"]) and set(effects["upcast_kinds"]) <= {"norms"}
+    kinds = " y ".join({"embedding": "embeddings", "norms": "normas", "lm_head": "lm_head"}.get(k, k)
+                       for k in effects["upcast_kinds"]) or "nada"
+    return ("prepare", holds,
+            f"congela todo ({fmt_num(effects['trainable_before'])} → {fmt_num(effects['trainable_after'])} tensores "
+            f"con gradiente); {kinds} a fp32 (+{fmt_unit(effects['added_bytes'] / MIB, 'MiB', 1)} aquí, "
+            f"+{fmt_unit(twin_added / GIB, 'GiB', 2)} en el gemelo); activa el checkpointing",
+            f"{on}; gemelo en GPU",
+            f"Cuando prepare corre todavía no hay adaptadores ({fmt_num(effects['lora_tensors'])} tensores LoRA): "
+            "congela todos los parámetros, pasa a fp32 todo tensor de 16 bits que no es de 4 bits (no solo las "
+            "normas), instala un gancho para que la salida de los embeddings lleve gradiente (enable_input_require_"
+            "grads: sin él, el checkpointing reentrante no tiene grafo que recomputar) y activa gradient "
+            "checkpointing. Es get_peft_model quien agrega los adaptadores, ya entrenables.")
 
 
 def claims_table(measured: dict[str, Any]) -> pd.DataFrame:
@@ -454,15 +519,20 @@ def claims_table(measured: dict[str, Any]) -> pd.DataFrame:
 
     ``measured`` holds, computed elsewhere: ``twin_counts`` (``count_parameters`` of the twin with the original
     LoRA), ``twin_adapter`` (``materialized_adapter_size``), ``gpu`` (the committed ``gpu-report`` dict),
-    ``trainable_search`` (``search_lora_counts`` of the claimed trainable count) and ``total_search``.
+    ``trainable_search`` (``search_lora_counts`` of the claimed trainable count), ``total_search``, and
+    optionally ``prepare`` (``utils.memory.prepare.inspect_prepare``) with ``prepare_on`` (the model it ran on).
     """
     claimed = {c["key"]: c for c in ORIGINAL_CLAIMS}
-    rows = (_parameter_claim_rows(measured, claimed) + [_adapter_claim_row(measured, claimed)]
-            + _vram_claim_rows(measured["gpu"]) + [_saving_claim_row(measured["gpu"])])
+    gpu = measured["gpu"]
+    rows = (_parameter_claim_rows(measured, claimed) + [_adapter_claim_row(measured, claimed),
+                                                        _model_size_claim_row(gpu)]
+            + _vram_claim_rows(gpu) + [_saving_claim_row(gpu)])
+    if measured.get("prepare"):
+        rows.append(_prepare_claim_row(measured["prepare"], measured.get("prepare_on", ""), gpu))
     table = []
     for key, value, shown, on, why in rows:
         claim = claimed[key]
         table.append({"afirmación": claim["claim"], "declarado": claim["text"], "medido": shown, "sobre qué": on,
                       "veredicto": _verdict(claim, value), "por qué": why, "fuente": claim["source"],
-                      "valor medido": value})
+                      "valor medido": float(value)})
     return pd.DataFrame(table)

@@ -187,6 +187,7 @@ def prepare_llama_tokenizer(force: bool = False) -> Path:
     tokenizer.pad_token = LLAMA_PAD_TOKEN
     tokenizer.eos_token = LLAMA_EOT_TOKEN  # what an Instruct turn ends with (as in Meta's files)
     tokenizer.padding_side = "right"
+    drop_bpe_cleanup(tokenizer)
     tmp = LLAMA_TOKENIZER_DIR.with_name(LLAMA_TOKENIZER_DIR.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save_pretrained(tmp)
@@ -303,7 +304,20 @@ def load_tokenizer(name: str = EMBEDDED):
                 "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the embeddings."
             )
     tokenizer.padding_side = "right"
+    drop_bpe_cleanup(tokenizer)
     return tokenizer
+
+
+def drop_bpe_cleanup(tokenizer) -> None:
+    """Set ``clean_up_tokenization_spaces`` to False on a BPE tokenizer: the same text, and no warning.
+
+    Meta's Llama-3.2 ``tokenizer_config.json`` sets it to true. transformers >= 5 ignores it for BPE tokenizers
+    (the WordPiece clean-up would strip spaces before punctuation) and warns "Ignoring
+    clean_up_tokenization_spaces=True for BPE tokenizer" at the first decode; False decodes identically.
+    """
+    backend_model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False) and type(backend_model).__name__ == "BPE":
+        tokenizer.clean_up_tokenization_spaces = False
 
 
 def use_original_padding(tokenizer) -> None:

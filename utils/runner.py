@@ -7,6 +7,10 @@
 Executed copies go to ``runs/<profile>/``, figures and tables to ``runs/<profile>/figures/`` (all git-ignored,
 so a run never changes a committed file). ``--publish`` copies a complete run's figures to the committed
 ``figures/<profile>/``. The run stops at the first failing notebook and names it and the failing cell.
+
+The console shows one line per notebook with a progress bar: its code cells, or, while a notebook rewrites
+``runs/<profile>/NN_progress.json`` (``{"step": n, "max_steps": m}``; notebook 04's training does), its steps.
+Each ``make`` target has a ``python -m`` equivalent for machines without ``make`` (README, "Windows / conda").
 """
 
 from __future__ import annotations
@@ -17,22 +21,123 @@ import functools
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import papermill as pm
+import zmq
+from jupyter_client import AsyncKernelManager
+from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
+from tqdm import tqdm
+from traitlets import Unicode, default
+from traitlets.config import Config
 
 from utils.config import (
     ProfileError, coerce_value, list_profiles, load_profile, notebook_parameters, profile_file,
 )
-from utils.files import save_json
+from utils.files import read_json, save_json
 from utils.paths import NOTEBOOKS_DIR, published_figures_dir, run_dir
 
 
 class NotebookFailed(RuntimeError):
     """A notebook raised during execution; the message names it and its failing cell."""
+
+
+class RunnerKernelManager(AsyncKernelManager):
+    """The runner's kernels: encrypted sockets, and the kernel process's own output in a log file.
+
+    ipykernel >= 7.4 warns "Kernel is running over TCP without encryption" on every start unless the kernel
+    manager provisions CurveZMQ keys (ipykernel PR #1515, jupyter_client PR #1110). jupyter_client >= 8.10 does
+    so only when ``transport_encryption`` is "auto"/"required"; its default, the one nbclient and papermill use,
+    is "disabled". "auto" encrypts kernels whose kernelspec declares ``supported_encryption: curve`` (ipykernel's
+    does); a pyzmq built without CURVE keeps the plain transport rather than failing.
+
+    What the kernel process itself prints (its log, e.g. "KeyboardInterrupt caught in kernel" when jupyter_client
+    interrupts it on shutdown, or a crash report) goes to ``log_file`` instead of the runner's console; the
+    notebook's own output is in the executed notebook as always.
+    """
+
+    log_file = Unicode("", config=True, help="file for the kernel process's stdout and stderr ('': inherit)")
+
+    @default("transport_encryption")
+    def _default_transport_encryption(self) -> str:
+        """Encrypt where pyzmq can."""
+        return "auto" if zmq.has("curve") else "disabled"
+
+    async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+        """Launch with stdout/stderr into ``log_file`` (jupyter_client's override point for launching)."""
+        if not self.log_file:
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+        with open(self.log_file, "ab") as log:  # the child keeps its own descriptor
+            await super()._async_launch_kernel(kernel_cmd, **{**kw, "stdout": log, "stderr": log})
+
+
+class NotebookProgress:
+    """One console line for one notebook: a bar over its code cells, or over the steps its progress file reports.
+
+    ``on_notebook_start`` and ``on_cell_executed`` are nbclient hooks; a thread polls ``progress_file`` (JSON
+    ``{"step": n, "max_steps": m}``, rewritten by the notebook) and switches the bar to steps once the file is
+    newer than the notebook's start.
+    """
+
+    POLL_SECONDS = 0.5
+    BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} {unit} [{elapsed}]"
+
+    def __init__(self, desc: str, progress_file: Path | None, stream: TextIO | None = None):
+        self.progress_file, self.started = progress_file, time.time()
+        self.lock, self.stopped, self.mode = threading.Lock(), threading.Event(), "cells"
+        self.bar = tqdm(total=None, desc=desc, unit="cell", file=stream or sys.stdout, leave=True,
+                        dynamic_ncols=True, mininterval=0.5,
+                        bar_format=self.BAR_FORMAT)
+        self.poller = threading.Thread(target=self._poll, daemon=True)
+        self.poller.start()
+
+    def on_notebook_start(self, notebook: Any, **_: Any) -> None:
+        """nbclient hook: the bar's total is the number of code cells that will run."""
+        with self.lock:
+            if self.mode == "cells":
+                self.bar.reset(total=sum(c.cell_type == "code" and bool(c.source.strip()) for c in notebook.cells))
+
+    def on_cell_executed(self, **_: Any) -> None:
+        """nbclient hook: one more code cell done."""
+        with self.lock:
+            if self.mode == "cells":
+                self.bar.update(1)
+
+    def read_steps(self) -> tuple[int, int] | None:
+        """``(step, max_steps)`` from the progress file when this run wrote it, else None."""
+        try:
+            # older than this notebook's start (1 s of slack for coarse file times): an earlier run's
+            if self.progress_file is None or self.progress_file.stat().st_mtime < self.started - 1:
+                return None
+            data = read_json(self.progress_file)
+            return int(data["step"]), int(data["max_steps"])
+        except (OSError, ValueError, KeyError, TypeError):  # absent, stale or half-written: try again later
+            return None
+
+    def _poll(self) -> None:
+        """Follow the progress file until ``close``."""
+        while not self.stopped.wait(self.POLL_SECONDS):
+            steps = self.read_steps()
+            if steps is None:
+                continue
+            with self.lock:
+                if self.mode != "steps" or self.bar.total != steps[1]:
+                    self.mode, self.bar.unit = "steps", "step"
+                    self.bar.reset(total=steps[1])
+                self.bar.n = steps[0]
+                self.bar.refresh()
+
+    def close(self, status: str) -> None:
+        """Stop polling and leave the line with ``status`` at its end."""
+        self.stopped.set()
+        self.poller.join()
+        with self.lock:
+            self.bar.bar_format = f"{self.BAR_FORMAT} {status}"
+            self.bar.close()
 
 
 def list_notebooks() -> list[Path]:
@@ -138,8 +243,23 @@ def coerce_profile(profile_name: str, profile: dict[str, Any],
     return coerced
 
 
-def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], log_output: bool) -> None:
-    """Execute one notebook with papermill; raise ``NotebookFailed`` naming the failing cell."""
+# Each kernel runs this before the first cell, so the libraries' known noise is filtered before anything imports
+# them (bitsandbytes logs its warning while it is imported); the notebooks' setup cells make the same call for
+# interactive sessions.
+KERNEL_STARTUP = "from utils.quiet import quiet_known_noise; quiet_known_noise()"
+
+
+def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], log_output: bool,
+                 progress: NotebookProgress | None = None) -> None:
+    """Execute one notebook with papermill; raise ``NotebookFailed`` naming the failing cell.
+
+    The kernel process's own output goes to ``NN_kernel.log`` next to ``output``.
+    """
+    hooks = {"on_notebook_start": progress.on_notebook_start,
+             "on_cell_executed": progress.on_cell_executed} if progress else {}
+    kernel_log = output.with_name(f"{notebook.name[:2]}_kernel.log")
+    kernel_log.parent.mkdir(parents=True, exist_ok=True)
+    kernel_log.write_bytes(b"")
     try:
         pm.execute_notebook(
             str(notebook),
@@ -149,12 +269,47 @@ def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], log_o
             progress_bar=False,
             log_output=log_output,
             kernel_name="python3",
+            kernel_manager_class=RunnerKernelManager,
+            config=Config({"RunnerKernelManager": {"log_file": str(kernel_log)}}),
+            extra_arguments=[f"--IPKernelApp.exec_lines={KERNEL_STARTUP}"],
+            **hooks,
         )
     except PapermillExecutionError as exc:
         raise NotebookFailed(
             f"{notebook.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
             f"{exc.ename}: {exc.evalue}\n  executed copy with the traceback: {output}"
         ) from None
+    except DeadKernelError as exc:
+        raise NotebookFailed(
+            f"{notebook.name}: the kernel died ({exc}); out of memory is the usual cause. What the kernel printed "
+            f"is in {kernel_log}; the cells run so far are in {output}."
+        ) from None
+
+
+def progress_path(out_dir: Path, notebook: Path) -> Path:
+    """``<run folder>/NN_progress.json``: the steps a notebook reports while it runs (04: ``PROGRESS_FILE``)."""
+    return out_dir / f"{notebook.name[:2]}_progress.json"
+
+
+def run_with_progress(notebook: Path, out_dir: Path, params: dict[str, Any], desc: str, log_output: bool) -> float:
+    """Run one notebook behind its console line (``desc``, a bar, then ``ok``/``FAILED``); return its seconds."""
+    if log_output:  # the notebook's own output streams below; a bar would interleave with it
+        print(desc, flush=True)
+    progress = None if log_output else NotebookProgress(desc, progress_path(out_dir, notebook))
+    start = time.perf_counter()
+    try:
+        run_notebook(notebook, out_dir / notebook.name, params, log_output, progress)
+    except BaseException as exc:
+        if progress:
+            what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            progress.close(f"{what} after {time.perf_counter() - start:.0f} s")
+        raise
+    seconds = round(time.perf_counter() - start, 1)
+    if progress:
+        progress.close(f"ok ({seconds:.0f} s)")
+    else:
+        print(f"{desc} ok ({seconds:.0f} s)", flush=True)
+    return seconds
 
 
 def run_profile(profile_name: str, only: list[str] | None = None, log_output: bool = False) -> Path:
@@ -169,19 +324,11 @@ def run_profile(profile_name: str, only: list[str] | None = None, log_output: bo
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["QLORA_FIGURES_DIR"] = str(out_dir / "figures")
     timings: dict[str, float] = {}
-    total = len(notebooks)
     for i, nb in enumerate(notebooks, 1):
         params = resolve_parameters(nb, notebook_parameters(profile, nb.name[:2]))
-        print(f"[{i}/{total}] {nb.stem} ({profile_name}) ...", end=" ", flush=True)
         os.environ["QLORA_COMMAND"] = f"python -m utils.runner --profile {profile_name} --only {nb.name[:2]}"
-        start = time.perf_counter()
-        try:
-            run_notebook(nb, out_dir / nb.name, params, log_output)
-        except NotebookFailed:
-            print(f"FAILED after {time.perf_counter() - start:.0f} s", flush=True)
-            raise
-        timings[nb.stem] = round(time.perf_counter() - start, 1)
-        print(f"ok ({timings[nb.stem]:.0f} s)", flush=True)
+        desc = f"[{i}/{len(notebooks)}] {nb.stem} ({profile_name})"
+        timings[nb.stem] = run_with_progress(nb, out_dir, params, desc, log_output)
     summary = out_dir / "runner.json"
     save_json({"profile": profile_name, "seconds": timings}, summary)
     return out_dir

@@ -1,16 +1,18 @@
-"""The shipped corpus: the question sources in YAML, their seeded train/test split, and the datasheet counts.
+"""The shipped corpus: the question sources in YAML, their seeded train/validation/test split, the datasheet counts.
 
-``build_dataset`` (``python -m utils.data build``) reads ``dataset/sources/utn_qa.yaml``, writes the two split
-files and refreshes the generated counts block of ``dataset/README.md``.
+``build_dataset`` (``python -m utils.data build``) reads ``dataset/sources/utn_qa.yaml``, writes the three split
+files and refreshes the generated counts block of ``dataset/README.md``. Validation drives every choice made
+during training (evaluation, early stopping, hyperparameters); test is read only by notebook 05. Both hold the
+same design: single new phrasings of taught facts, whole combined items, whole out-of-scope items.
 """
 
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -24,9 +26,9 @@ from utils.data.records import (
     question_of,
     write_jsonl,
 )
-from utils.data.stats import count_table
+from utils.data.stats import count_table, verbatim_answer_table
 from utils.files import atomic_write_text
-from utils.paths import DATASET_DIR, TEST_FILE, TRAIN_FILE
+from utils.paths import DATASET_DIR, TEST_FILE, TRAIN_FILE, VALIDATION_FILE
 
 CORPUS_FILE = DATASET_DIR / "sources" / "utn_qa.yaml"
 README_FILE = DATASET_DIR / "README.md"
@@ -34,7 +36,10 @@ COUNTS_START = "<!-- counts:start -->"
 COUNTS_END = "<!-- counts:end -->"
 DEFAULT_SEED = 42
 DEFAULT_TEST_FRACTION = 0.12
+DEFAULT_VALIDATION_FRACTION = 0.12  # the same design and about the same size as test
 MIN_TRAIN_QUESTIONS_PER_FACT = 2
+SPLITS = ("train", "validation", "test")
+HELD_OUT = ("test", "validation")  # the order in which they take their items (ties go to test)
 
 _SECTIONS = {"facts": "fact", "combined": "combined", "out_of_scope": "out_of_scope"}
 
@@ -111,7 +116,7 @@ class _CorpusChecker:
     def _check_fact(self, label: str, item: dict, questions: list) -> None:
         if len(questions) < MIN_TRAIN_QUESTIONS_PER_FACT:
             self.problems.append(f"{label}: a fact needs at least {MIN_TRAIN_QUESTIONS_PER_FACT} questions "
-                                 "(they all stay in train)")
+                                 "(they all stay in train; validation and test take only the ones beyond them)")
         if not isinstance(item.get("source"), str) or not item["source"].strip():
             self.problems.append(f"{label}: missing 'source' (the norm and article)")
 
@@ -192,6 +197,17 @@ def _item_id(record: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def check_fractions(test_fraction: float, validation_fraction: float) -> None:
+    """Raise ``ValueError`` naming the option unless both shares are in (0, 0.5) and train keeps the majority."""
+    for name, share in (("test_fraction", test_fraction), ("validation_fraction", validation_fraction)):
+        if not 0 < share < 0.5:
+            raise ValueError(f"{name}={share}: use a share above 0 and below 0.5 (the shipped split uses "
+                             f"{DEFAULT_TEST_FRACTION})")
+    if test_fraction + validation_fraction > 0.5:
+        raise ValueError(f"test_fraction + validation_fraction = {test_fraction + validation_fraction:g}: train "
+                         "must keep at least half of the questions — lower one of them (e.g. 0.12 each)")
+
+
 def _items_by_kind(records: Sequence[dict]) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
     """Records grouped by corpus item (in order), and item ids grouped by kind."""
     items: dict[str, list[dict]] = defaultdict(list)
@@ -203,20 +219,25 @@ def _items_by_kind(records: Sequence[dict]) -> tuple[dict[str, list[dict]], dict
     return items, by_kind
 
 
-def _whole_items_for_test(items: dict[str, list[dict]], by_kind: dict[str, list[str]], test_fraction: float,
-                          rng: random.Random) -> set[str]:
-    """Record ids of the out-of-scope and combined items that go to test whole (the same share as overall)."""
-    test_ids: set[str] = set()
+def _whole_items(items: dict[str, list[dict]], by_kind: dict[str, list[str]], shares: dict[str, float],
+                 rng: random.Random) -> dict[str, str]:
+    """Record id -> held-out split for the out-of-scope and combined items that leave train whole.
+
+    Each held-out split takes its share of the items of each kind; one seeded sample per kind, test first.
+    """
+    assigned: dict[str, str] = {}
     for kind in ("out_of_scope", "combined"):
         pool = sorted(by_kind.get(kind, []))
-        n_items = round(test_fraction * len(pool))
-        for item_id in rng.sample(pool, n_items):
-            test_ids.update(r["id"] for r in items[item_id])
-    return test_ids
+        counts = {split: round(share * len(pool)) for split, share in shares.items()}
+        picked = iter(rng.sample(pool, min(len(pool), sum(counts.values()))))
+        for split, n_items in counts.items():
+            for item_id in [next(picked) for _ in range(n_items)]:
+                assigned.update((r["id"], split) for r in items[item_id])
+    return assigned
 
 
 def _fact_slots(items: dict[str, list[dict]], facts: list[str], rng: random.Random) -> list[tuple[float, str]]:
-    """Fact items in the order they give a question to test, topics in proportion to their size.
+    """Fact items in the order they give a question to a held-out split, topics in proportion to their size.
 
     One question per fact per round; systematic sampling: the k-th pick of a topic with n questions sorts at
     (k + u) / n. A fact gives at most its questions beyond ``MIN_TRAIN_QUESTIONS_PER_FACT``.
@@ -236,60 +257,92 @@ def _fact_slots(items: dict[str, list[dict]], facts: list[str], rng: random.Rand
     return slots
 
 
-def _separate(records: Sequence[dict], test_ids: set[str]) -> tuple[list[dict], list[dict]]:
-    """Train and test in corpus order; a test record whose facts train no longer teaches goes back to train."""
-    train = [r for r in records if r["id"] not in test_ids]
-    test = [r for r in records if r["id"] in test_ids]
-    taught = {f for r in train for f in r["facts"]}
-    for record in test:
-        missing = [f for f in record["facts"] if f not in taught]
-        if missing:  # a combined item whose fact has no question left in train: keep it in train
-            train.append(record)
-    test = [r for r in test if all(f in taught for f in r["facts"])]
-    order = {r["id"]: k for k, r in enumerate(records)}
-    train.sort(key=lambda r: order[r["id"]])
-    return train, test
+def _fill_with_facts(items: dict[str, list[dict]], facts: list[str], assigned: dict[str, str],
+                     targets: dict[str, int], rng: random.Random) -> None:
+    """Give single fact questions to the held-out splits until each reaches its target size.
 
-
-def split_records(records: Sequence[dict], seed: int = DEFAULT_SEED,
-                  test_fraction: float = DEFAULT_TEST_FRACTION) -> tuple[list[dict], list[dict]]:
-    """Seeded train/test split of corpus records; no question wording in both splits.
-
-    Out-of-scope and combined items go to test whole (a combined one only when all its facts are
-    taught in train); fact items give single questions to test while keeping at least
-    ``MIN_TRAIN_QUESTIONS_PER_FACT`` in train, chosen round-robin over topics. Test is about
-    ``test_fraction`` of all questions.
+    Each slot goes to the split whose fact part holds the smaller share of its size in that slot's topic, then
+    overall (ties: test), so both draw on every topic and on the first round of facts alike. A split asks a
+    fact a second time only when the facts it does not ask yet have no spare question left.
     """
-    if not 0 < test_fraction < 0.5:
-        raise ValueError(f"test_fraction={test_fraction}: use a share between 0 and 0.5 (e.g. 0.12)")
+    filled = Counter(assigned.values())
+    wanted = {split: max(0, targets[split] - filled[split]) for split in targets}
+    taken: Counter = Counter()
+    asked: set[tuple[str, str]] = set()  # (split, fact)
+    skipped: list[str] = []
+    for repeat, slots in ((False, [f for _, f in _fact_slots(items, facts, rng)]), (True, skipped)):
+        for fact in list(slots):
+            open_splits = [s for s in targets if taken[s] < wanted[s] and (repeat or (s, fact) not in asked)]
+            if not open_splits:
+                skipped.append(fact)
+                continue
+            topic = items[fact][0]["topic"]
+            split = min(open_splits, key=lambda s: (taken[s, topic] / wanted[s], taken[s] / wanted[s]))
+            candidates = [r["id"] for r in items[fact] if r["id"] not in assigned]
+            assigned[rng.choice(candidates)] = split
+            taken[split] += 1
+            taken[split, topic] += 1
+            asked.add((split, fact))
+
+
+def _separate(records: Sequence[dict], assigned: dict[str, str]) -> dict[str, list[dict]]:
+    """The three splits in corpus order; a held-out record whose facts train does not teach goes back to train."""
+    splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for record in records:
+        splits[assigned.get(record["id"], "train")].append(record)
+    taught = {f for r in splits["train"] for f in r["facts"]}
+    for split in HELD_OUT:
+        kept = [r for r in splits[split] if all(f in taught for f in r["facts"])]
+        # a combined item whose fact has no question left in train stays in train
+        splits["train"] += [r for r in splits[split] if r not in kept]
+        splits[split] = kept
+    order = {r["id"]: k for k, r in enumerate(records)}
+    splits["train"].sort(key=lambda r: order[r["id"]])
+    return splits
+
+
+def split_records(records: Sequence[dict], seed: int = DEFAULT_SEED, test_fraction: float = DEFAULT_TEST_FRACTION,
+                  validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> dict[str, list[dict]]:
+    """Seeded train/validation/test split of corpus records: ``{"train": [...], "validation": [...], "test": [...]}``.
+
+    Validation and test have the same design. Out-of-scope and combined items go to one of them whole (a
+    combined one only when all its facts are taught in train); fact items give single questions while keeping
+    at least ``MIN_TRAIN_QUESTIONS_PER_FACT`` in train, dealt round-robin over topics. Each held-out split
+    is about its fraction of all questions; no question wording is in two splits.
+    """
+    check_fractions(test_fraction, validation_fraction)
     rng = random.Random(seed)
     items, by_kind = _items_by_kind(records)
-    target = round(test_fraction * len(records))
-    test_ids = _whole_items_for_test(items, by_kind, test_fraction, rng)
-    # Fact items fill the rest, one question each.
-    slots = _fact_slots(items, sorted(by_kind.get("fact", [])), rng)
-    for _, fact in slots[: max(0, target - len(test_ids))]:
-        candidates = [r["id"] for r in items[fact] if r["id"] not in test_ids]
-        test_ids.add(rng.choice(candidates))
-    train, test = _separate(records, test_ids)
-    check_split(train, test)
-    return train, test
+    shares = {"test": test_fraction, "validation": validation_fraction}
+    assigned = _whole_items(items, by_kind, shares, rng)
+    targets = {split: round(share * len(records)) for split, share in shares.items()}
+    _fill_with_facts(items, sorted(by_kind.get("fact", [])), assigned, targets, rng)
+    splits = _separate(records, assigned)
+    check_split(splits)
+    return splits
 
 
-def check_split(train: Sequence[dict], test: Sequence[dict]) -> None:
-    """Raise ``DatasetError`` if a test question's normalised wording is in train or a test fact is not taught."""
-    train_questions = {normalize_question(question_of(r["messages"])): r["id"] for r in train}
-    taught = {f for r in train for f in r["facts"]}
+def check_split(splits: Mapping[str, Sequence[dict]]) -> None:
+    """Raise ``DatasetError`` if a normalised wording is in two splits or a held-out record's fact is not taught.
+
+    ``splits`` maps split names to records; ``"train"`` is the one that teaches. Every pair of splits is checked.
+    """
+    first: dict[str, tuple[str, str]] = {}  # normalised question -> (split, id) where it was first seen
     problems = []
-    for record in test:
-        key = normalize_question(question_of(record["messages"]))
-        if key in train_questions:
-            problems.append(f"test {record['id']} has the wording of train {train_questions[key]} ({key!r})")
-        for fact in record["facts"]:
-            if fact not in taught:
-                problems.append(f"test {record['id']} asks about fact {fact}, which no train example teaches")
+    for name, records in splits.items():
+        for record in records:
+            key = normalize_question(question_of(record["messages"]))
+            where = first.setdefault(key, (name, record["id"]))
+            if where[0] != name:
+                problems.append(f"{name} {record['id']} has the wording of {where[0]} {where[1]} ({key!r})")
+    taught = {f for r in splits.get("train", ()) for f in r["facts"]}
+    for name, records in splits.items():
+        for record in records if name != "train" else ():
+            for fact in record["facts"]:
+                if fact not in taught:
+                    problems.append(f"{name} {record['id']} asks about fact {fact}, which no train example teaches")
     if problems:
-        raise DatasetError("the split leaks or tests untaught facts:\n" + "\n".join(f"  {p}" for p in problems))
+        raise DatasetError("the split leaks or holds out untaught facts:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,26 +350,54 @@ def check_split(train: Sequence[dict], test: Sequence[dict]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def counts_markdown(train: Sequence[dict], test: Sequence[dict], seed: int, test_fraction: float) -> str:
-    """The generated counts block of ``dataset/README.md`` (per split, kind and topic)."""
-    splits = {"train": train, "test": test}
-    total = len(train) + len(test)
+def _markdown_table(table: Any, by: str, cell: Any = lambda v: str(int(v))) -> list[str]:
+    """A pandas table as Markdown rows, index values in code font and the total in bold."""
+    lines = [f"| {by} | " + " | ".join(table.columns) + " |", "|---" + "|---:" * len(table.columns) + "|"]
+    for index, row in table.iterrows():
+        cells = " | ".join(cell(v) for v in row)
+        lines.append(f"| {'**total**' if index == 'total' else f'`{index}`'} | {cells} |")
+    return lines + [""]
+
+
+def _questions_per_item(splits: Mapping[str, Sequence[dict]]) -> str:
+    """``"`fact` 6 (105 items), ..."``: the range of questions per corpus item, by kind."""
+    sizes: dict[str, Counter] = defaultdict(Counter)
+    for records in splits.values():
+        for record in records:
+            sizes[record["kind"]][_item_id(record)] += 1
+    parts = []
+    for kind in _SECTIONS.values():
+        counts = sorted(sizes[kind].values())
+        if counts:
+            spread = f"{counts[0]}" if counts[0] == counts[-1] else f"{counts[0]}–{counts[-1]}"
+            parts.append(f"`{kind}` {spread} ({len(counts)} items)")
+    return ", ".join(parts)
+
+
+def counts_markdown(splits: Mapping[str, Sequence[dict]], seed: int, test_fraction: float,
+                    validation_fraction: float) -> str:
+    """The generated counts block of ``dataset/README.md``: per split, kind and topic, and the verbatim answers."""
+    total = sum(len(records) for records in splits.values())
+    files = {"train": TRAIN_FILE.name, "validation": VALIDATION_FILE.name, "test": TEST_FILE.name}
     lines = [
-        f"Generated by `python -m utils.data build --seed {seed} --test-fraction {test_fraction}` "
-        f"from `dataset/sources/{CORPUS_FILE.name}`; do not edit by hand.",
-        "",
-        f"- `{TRAIN_FILE.name}`: {len(train)} examples",
-        f"- `{TEST_FILE.name}`: {len(test)} examples ({len(test) / total:.1%} of {total})",
+        f"Generated by `python -m utils.data build --seed {seed} --test-fraction {test_fraction} "
+        f"--validation-fraction {validation_fraction}` from `dataset/sources/{CORPUS_FILE.name}`; "
+        "do not edit by hand.",
         "",
     ]
+    lines += [f"- `{files.get(name, name)}`: {len(records)} examples ({len(records) / total:.1%} of {total})"
+              for name, records in splits.items()]
+    lines += ["", "Questions per corpus item: " + _questions_per_item(splits) + ".", ""]
     for by in ("kind", "topic"):
-        table = count_table(splits, by)
-        lines.append(f"| {by} | " + " | ".join(table.columns) + " |")
-        lines.append("|---" + "|---:" * len(table.columns) + "|")
-        for index, row in table.iterrows():
-            cells = " | ".join(str(int(v)) for v in row)
-            lines.append(f"| {'**total**' if index == 'total' else f'`{index}`'} | {cells} |")
-        lines.append("")
+        lines += _markdown_table(count_table(splits, by), by)
+    verbatim = verbatim_answer_table(splits)
+    lines += [
+        "Held-out answers that are also, word for word, the answer of a train example (by design for `fact`: "
+        "a fact item keeps its answer and changes only the question, so these examples measure a new phrasing "
+        "of a taught fact; a low loss or a high ROUGE on them is partly recall of a trained answer):",
+        "",
+    ]
+    lines += _markdown_table(verbatim, "kind", cell=str)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -341,15 +422,24 @@ def build_dataset(
     train_path: str | Path = TRAIN_FILE,
     test_path: str | Path = TEST_FILE,
     readme: str | Path | None = README_FILE,
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+    validation_path: str | Path = VALIDATION_FILE,
 ) -> dict[str, Any]:
-    """Write the two split files from the corpus YAML and refresh the README counts; return a summary."""
+    """Write the three split files from the corpus YAML and refresh the README counts; return a summary.
+
+    The summary holds, per split, its size (``train``, ``validation``, ``test``), its share of all questions
+    (``<split>_share``) and its path (``<split>_path``), plus ``readme_updated``.
+    """
     corpus = load_corpus(corpus_path)
     records = corpus_records(corpus)
-    train, test = split_records(records, seed, test_fraction)
-    write_jsonl(train, train_path)
-    write_jsonl(test, test_path)
-    counts_updated = update_counts_block(Path(readme), counts_markdown(train, test, seed, test_fraction)) \
-        if readme is not None else False
-    return {"train": len(train), "test": len(test), "test_share": len(test) / len(records),
-            "train_path": str(train_path), "test_path": str(test_path), "readme_updated": counts_updated}
-
+    splits = split_records(records, seed, test_fraction, validation_fraction)
+    paths = {"train": train_path, "validation": validation_path, "test": test_path}
+    for name in SPLITS:
+        write_jsonl(splits[name], paths[name])
+    block = counts_markdown(splits, seed, test_fraction, validation_fraction)
+    counts_updated = update_counts_block(Path(readme), block) if readme is not None else False
+    summary: dict[str, Any] = {"readme_updated": counts_updated}
+    for name in SPLITS:
+        summary.update({name: len(splits[name]), f"{name}_share": len(splits[name]) / len(records),
+                        f"{name}_path": str(paths[name])})
+    return summary

@@ -26,6 +26,7 @@ KINDS = ("fact", "combined", "out_of_scope")
 # Metadata given to records read from files that carry none (the original text format).
 DEFAULT_TOPIC = "sin_tema"
 DEFAULT_KIND = "sin_tipo"
+_PLACEHOLDERS = {"topic": DEFAULT_TOPIC, "kind": DEFAULT_KIND}
 # Out-of-scope questions are answered by no norm of the corpus.
 OUT_OF_SCOPE_SOURCE = "ninguna (fuera de alcance)"
 RECORD_KEYS = ("id", "messages", "source", "topic", "kind", "keywords", "facts")
@@ -79,6 +80,28 @@ def question_of(messages: Sequence[dict]) -> str:
 def answer_of(messages: Sequence[dict]) -> str:
     """The reference answer of a chat: the content of its last assistant turn."""
     return _last_turn(messages, ASSISTANT)
+
+
+def has_field(record: dict, name: str) -> bool:
+    """Whether ``record`` carries a real value of ``name`` (not absent, empty or a placeholder of the loader).
+
+    ``load_records`` fills ``topic`` / ``kind`` with ``DEFAULT_TOPIC`` / ``DEFAULT_KIND`` and ``keywords`` /
+    ``facts`` with ``[]`` when a file carries none; those count as absent. An out-of-scope record's empty
+    ``facts`` is its real value (it rests on no fact).
+    """
+    value = record.get(name)
+    if value is None or value == "" or value == [] or value == _PLACEHOLDERS.get(name):
+        return name == "facts" and value == [] and record.get("kind") == "out_of_scope"
+    return True
+
+
+def missing_fields(records: Sequence[dict], fields: Sequence[str]) -> list[str]:
+    """The names in ``fields`` (in that order) that at least one record lacks (see ``has_field``).
+
+    Consumers check before a metric or figure that needs ``keywords``, ``kind`` or ``topic``, and skip it with
+    a message instead of showing NaN; ``python -m utils.data annotate`` adds the fields from a small CSV.
+    """
+    return [name for name in fields if any(not has_field(record, name) for record in records)]
 
 
 def special_tokens_in(text: str, tokens: Sequence[str] = SPECIAL_TOKENS) -> list[str]:

@@ -1,4 +1,4 @@
-"""Numbers about the splits: examples per kind and topic, token lengths, loss-token share and overlap.
+"""Numbers about the splits: examples per kind and topic, token lengths, loss-token share, overlap and verbatim answers.
 
 Each function returns a pandas DataFrame; ``utils.plotting.data`` draws them and ``utils.reports.data``
 writes what they show.
@@ -109,6 +109,34 @@ def leaked_ids(train: Sequence[dict], test: Sequence[dict]) -> list[str]:
     return [str(r["id"]) for r in test if normalize_question(question_of(r["messages"])) in train_keys]
 
 
+def verbatim_answer_ids(train: Sequence[dict], records: Sequence[dict]) -> list[str]:
+    """Ids of ``records`` whose reference answer is, word for word, the answer of a train example.
+
+    In the shipped corpus these are exactly the held-out ``fact`` examples (a new question on a taught fact
+    keeps its answer): on them a low loss or a high ROUGE partly measures recall of a trained answer.
+    """
+    train_answers = {answer_of(r["messages"]).strip() for r in train}
+    return [str(r["id"]) for r in records if answer_of(r["messages"]).strip() in train_answers]
+
+
+def verbatim_answer_table(splits: dict[str, Sequence[dict]], reference: str = "train") -> pd.DataFrame:
+    """Per kind and held-out split: ``"<verbatim> of <examples>"`` answers that are also a train answer."""
+    train = splits.get(reference, [])
+    columns = {}
+    for name, records in splits.items():
+        if name == reference:
+            continue
+        verbatim = set(verbatim_answer_ids(train, records))
+        kinds = Counter(r["kind"] for r in records)
+        hits = Counter(r["kind"] for r in records if str(r["id"]) in verbatim)
+        column = {kind: f"{hits[kind]} of {kinds[kind]}" for kind in (*KINDS, DEFAULT_KIND) if kinds[kind]}
+        column["total"] = f"{len(verbatim)} of {len(records)}"
+        columns[name] = column
+    table = pd.DataFrame(columns).fillna("0 of 0")
+    order = [k for k in (*KINDS, DEFAULT_KIND) if k in table.index] + ["total"]
+    return table.loc[order]
+
+
 def sequence_lengths(records: Sequence[dict], tokenizer) -> list[tuple[int, int]]:
     """``(prompt, total)`` tokens of each record, split as TRL's prompt–completion tokenisation splits them.
 
@@ -125,21 +153,31 @@ def sequence_lengths(records: Sequence[dict], tokenizer) -> list[tuple[int, int]
     return [(common_prefix_length(p, ids), len(ids)) for p, ids in zip(prompts, full)]
 
 
-def overlap_checks(splits: dict[str, Sequence[dict]]) -> pd.DataFrame:
-    """Duplicate questions within each split, test questions present in train, untaught test facts."""
-    rows = []
-    for name, records in splits.items():
-        keys = Counter(normalize_question(question_of(r["messages"])) for r in records)
-        rows.append({"chequeo": f"preguntas repetidas dentro de {name}",
-                     "resultado": sum(c - 1 for c in keys.values() if c > 1)})
-    train, test = splits.get("train", []), splits.get("test", [])
-    taught = {f for r in train for f in r["facts"]}
-    rows.append({"chequeo": "preguntas de test con la misma redacción normalizada en train",
-                 "resultado": len(leaked_ids(train, test))})
-    rows.append({"chequeo": "ejemplos de test sobre hechos que train no enseña",
-                 "resultado": sum(any(f not in taught for f in r["facts"]) for r in test)})
-    rows.append({"chequeo": "respuestas de test idénticas a alguna de train (misma respuesta, otra redacción)",
-                 "resultado": sum(answer_of(r["messages"]) in {answer_of(t["messages"]) for t in train}
-                                  for r in test)})
-    return pd.DataFrame(rows)
+def overlap_checks(splits: dict[str, Sequence[dict]], reference: str = "train") -> pd.DataFrame:
+    """Duplicates, the same wording in two splits, untaught held-out facts and verbatim train answers (pandas).
 
+    Every pair of splits is compared. A held-out answer that is word for word a train answer is expected for
+    new phrasings of a fact. Columns ``chequeo`` (Spanish, for the notebook), ``par`` (the splits compared), ``resultado`` (a count).
+    """
+    rows = []
+    keys = {name: [normalize_question(question_of(r["messages"])) for r in records]
+            for name, records in splits.items()}
+    for name, found in keys.items():
+        repeated = sum(c - 1 for c in Counter(found).values() if c > 1)
+        rows.append({"chequeo": "preguntas repetidas dentro del split", "par": name, "resultado": repeated})
+    names = list(splits)
+    for k, first in enumerate(names):
+        for second in names[k + 1:]:
+            shared = len(set(keys[first]) & set(keys[second]))
+            rows.append({"chequeo": "misma redacción normalizada en los dos splits", "par": f"{first} / {second}",
+                         "resultado": shared})
+    train = splits.get(reference, [])
+    taught = {f for r in train for f in r["facts"]}
+    for name, records in splits.items():
+        if name == reference:
+            continue
+        rows.append({"chequeo": "ejemplos sobre hechos que entrenamiento no enseña", "par": f"{name} / {reference}",
+                     "resultado": sum(any(f not in taught for f in r["facts"]) for r in records)})
+        rows.append({"chequeo": "respuestas idénticas a una de entrenamiento (esperado en los hechos: otra redacción)",
+                     "par": f"{name} / {reference}", "resultado": len(verbatim_answer_ids(train, records))})
+    return pd.DataFrame(rows, columns=["chequeo", "par", "resultado"])

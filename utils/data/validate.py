@@ -66,6 +66,7 @@ class ValidationReport:
     n_lines: int = 0
     token_counts: dict[str, int] = field(default_factory=dict)  # id -> tokens (when a tokenizer was given)
     leaked_ids: list[str] = field(default_factory=list)  # ids whose question the other split also asks
+    record_lines: list[int] = field(default_factory=list)  # the file line of each record, in order
 
     @property
     def errors(self) -> list[Problem]:
@@ -489,6 +490,7 @@ def validate_file(
     for n, text in lines:
         _check_line(n, text, path, report, seen)
     report.file_format = next(iter(seen.formats), None)
+    report.record_lines = list(seen.record_lines)
     if lines and not report.records and report.ok:
         report.error(0, "no usable example — the file must hold at least one chat")
     for other in other_paths:

@@ -1,7 +1,10 @@
-"""Export: merge the adapter into a 16-bit copy of the base model, and check the merge by its logits."""
+"""Export and its checks: merge the adapter into a 16-bit copy of the base model and check the merge by its logits;
+check a GGUF export of the merged model (``utils.evaluation.gguf``) by loading it back with transformers."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -9,9 +12,15 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel
-from transformers import AutoTokenizer
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PretrainedConfig, PreTrainedTokenizerFast,
+)
 
 from utils.device import DTYPES, dtype_name, gpu_supports_bf16
+from utils.evaluation.gguf import (
+    GGUF_TYPES, GGUFExportError, head_dim_of, llama3_rope_factors, read_gguf_header, read_llama_config,
+    rope_freqs_of, rope_parameters, stop_tokens_of,
+)
 from utils.files import save_json
 from utils.inference import adapter_state, model_device
 from utils.modeling import load_model
@@ -20,9 +29,25 @@ from utils.units import GIB
 
 MERGE_CHECK_FILE = "05_merge_check.json"
 
+# Round-trip tolerances per type. max_rel_diff = max |Δlogit| / max |logit| and top1_agreement over every position
+# of the prompts and of the merged model's answers (float32 on CPU, both models reading the same ids);
+# greedy_agreement = share of greedy answers identical token for token; tokenizer_agreement = share of prompts both
+# tokenizers turn into the same ids. f16 keeps 11 significant bits of every weight (a bf16 or fp16 merge loses
+# nothing); Q8_0 keeps 8 bits with one f16 scale per block of 32, so near-ties flip: one flip changes the rest of
+# that answer, hence the low limit on whole answers next to the per-token top-1 limit. A wrong permutation,
+# rope or tokenizer gives agreement near 0, far below every limit.
+ROUNDTRIP_TOLERANCES = {
+    "f16": {"max_rel_diff": 0.005, "top1_agreement": 0.99, "greedy_agreement": 0.9, "tokenizer_agreement": 1.0},
+    "q8_0": {"max_rel_diff": 0.1, "top1_agreement": 0.9, "greedy_agreement": 0.25, "tokenizer_agreement": 1.0},
+}
+
 
 class MergeCheckError(AssertionError):
     """The merged 16-bit model does not reproduce the adapter model's logits within tolerance."""
+
+
+class GGUFRoundTripError(AssertionError):
+    """The GGUF loaded back does not reproduce the merged model within the tolerance of its type."""
 
 
 def merge_dtype(name: str = "auto") -> torch.dtype:
@@ -127,4 +152,137 @@ def export_merged(
             f"tolerance merge_rtol={rtol}). Check that model_name={model_name!r} is the base the adapter "
             "was trained on (04_config.json) and that the adapter folder is complete."
         )
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF round trip: the file loaded back with transformers against the merged model
+# --------------------------------------------------------------------------------------------
+
+
+def gguf_type_of(gguf_path: Path) -> str:
+    """The export type (``f16``, ``q8_0``) a GGUF file declares in ``general.file_type``."""
+    file_type = read_gguf_header(gguf_path)[0].get("general.file_type")
+    for name, (_, ftype) in GGUF_TYPES.items():
+        if ftype == file_type:
+            return name
+    raise GGUFExportError(f"{gguf_path}: general.file_type={file_type} is not one of {sorted(GGUF_TYPES)}.")
+
+
+def load_gguf_model(gguf_path: Path, merged_dir: Path, config: PretrainedConfig):
+    """The GGUF as a float32 transformers model.
+
+    transformers' GGUF loader reads no rope scaling for Llama and skips ``rope_freqs``; when the file has that
+    tensor, it is checked against the merged config's ``llama3`` rope parameters and those are given to the
+    loader, so the comparison measures the weights rather than a known gap of the loader. ``config`` is the
+    file's own (``AutoConfig`` with ``gguf_file``), read once by the caller: each read parses the whole file.
+    """
+    factors = rope_freqs_of(gguf_path)
+    if factors is not None:
+        merged = read_llama_config(merged_dir)
+        rope = rope_parameters(merged)
+        expected = llama3_rope_factors(rope, head_dim_of(merged)) if rope["rope_type"] == "llama3" else None
+        if expected is None or not np.allclose(factors, expected, rtol=1e-6):
+            raise GGUFRoundTripError(f"{gguf_path}: its rope_freqs do not match the llama3 rope parameters of "
+                                     f"{merged_dir}/config.json; the file was not written from this model.")
+        config.rope_parameters = rope
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=config,
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+def prompt_ids(tokenizer, prompt: str | Sequence[dict]) -> list[int]:
+    """Token ids of a prompt: a chat (its trailing assistant turn dropped, generation prompt added) or raw text."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    chat = list(prompt)
+    while chat and chat[-1].get("role") == "assistant":
+        chat = chat[:-1]
+    out = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def greedy_answer(model, ids: list[int], max_new_tokens: int, stops: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """The greedy answer's tokens (up to and with the first stop token) and the float32 logits at every position
+    of prompt + answer (row i predicts token i + 1).
+
+    Greedy decoding with no logits processor, the same for both models whatever their generation_config says:
+    one pass over the prompt, then one token at a time from the KV cache.
+    """
+    cache = DynamicCache()  # filled in place; passed by position, as transformers 5.x renamed the keyword
+    with torch.inference_mode():
+        rows = [model(torch.tensor([ids]), None, None, cache, use_cache=True).logits[0].float()]
+        new = [int(rows[-1][-1].argmax())]
+        while new[-1] not in stops and len(new) < max_new_tokens:
+            rows.append(model(torch.tensor([new[-1:]]), None, None, cache, use_cache=True).logits[0].float())
+            new.append(int(rows[-1][-1].argmax()))
+    return torch.cat(rows), new
+
+
+def forced_logits(model, ids: list[int]) -> torch.Tensor:
+    """Float32 logits at every position of ``ids`` (teacher forcing: the model reads them, it does not choose)."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def compare_outputs(ref: list, new: list, tokenizer) -> dict[str, Any]:
+    """Logits and greedy answers of two models compared: per prompt, (logits on prompt + the merged model's
+    answer, own greedy answer) of each."""
+    logits = compare_logits([r[0] for r in ref], [n[0] for n in new])
+    logits["max_rel_diff"] = logits["max_abs_diff"] / logits["max_abs_logit"]
+    answers = []
+    for (_, a), (_, b) in zip(ref, new):
+        first = next((k for k, (u, v) in enumerate(zip(a, b)) if u != v), None if len(a) == len(b) else
+                     min(len(a), len(b)))
+        answers.append({"merged": tokenizer.decode(a, skip_special_tokens=True),
+                        "gguf": tokenizer.decode(b, skip_special_tokens=True), "same": a == b,
+                        "n_tokens": len(a), "first_difference": first})
+    return {**logits, "greedy_agreement": float(np.mean([a["same"] for a in answers])), "answers": answers}
+
+
+def roundtrip_check(merged_dir: str | os.PathLike, gguf_path: str | os.PathLike, prompts: Sequence,
+                    max_new_tokens: int, *, strict: bool = True) -> dict[str, Any]:
+    """Load ``gguf_path`` back with transformers and compare it with the merged model on ``prompts``.
+
+    ``prompts`` are chats (lists of ``{"role", "content"}``; a trailing assistant turn is dropped) or raw
+    strings. Measured: whether both tokenizers give the same ids for every prompt (``tokenizer_agreement``);
+    max and mean |Δlogit| and top-1 agreement over every position of the prompt and of the merged model's greedy
+    answer (float32 on CPU, both models reading the same ids); and the share of greedy answers of
+    ``max_new_tokens`` that are token-for-token identical (``greedy_agreement``). The verdict uses
+    ``ROUNDTRIP_TOLERANCES`` of the file's type; with ``strict`` a failure raises ``GGUFRoundTripError``.
+    """
+    merged_dir, gguf_path = Path(merged_dir), Path(gguf_path)
+    start = time.perf_counter()
+    type_name = gguf_type_of(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    # PreTrainedTokenizerFast is the class AutoTokenizer builds for a GGUF; called directly it skips a parse of the
+    # whole file that AutoTokenizer spends on picking the class (seconds for a large vocabulary).
+    gguf_tokenizer = PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    gguf_config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    same_ids = [prompt_ids(gguf_tokenizer, p) == x for p, x in zip(prompts, ids)]
+    stops = tokenizer.convert_tokens_to_ids(stop_tokens_of(merged_dir, tokenizer))
+    # one float32 model in memory at a time (a 3B model takes 13 GB)
+    model = load_model(str(merged_dir.resolve()), quantization="fp32", device="cpu").eval()
+    ref = [greedy_answer(model, x, max_new_tokens, stops) for x in ids]
+    del model
+    model = load_gguf_model(gguf_path, merged_dir, gguf_config)
+    # logits on the merged model's answer (so a difference does not compound), then its own greedy answer
+    new = [(forced_logits(model, x + answer[:-1]), greedy_answer(model, x, max_new_tokens, stops)[1])
+           for x, (_, answer) in zip(ids, ref)]
+    del model
+    measured = compare_outputs(ref, new, tokenizer)
+    measured["tokenizer_agreement"] = float(np.mean(same_ids))
+    tolerance = ROUNDTRIP_TOLERANCES[type_name]
+    failures = [key for key, limit in tolerance.items()
+                if (measured[key] > limit if key == "max_rel_diff" else measured[key] < limit)]
+    report = {"gguf": str(gguf_path), "merged_dir": str(merged_dir), "type": type_name,
+              "bytes": gguf_path.stat().st_size, "n_prompts": len(ids), "max_new_tokens": max_new_tokens,
+              **measured, "tolerance": tolerance, "failed": failures, "passed": not failures,
+              "seconds": round(time.perf_counter() - start, 2)}
+    if strict and failures:
+        raise GGUFRoundTripError(
+            f"{gguf_path} loaded back differs from {merged_dir} beyond the {type_name} tolerance on "
+            + ", ".join(f"{k}={measured[k]:.4g} (limit {tolerance[k]})" for k in failures)
+            + ". Re-export it (export_gguf(..., overwrite=True)) from the merged folder it was written from.")
     return report

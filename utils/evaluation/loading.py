@@ -16,17 +16,20 @@ import pandas as pd
 import torch
 
 from utils.device import dtype_name
+from utils.evaluation.baselines import SYSTEM_LABELS
 from utils.inference import (
     AdapterNotFoundError, load_trained, model_device, read_run_config, require_run, stop_token_ids,
 )
 from utils.paths import ADAPTER_DIR, RUNS_DIR
+from utils.plotting.labels import label
 
 # The parameters cell of notebook 05, in order (recorded in 05_run.json; a test checks the notebook).
 PARAMETER_NAMES = (
-    "profile", "model_name", "test_file", "max_test_records", "max_new_tokens", "batch_size",
-    "loss_batch_size", "max_seq_length", "n_boot", "confidence", "seed", "ask_question",
-    "ask_max_new_tokens", "merge_adapter", "merge_dtype", "merge_device", "merge_probe_records",
-    "merge_rtol", "compare_runs",
+    "profile", "model_name", "test_file", "train_file", "max_test_records", "max_new_tokens", "batch_size",
+    "loss_batch_size", "max_seq_length", "baselines", "retrieval_k", "few_shot_k", "n_boot", "confidence", "seed",
+    "table_word_limit", "rubric_systems", "general_file", "forgetting_max_items", "ask_question",
+    "ask_max_new_tokens", "merge_adapter", "merge_dtype", "merge_device", "merge_probe_records", "merge_rtol",
+    "export_gguf", "gguf_types", "gguf_probe_records", "gguf_max_new_tokens", "compare_runs",
 )
 
 
@@ -71,21 +74,23 @@ def load_for_evaluation(profile: str, model_name: str, device: str | torch.devic
     return model, tokenizer, config
 
 
-def setup_table(model, tokenizer, config: dict, records: Sequence[dict], max_new_tokens: int) -> pd.DataFrame:
-    """What is compared: model, quantisation, device, stop tokens, test questions per kind."""
+def setup_table(model, tokenizer, config: dict, records: Sequence[dict], max_new_tokens: int,
+                systems: Sequence[str] = ()) -> pd.DataFrame:
+    """What is compared: model, quantisation, device, stop tokens, systems, test questions per kind."""
     kinds = pd.Series([r.get("kind") for r in records]).value_counts()
     return pd.Series({
         "modelo base": config.get("model_name"),
         "cuantización (como en el entrenamiento)": config.get("quantization") or "ninguna",
         "dtype de cómputo": dtype_name(next(model.parameters()).dtype),
         "dispositivo": str(model_device(model)),
-        "entrenamiento original replicado": config.get("replicate_original"),
+        "entrenamiento original replicado": "sí" if config.get("replicate_original") else "no",
         "tokens de fin": ", ".join(f"{tokenizer.convert_ids_to_tokens(i)} ({i})"
                                    for i in stop_token_ids(model, tokenizer)),
-        "pad": f"{tokenizer.pad_token} ({tokenizer.pad_token_id})",
-        "max_new_tokens": max_new_tokens,
-        "preguntas de test": len(records),
-        **{f"  de tipo {k}": int(v) for k, v in kinds.items()},
+        "token de relleno": f"{tokenizer.pad_token} ({tokenizer.pad_token_id})",
+        "máximo de tokens nuevos": max_new_tokens,
+        "sistemas comparados": ", ".join(SYSTEM_LABELS[s] for s in systems) or "—",
+        "preguntas de prueba": len(records),
+        **{f"  de tipo «{label(str(k))}»": int(v) for k, v in kinds.items()},
     }).to_frame("valor")
 
 

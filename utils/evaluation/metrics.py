@@ -38,6 +38,10 @@ KIND_LABELS = {"fact": "hecho simple", "combined": "combinada", "out_of_scope": 
 # name -> (Spanish label, higher is better; None = neither: compared with the reference instead)
 METRICS: dict[str, tuple[str, bool | None]] = {
     "keyword_recall": ("Recall de palabras clave", True),
+    "citation_accuracy": ("Exactitud de citas", True),
+    "number_match": ("Números exactos", True),
+    "invented_citation": ("Cita inventada", False),
+    "strict_correct": ("Correcta en todo lo verificable", True),
     "rouge_l": ("ROUGE-L (F1)", True),
     "chrf": ("chrF++", True),
     "refusal_accuracy": ("Exactitud de rechazo (balanceada)", True),
@@ -45,8 +49,8 @@ METRICS: dict[str, tuple[str, bool | None]] = {
     "wrongful_refusal": ("Rechazo indebido (respondibles)", False),
     "stop_rate": ("Tasa de fin con EOS", True),
     "length_tokens": ("Longitud media (tokens)", None),
-    "loss": ("Pérdida de test (nats/token)", False),
-    "perplexity": ("Perplejidad de test", False),
+    "loss": ("Pérdida de prueba (nats/token)", False),
+    "perplexity": ("Perplejidad de prueba", False),
 }
 
 # Applied to normalised text (lower case, no accents): see ``normalize_text``.

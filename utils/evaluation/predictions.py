@@ -1,14 +1,15 @@
-"""The two models' answers to the test questions, their loss on the reference answers, and ``ask()``.
+"""Every system's answers to the test questions, the loss on the reference answers, and ``ask()``.
 
-Generation itself is ``utils.inference.generate_answers`` (greedy, left-padded batches); this module
-asks it twice, once with the adapter disabled (base) and once with it (tuned), and lays the answers out
-as one flat row per record (the predictions JSONL).
+Generation itself is ``utils.inference.generate_answers`` (greedy, left-padded batches); this module asks it
+once per system (``utils.evaluation.baselines``: the adapter off or on, the plain, retrieval or few-shot
+prompt) and lays the answers out as one flat row per record (the predictions JSONL).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 from transformers import TextStreamer
 
 from utils.data import answer_of, completion_mask, question_of, system_prompt_policy
+from utils.evaluation.baselines import SYSTEMS, PromptBuilder
 from utils.evaluation.metrics import MODELS
 from utils.files import atomic_write_text
-from utils.inference import adapter_state, generate_answers, model_device, prompt_of, stop_token_ids
+from utils.inference import adapter_state, generate_answers, model_device, stop_token_ids
 
 Encoded = tuple[list[int], list[int]]  # token ids and the completion mask (1 = scored)
 
@@ -119,24 +121,34 @@ def run_predictions(
     max_new_tokens: int,
     batch_size: int = 8,
     progress: bool = True,
+    systems: Sequence[str] = MODELS,
+    prompts: PromptBuilder | None = None,
+    timings: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Base and tuned answers to every record, one flat dict per record (the predictions JSONL)."""
-    chats = [prompt_of(r) for r in records]
+    """Every system's answer to every record, one flat dict per record (the predictions JSONL).
+
+    ``systems`` are names of ``utils.evaluation.baselines.SYSTEMS``; ``prompts`` builds their chats (default:
+    the plain prompt of base and tuned). Retrieval systems add ``retrieved`` (the passage indices) and
+    ``retrieval_hit`` (the reference answer was among them). ``timings`` receives each system's seconds.
+    """
     policy = system_prompt_policy(records)  # as training applies it to a record without a system turn
-    answers = {
-        "base": generate_answers(model, tokenizer, chats, max_new_tokens, batch_size, adapter=False,
-                                 desc="Modelo base", progress=progress, system_prompt=policy),
-        "tuned": generate_answers(model, tokenizer, chats, max_new_tokens, batch_size, adapter=True,
-                                  desc="Modelo ajustado", progress=progress, system_prompt=policy),
-    }
-    rows = []
-    for k, record in enumerate(records):
-        row = _prediction_row(record, tokenizer)
-        for name in MODELS:
-            row[f"answer_{name}"] = answers[name][k]["answer"]
-            row[f"tokens_{name}"] = answers[name][k]["n_tokens"]
-            row[f"stopped_{name}"] = answers[name][k]["stopped"]
-        rows.append(row)
+    prompts = prompts or PromptBuilder(policy)
+    rows = [_prediction_row(record, tokenizer) for record in records]
+    for system in systems:
+        label, adapter, _ = SYSTEMS[system]
+        chats, hits = prompts.chats(system, records)
+        start = time.perf_counter()
+        answers = generate_answers(model, tokenizer, chats, max_new_tokens, batch_size, adapter=adapter,
+                                   desc=label, progress=progress, system_prompt=policy)
+        if timings is not None:
+            timings[system] = time.perf_counter() - start
+        for row, answer, hit in zip(rows, answers, hits):
+            row[f"answer_{system}"] = answer["answer"]
+            row[f"tokens_{system}"] = answer["n_tokens"]
+            row[f"stopped_{system}"] = answer["stopped"]
+            if hit:
+                row["retrieved"] = hit
+                row["retrieval_hit"] = row["reference"].strip() in {prompts.retriever.passages[i] for i in hit}
     return rows
 
 

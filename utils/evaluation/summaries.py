@@ -1,7 +1,7 @@
-"""Scores per record and model, and their summaries with seeded percentile-bootstrap intervals.
+"""Summaries of the per-record scores with seeded percentile-bootstrap intervals (Efron and Tibshirani, 1993).
 
-Every metric is averaged per record and gets a seeded percentile-bootstrap confidence interval; base and
-tuned share the resamples, so their difference is a paired bootstrap.
+Every metric is averaged per record and gets a seeded percentile-bootstrap confidence interval; every system
+shares the resamples, so a difference between two systems (``CONTRASTS``) is a paired bootstrap.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from utils.evaluation.metrics import (
-    DECLINE_PATTERN, METRICS, MODEL_LABELS, MODELS, POINTER_PATTERN, score_answer,
-)
+from utils.evaluation.baselines import CONTRASTS, SYSTEM_LABELS
+from utils.evaluation.metrics import DECLINE_PATTERN, METRICS, MODEL_LABELS, MODELS, POINTER_PATTERN
 from utils.files import read_json, save_json
+from utils.numbers import fmt_num
 from utils.provenance import result_provenance
 
 METRICS_FILE = "05_metrics.json"  # in each run folder; notebook 05 writes it, the run comparison reads it
@@ -70,39 +70,20 @@ def bootstrap_ci(
 
 
 # --------------------------------------------------------------------------------------------
-# Scores per record
+# Test loss
 # --------------------------------------------------------------------------------------------
 
 
-def score_predictions(predictions: Sequence[dict]) -> pd.DataFrame:
-    """Per record and model (base, tuned, and the reference answer as a calibration row): every metric.
-
-    The reference row checks the rules themselves: its keyword recall should be 1, its refusal
-    accuracy 1; ROUGE-L, chrF, stop rate and loss do not apply to it (NaN).
-    """
-    rows = []
-    for p in predictions:
-        meta = {"id": p["id"], "topic": p["topic"], "kind": p["kind"]}
-        for name in (*MODELS, "reference"):
-            answer = p["reference"] if name == "reference" else p[f"answer_{name}"]
-            scores = score_answer(answer, p["reference"], p["keywords"], p["kind"])
-            if name == "reference":
-                scores.update(rouge_l=math.nan, chrf=math.nan, stop_rate=math.nan,
-                              length_tokens=p["reference_tokens"], nll=math.nan, loss_tokens=math.nan)
-            else:
-                scores.update(stop_rate=float(p[f"stopped_{name}"]), length_tokens=p[f"tokens_{name}"],
-                              nll=p.get(f"nll_{name}", math.nan), loss_tokens=p.get("loss_tokens", math.nan))
-            rows.append({**meta, "model": name, **scores})
-    return pd.DataFrame(rows)
-
-
 def loss_table(scores: pd.DataFrame) -> pd.DataFrame:
-    """Test loss per model: scored tokens, loss (nats/token, token-weighted) and perplexity."""
+    """Test loss per model (base, tuned): scored tokens, loss (nats/token, token-weighted) and perplexity."""
     data = scores[scores["model"].isin(MODELS)].groupby("model")[["nll", "loss_tokens"]].sum()
-    data["perdida_nats_por_token"] = data["nll"] / data["loss_tokens"]
-    data["perplejidad"] = np.exp(data["perdida_nats_por_token"])
-    data.index = [MODEL_LABELS[m] for m in data.index]
-    return data.rename(columns={"nll": "nll_total", "loss_tokens": "tokens_con_perdida"})
+    table = pd.DataFrame({
+        "tokens con pérdida": data["loss_tokens"].map(lambda x: fmt_num(x)),
+        "pérdida (nats/token)": (data["nll"] / data["loss_tokens"]).map(lambda x: fmt_num(x, 3)),
+        "perplejidad": np.exp(data["nll"] / data["loss_tokens"]).map(lambda x: fmt_num(x, 2)),
+    })
+    table.index = [MODEL_LABELS[m] for m in table.index]
+    return table.rename_axis("Modelo")
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,9 +125,22 @@ def _statistic(parts: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray) -> t
         return float(np.mean(points)), np.nanmean(np.vstack(boots), axis=0), n
 
 
-def _metric_statistics(scores: pd.DataFrame, metric: str, ids: Sequence[str],
-                       idx: np.ndarray) -> dict[str, tuple[float, np.ndarray, int]]:
-    """(point, bootstrap distribution, n) of one metric per model, plus the paired tuned − base "delta"."""
+# Columns of the scores table a metric is computed from (itself, unless named here)
+_METRIC_COLUMNS = {"loss": ("nll", "loss_tokens"), "perplexity": ("nll", "loss_tokens"),
+                   "refusal_accuracy": ("refusal_oos", "wrongful_refusal")}
+
+
+def contrast_name(first: str, second: str) -> str:
+    """The ``model`` value of a paired difference: "delta" for tuned − base, "delta:<a>:<b>" for the others."""
+    return "delta" if (first, second) == ("tuned", "base") else f"delta:{first}:{second}"
+
+
+def _metric_statistics(scores: pd.DataFrame, metric: str, ids: Sequence[str], idx: np.ndarray,
+                       contrasts: Sequence[tuple[str, str]]) -> dict[str, tuple[float, np.ndarray, int]]:
+    """(point, bootstrap distribution, n) of one metric per system, plus each paired difference of ``contrasts``."""
+    needed = _METRIC_COLUMNS.get(metric, (metric,))
+    if not all(column in scores for column in needed):
+        return {}
     stats = {}
     for model in scores["model"].unique():
         point, boot, n = _statistic(_metric_parts(scores, model, metric, ids), idx)
@@ -155,25 +149,28 @@ def _metric_statistics(scores: pd.DataFrame, metric: str, ids: Sequence[str],
         if metric == "perplexity":
             point, boot = math.exp(point), np.exp(boot)
         stats[model] = (point, boot, n)
-    if all(m in stats for m in MODELS):
-        (p_t, b_t, n_t), (p_b, b_b, _) = stats["tuned"], stats["base"]
-        stats["delta"] = (p_t - p_b, b_t - b_b, n_t)
+    for first, second in contrasts:
+        if first in stats and second in stats:
+            (p_a, b_a, n_a), (p_b, b_b, _) = stats[first], stats[second]
+            stats[contrast_name(first, second)] = (p_a - p_b, b_a - b_b, n_a)
     return stats
 
 
-def summarize_scores(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
-                     confidence: float = 0.95) -> pd.DataFrame:
-    """Tidy table: one row per (model, metric) with mean, CI bounds and n, plus tuned − base rows.
+def summarize_scores(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95,
+                     metrics: Sequence[str] = tuple(METRICS),
+                     contrasts: Sequence[tuple[str, str]] = CONTRASTS) -> pd.DataFrame:
+    """Tidy table: one row per (system, metric) with mean, CI bounds and n, plus the paired differences.
 
-    All models use the same resampled record indices, so ``model == "delta"`` rows (tuned − base) are a
-    paired bootstrap. Loss is token-weighted (total NLL / total tokens); perplexity = exp(loss).
+    Every system uses the same resampled record indices, so the difference rows (``model`` = "delta" for
+    tuned − base, "delta:<a>:<b>" for a − b) are a paired bootstrap. Loss is token-weighted (total NLL /
+    total tokens); perplexity = exp(loss). A metric no system has (NaN everywhere) gets no row.
     """
     ids = sorted(scores["id"].unique())
     idx = bootstrap_indices(len(ids), n_boot, seed)
     alpha = (1 - confidence) / 2
     rows = []
-    for metric in METRICS:
-        for model, (point, boot, n) in _metric_statistics(scores, metric, ids, idx).items():
+    for metric in metrics:
+        for model, (point, boot, n) in _metric_statistics(scores, metric, ids, idx, contrasts).items():
             low, high = np.nanpercentile(boot, [100 * alpha, 100 * (1 - alpha)])
             rows.append({"model": model, "metric": metric, "label": METRICS[metric][0], "value": point,
                          "low": float(low), "high": float(high), "n": n})
@@ -182,31 +179,65 @@ def summarize_scores(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
 
 def summarize_by_group(scores: pd.DataFrame, by: str, metrics: Sequence[str], n_boot: int = 1000, seed: int = 0,
                        confidence: float = 0.95) -> pd.DataFrame:
-    """``summarize_scores`` within each value of ``by`` ("kind" or "topic"), base and tuned only."""
+    """``summarize_scores`` within each value of ``by`` ("kind" or "topic"), systems only (no differences)."""
     parts = []
-    for group, data in scores[scores["model"].isin(MODELS)].groupby(by, sort=True):
-        summary = summarize_scores(data, n_boot, seed, confidence)
-        summary = summary[summary["metric"].isin(metrics) & summary["model"].isin(MODELS)]
+    for group, data in scores[scores["model"] != "reference"].groupby(by, sort=True):
+        summary = summarize_scores(data, n_boot, seed, confidence, metrics=metrics, contrasts=())
         parts.append(summary.assign(group_by=by, group=group))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def metrics_table(summary: pd.DataFrame, models: Sequence[str] = (*MODELS, "delta", "reference")) -> pd.DataFrame:
-    """Wide, readable table: one row per metric, "value [low, high]" per model (Spanish headers)."""
+def model_label(model: str) -> str:
+    """Spanish name of a system, of the reference or of a paired difference ("Ajustado (LoRA) − Base")."""
+    if model.startswith("delta"):
+        first, second = ("tuned", "base") if model == "delta" else model.split(":")[1:]
+        return f"{SYSTEM_LABELS.get(first, first)} − {SYSTEM_LABELS.get(second, second)}"
+    return {**MODEL_LABELS, **SYSTEM_LABELS}.get(model, model)
 
-    def cell(row) -> str:
-        digits = 1 if row["metric"] in {"chrf", "length_tokens", "perplexity"} else 3
-        return f"{row['value']:.{digits}f} [{row['low']:.{digits}f}, {row['high']:.{digits}f}]"
 
+def format_interval(value: float, low: float, high: float, digits: int, signed: bool = False) -> str:
+    """``0,123 [0,100; 0,150]`` in es-AR (a semicolon between the bounds: the comma is the decimal mark)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{fmt_num(value, digits, signed=signed)} [{fmt_num(low, digits, signed=signed)}; " \
+           f"{fmt_num(high, digits, signed=signed)}]"
+
+
+def metric_digits(metric: str) -> int:
+    """Decimals a metric is shown with: 1 for chrF++, lengths and perplexity, 2 for the rest."""
+    return 1 if metric in {"chrf", "length_tokens", "perplexity"} else 2
+
+
+def metrics_table(summary: pd.DataFrame, models: Sequence[str] | None = None) -> pd.DataFrame:
+    """Wide, readable table: one row per metric, "value [low; high]" per system or difference (Spanish, es-AR).
+
+    ``models`` picks and orders the columns (default: every system, then the reference calibration row).
+    """
+    present = list(dict.fromkeys(summary["model"]))
+    models = list(models) if models is not None else [m for m in present if not m.startswith("delta")]
     data = summary[summary["model"].isin(models)].copy()
-    data["cell"] = data.apply(cell, axis=1)
+    data["cell"] = [format_interval(r.value, r.low, r.high, metric_digits(r.metric), r.model.startswith("delta"))
+                    for r in data.itertuples()]
     table = data.pivot(index="metric", columns="model", values="cell")
     table = table.reindex([m for m in METRICS if m in table.index])
     table = table[[m for m in models if m in table.columns]]
     table.index = [METRICS[m][0] for m in table.index]
-    labels = {**MODEL_LABELS, "delta": "Diferencia (ajustado − base)"}
-    table.columns = [labels[c] for c in table.columns]
+    table.columns = [model_label(c) for c in table.columns]
     return table.fillna("—").rename_axis("Métrica")
+
+
+def contrasts_table(summary: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """The paired differences of ``metrics`` with their intervals, and whether the interval excludes 0."""
+    data = summary[summary["model"].str.startswith("delta") & summary["metric"].isin(metrics)].copy()
+    data["order"] = data["metric"].map({m: k for k, m in enumerate(metrics)})
+    data["group"] = data["model"].map({m: k for k, m in enumerate(dict.fromkeys(data["model"]))})
+    rows = []
+    for r in data.sort_values(["group", "order"], kind="stable").itertuples():
+        sure = r.low > 0 or r.high < 0
+        rows.append({"Diferencia": model_label(r.model), "Métrica": METRICS[r.metric][0],
+                     "Valor [IC]": format_interval(r.value, r.low, r.high, metric_digits(r.metric), signed=True),
+                     "¿Excluye el 0?": "sí" if sure else "no"})
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,14 +251,20 @@ def read_metrics(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(data["metrics"]), pd.DataFrame(data["by_group"])
 
 
-def write_metrics(summary: pd.DataFrame, by_group: pd.DataFrame, path: Path, parameters: dict[str, Any]) -> Path:
-    """``05_metrics.json``: the tidy summary, the per-group summary, how they were computed and provenance."""
+def write_metrics(summary: pd.DataFrame, by_group: pd.DataFrame, path: Path, parameters: dict[str, Any],
+                  **extra: Any) -> Path:
+    """``05_metrics.json``: the tidy summary, the per-group summary, how they were computed and provenance.
+
+    ``extra`` (e.g. ``n_test_records``, ``error_tags``) is stored as is; the run comparison reads
+    ``parameters`` and ``n_test_records`` to tell comparable runs apart.
+    """
     payload = {
         "parameters": parameters,
         "definitions": {m: {"label": label, "higher_is_better": hib} for m, (label, hib) in METRICS.items()},
         "refusal_rule": {"decline": DECLINE_PATTERN.pattern, "pointer": POINTER_PATTERN.pattern},
         "metrics": json.loads(summary.to_json(orient="records")),
         "by_group": json.loads(by_group.to_json(orient="records")) if len(by_group) else [],
+        **extra,
         **result_provenance(),
     }
     return save_json(payload, path)

@@ -1,35 +1,158 @@
-"""The answers side by side (notebook table, CSV, LaTeX longtable) and the examples shown in full."""
+"""The answers side by side (CSV), the qualitative picks and the table that prints them.
+
+Pick rule (``pick_examples``): answers are ranked by their correctness first and their overlap second, so a
+wrong answer can never rank above a right one. The key of an answer, compared in this order:
+
+1. ``strict_correct`` (every automatic check passes; missing = 0);
+2. ``citation_accuracy`` (missing, i.e. nothing to cite = 1);
+3. ``number_match`` (missing, i.e. no number to give = 1);
+4. no invented citation;
+5. ``keyword_recall`` (missing = 0);
+6. overlap: the mean of ROUGE-L and chrF++/100.
+
+The cases shown: a question the tuned model gets right and the base model does not (the highest-ranked such
+tuned answer), one the base gets right and the tuned does not, where retrieval was run one that base + BM25
+gets right and the tuned model does not and one the other way round, and the out-of-scope question with the
+best-ranked tuned answer. A case with no such question is reported as absent, not filled with a wrong answer.
+Ties go to the first id in sorted order.
+"""
 
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
-from pandas.io.formats.style import Styler
 
-from utils.evaluation.metrics import MODELS, keyword_pattern, normalize_text
-from utils.files import atomic_write_text
+from utils.evaluation.baselines import SYSTEM_LABELS
+from utils.evaluation.errors import printable_answer
+from utils.evaluation.metrics import KIND_LABELS, METRICS, keyword_pattern, normalize_text
+from utils.evaluation.summaries import format_interval
+from utils.numbers import fmt_num, fmt_pct
+from utils.plotting.labels import label
+
+KEY_COLUMNS = ("strict_correct", "citation_accuracy", "number_match", "no_invented", "keyword_recall", "overlap")
+# (case label, short label for the printed table, system that must be right, system that must be wrong)
+CASES = (
+    ("el ajuste acierta y el modelo base no", "ajuste acierta, base no", "tuned", "base"),
+    ("el ajuste empeora: el modelo base acierta y el ajustado no", "ajuste empeora", "base", "tuned"),
+    ("la recuperación acierta y el ajuste no", "BM25 acierta, ajuste no", "base_rag", "tuned"),
+    ("el ajuste acierta y la recuperación no", "ajuste acierta, BM25 no", "tuned", "base_rag"),
+)
+OUT_OF_SCOPE_CASE = ("fuera de alcance", "fuera de alcance")
 
 
-def side_by_side(predictions: Sequence[dict], scores: pd.DataFrame) -> pd.DataFrame:
-    """One row per test question: question, reference, base and tuned answers, and per-answer scores."""
-    wide = scores[scores["model"].isin(MODELS)].pivot(index="id", columns="model",
-                                                       values=["keyword_recall", "rouge_l"])
+def answer_keys(scores: pd.DataFrame, system: str) -> pd.DataFrame:
+    """Per id: the ranking key of ``system``'s answer (``KEY_COLUMNS``, higher is better) and its kind."""
+    data = scores[scores["model"] == system].set_index("id").sort_index()
+    return pd.DataFrame({
+        "kind": data["kind"],
+        "strict_correct": data["strict_correct"].fillna(0.0),
+        "citation_accuracy": data["citation_accuracy"].fillna(1.0),
+        "number_match": data["number_match"].fillna(1.0),
+        "no_invented": 1.0 - data["invented_citation"].fillna(0.0),
+        "keyword_recall": data["keyword_recall"].fillna(0.0),
+        "overlap": pd.concat([data["rouge_l"], data["chrf"] / 100], axis=1).mean(axis=1).fillna(0.0),
+    })
+
+
+def _best(keys: pd.DataFrame) -> str | None:
+    """The id with the highest key (ties: first id), or None when ``keys`` is empty."""
+    if keys.empty:
+        return None
+    ranked = keys.reset_index().sort_values([*KEY_COLUMNS, "id"], ascending=[False] * len(KEY_COLUMNS) + [True],
+                                            kind="stable")
+    return str(ranked["id"].iloc[0])
+
+
+def pick_examples(scores: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The qualitative picks by the module's rule: rows (``caso``, ``corto``, ``id``, ``nota``), and the absent
+    cases (their Spanish labels)."""
+    systems = set(scores["model"])
+    picks, absent = [], []
+    for case, short, right, wrong in CASES:
+        if not {right, wrong} <= systems:
+            continue
+        good, bad = answer_keys(scores, right), answer_keys(scores, wrong)
+        mask = (good["kind"] != "out_of_scope") & (good["strict_correct"] == 1) & (bad["strict_correct"] == 0)
+        chosen = _best(good[mask])
+        if chosen is None:
+            absent.append(case)
+        else:
+            picks.append({"caso": case, "corto": short, "id": chosen, "nota": ""})
+    if "tuned" in systems:
+        tuned = answer_keys(scores, "tuned")
+        chosen = _best(tuned[tuned["kind"] == "out_of_scope"])
+        if chosen is not None:
+            passed = tuned.loc[chosen, "strict_correct"] == 1
+            note = "" if passed else "ninguna respuesta del ajustado fuera de alcance declina y deriva"
+            picks.append({"caso": OUT_OF_SCOPE_CASE[0], "corto": OUT_OF_SCOPE_CASE[1], "id": chosen, "nota": note})
+    return pd.DataFrame(picks, columns=["caso", "corto", "id", "nota"]), absent
+
+
+def check_summary(row: pd.Series | dict) -> str:
+    """What the automatic checks say of one answer, in Spanish: "citas 50 %; números: no; inventa una cita"."""
+    parts = []
+    if not math.isnan(row["citation_accuracy"]):
+        parts.append(f"citas {fmt_pct(row['citation_accuracy'], 0)}")
+    if not math.isnan(row["number_match"]):
+        parts.append(f"números: {'sí' if row['number_match'] == 1 else 'no'}")
+    if not math.isnan(row["keyword_recall"]):
+        parts.append(f"palabras clave {fmt_pct(row['keyword_recall'], 0)}")
+    if row["invented_citation"] == 1:
+        parts.append("inventa una cita")
+    refused = row.get("refusal_oos", math.nan)
+    if not math.isnan(refused):
+        parts.append("declina y deriva" if refused == 1 else "no declina y deriva")
+    elif row.get("declines") == 1:
+        parts.append("declina")
+    verdict = row["strict_correct"]
+    if not math.isnan(verdict):
+        parts.append("correcta" if verdict == 1 else "no pasa las verificaciones")
+    return "; ".join(parts) or "sin verificaciones aplicables"
+
+
+def side_by_side(predictions: Sequence[dict], scores: pd.DataFrame, systems: Sequence[str]) -> pd.DataFrame:
+    """One row per test question: question, reference, each system's answer and its checks (the full CSV)."""
+    by_key = scores.set_index(["id", "model"])
     rows = []
     for p in predictions:
-        rows.append({
-            "id": p["id"], "tipo": p["kind"], "tema": p["topic"], "pregunta": p["question"],
-            "referencia": p["reference"], "base": p["answer_base"], "ajustado": p["answer_tuned"],
-            "recall_base": wide.loc[p["id"], ("keyword_recall", "base")],
-            "recall_ajustado": wide.loc[p["id"], ("keyword_recall", "tuned")],
-            "rougeL_base": wide.loc[p["id"], ("rouge_l", "base")],
-            "rougeL_ajustado": wide.loc[p["id"], ("rouge_l", "tuned")],
-            "fin_base": p["stopped_base"], "fin_ajustado": p["stopped_tuned"],
-            "palabras_clave": "; ".join(p["keywords"]),
-        })
+        row = {"id": p["id"], "tipo": p.get("kind"), "tema": p.get("topic"), "pregunta": p["question"],
+               "referencia": p["reference"], "palabras_clave": "; ".join(p.get("keywords") or [])}
+        for system in systems:
+            score = by_key.loc[(p["id"], system)]
+            row[system] = p[f"answer_{system}"]
+            row[f"verificacion_{system}"] = check_summary(score)
+            row[f"fin_{system}"] = "sí" if p[f"stopped_{system}"] else "no"
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def picks_table(picks: pd.DataFrame, predictions: Sequence[dict], scores: pd.DataFrame, systems: Sequence[str],
+                word_limit: int = 40) -> pd.DataFrame:
+    """The picks as a printable table: per pick, the question, the reference and every system's answer (cut to
+    ``word_limit`` words, degenerate repetitions collapsed) with what the checks say."""
+    by_id = {p["id"]: p for p in predictions}
+    by_key = scores.set_index(["id", "model"])
+    rows = []
+    for number, pick in enumerate(picks.itertuples(), 1):
+        p = by_id[pick.id]
+        case = f"{number}. {pick.corto} ({pick.id})"
+        rows.append({"Caso": case, "Texto": "Pregunta", "Contenido": printable_answer(p["question"], word_limit),
+                     "Verificación": ""})
+        rows.append({"Caso": "", "Texto": "Referencia", "Contenido": printable_answer(p["reference"], word_limit),
+                     "Verificación": ""})
+        for system in systems:
+            rows.append({"Caso": "", "Texto": SYSTEM_LABELS[system],
+                         "Contenido": printable_answer(p[f"answer_{system}"], word_limit) or "(vacía)",
+                         "Verificación": check_summary(by_key.loc[(pick.id, system)])})
+    return pd.DataFrame(rows, columns=["Caso", "Texto", "Contenido", "Verificación"])
+
+
+# --------------------------------------------------------------------------------------------
+# HTML (notebook)
+# --------------------------------------------------------------------------------------------
 
 
 def _keyword_marks(text: str, keywords: Sequence[str]) -> list[bool]:
@@ -62,79 +185,36 @@ def highlight_keywords(text: str, keywords: Sequence[str]) -> str:
     return "".join(out)
 
 
-def style_side_by_side(table: pd.DataFrame) -> Styler:
-    """Styler for the notebook: wrapped text, keywords highlighted, scores coloured 0 (red) – 1 (green)."""
-    shown = table.drop(columns=["tema", "palabras_clave"]).copy()
-    keywords = table["palabras_clave"].str.split("; ")
-    for column in ("referencia", "base", "ajustado"):
-        shown[column] = [highlight_keywords(t, k) for t, k in zip(table[column], keywords)]
-    shown["pregunta"] = table["pregunta"].map(html.escape)
-    for column in ("fin_base", "fin_ajustado"):
-        shown[column] = table[column].map({True: "sí", False: "no"})
-    scores = ["recall_base", "recall_ajustado", "rougeL_base", "rougeL_ajustado"]
-    headers = {"recall_base": "recall base", "recall_ajustado": "recall ajustado", "rougeL_base": "ROUGE-L base",
-               "rougeL_ajustado": "ROUGE-L ajustado", "fin_base": "fin base", "fin_ajustado": "fin ajustado"}
-    return (
-        shown.style.hide(axis="index")
-        .relabel_index([headers.get(c, c) for c in shown.columns], axis="columns")
-        .format("{:.2f}", subset=scores, na_rep="—")
-        .background_gradient(cmap="RdYlGn", vmin=0, vmax=1, subset=scores)
-        .set_properties(subset=["pregunta", "referencia", "base", "ajustado"],
-                        **{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top",
-                           "min-width": "14em", "max-width": "26em"})
-        .set_table_styles([{"selector": "th", "props": "text-align: left;"},
-                           {"selector": "mark", "props": "background-color: #ffe08a; padding: 0;"}])
-    )
+def subset_table(records: Sequence[dict], verbatim_ids: Sequence[str]) -> pd.DataFrame:
+    """Per test subset (kind): what it measures, its size, and how many of its reference answers are, word for
+    word, a training answer (there the loss and ROUGE measure recall of a taught answer)."""
+    meaning = {"fact": "hechos enseñados, preguntados con otra redacción",
+               "combined": "preguntas que combinan dos hechos enseñados",
+               "out_of_scope": "preguntas que la normativa no responde (debe declinar y derivar)"}
+    verbatim = set(verbatim_ids)
+    kinds = pd.Series([r.get("kind") for r in records]).value_counts()
+    order = [k for k in meaning if k in kinds.index] + [k for k in kinds.index if k not in meaning]
+    rows = []
+    for kind in order:
+        same = sum(1 for r in records if r.get("kind") == kind and str(r["id"]) in verbatim)
+        rows.append({"Subconjunto": KIND_LABELS.get(kind, kind), "Qué mide": meaning.get(kind, "—"),
+                     "Preguntas": fmt_num(int(kinds[kind])),
+                     "Respuesta idéntica a una de entrenamiento": f"{fmt_num(same)} de {fmt_num(int(kinds[kind]))}"})
+    return pd.DataFrame(rows)
 
 
-def write_latex_longtable(table: pd.DataFrame, path: Path, caption: str, label: str = "tab:05_respuestas") -> Path:
-    """Question, reference, base and tuned answers as an escaped LaTeX ``longtable`` (needs ``longtable``)."""
-    columns = {"pregunta": "Pregunta", "referencia": "Referencia", "base": "Modelo base",
-               "ajustado": "Modelo ajustado"}
-    data = table[list(columns)].rename(columns=columns)
-    # A blank line inside a p{} cell would end the paragraph: keep each answer on one line.
-    data = data.apply(lambda col: col.str.replace(r"\s+", " ", regex=True).str.strip())
-    latex = data.to_latex(
-        index=False, longtable=True, escape=True, caption=caption, label=label,
-        column_format=r"p{0.19\linewidth}p{0.25\linewidth}p{0.25\linewidth}p{0.25\linewidth}",
-    )
-    latex = latex.replace("Continued on next page", "Continúa en la página siguiente")
-    header = "% UTF-8 text. Needs \\usepackage{longtable} and \\usepackage{booktabs}.\n"
-    return atomic_write_text(path, header + latex)
-
-
-def _quality_table(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per record: kind, quality of each model's answer, their difference and the refusal gain."""
-    data = scores[scores["model"].isin(MODELS)].copy()
-    data["quality"] = pd.concat([data["keyword_recall"], data["rouge_l"], data["chrf"] / 100], axis=1).mean(axis=1)
-    wide = data.pivot(index="id", columns="model", values=["quality", "refusal_accuracy"]).sort_index()
-    kinds = data.drop_duplicates("id").set_index("id")["kind"].reindex(wide.index)
-    table = pd.DataFrame({
-        "kind": kinds,
-        "quality_base": wide[("quality", "base")], "quality_tuned": wide[("quality", "tuned")],
-        "refusal_gain": wide[("refusal_accuracy", "tuned")] - wide[("refusal_accuracy", "base")],
-    })
-    table["delta"] = table["quality_tuned"] - table["quality_base"]
-    return table
-
-
-def pick_examples(scores: pd.DataFrame) -> pd.DataFrame:
-    """The records the notebook shows in full, by a fixed rule.
-
-    Quality of an answer = mean of keyword recall, ROUGE-L and chrF/100 (NaN ignored); Δ = tuned − base.
-    *helped most* = answerable record with the largest Δ, *hurt most* = answerable record with the
-    smallest Δ, *out of scope* = out-of-scope record with the largest gain in refusal correctness, then
-    the largest Δ. Ties go to the first id in sorted order.
-    """
-    table = _quality_table(scores)
-    answerable = table[table["kind"] != "out_of_scope"]
-    oos = table[table["kind"] == "out_of_scope"]
-    picks = []
-    if len(answerable):
-        picks.append(("mejor mejora", answerable["delta"].idxmax()))
-        picks.append(("peor empeoramiento", answerable["delta"].idxmin()))
-    if len(oos):
-        best = oos.sort_values(["refusal_gain", "delta"], ascending=False, kind="stable").index[0]
-        picks.append(("fuera de alcance", best))
-    rows = [{"caso": role, "id": rid, **table.loc[rid].to_dict()} for role, rid in picks]
+def group_metrics_table(by_group: pd.DataFrame, by: str, systems: Sequence[str],
+                        metrics: Sequence[str]) -> pd.DataFrame:
+    """Long table: one row per (group, system), one column per metric, "value [low; high]" (es-AR)."""
+    data = by_group[by_group["group_by"] == by]
+    rows = []
+    for group in sorted(data["group"].unique(), key=lambda g: (list(KIND_LABELS).index(g) if g in KIND_LABELS
+                                                                else len(KIND_LABELS), str(g))):
+        for system in systems:
+            row = {"Grupo": label(str(group)), "Sistema": SYSTEM_LABELS[system]}
+            for metric in metrics:
+                cell = data[(data["group"] == group) & (data["model"] == system) & (data["metric"] == metric)]
+                row[METRICS[metric][0]] = ("—" if cell.empty else
+                                           format_interval(*cell[["value", "low", "high"]].iloc[0], 2))
+            rows.append(row)
     return pd.DataFrame(rows)

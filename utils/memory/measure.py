@@ -68,7 +68,7 @@ def measure_formats(model: str, formats: Sequence[str], tokenizer: str | None = 
         except MeasurementError as exc:  # a format this machine cannot load: keep the reason, go on
             result = {"ok": False, "format": fmt, "error": str(exc).splitlines()[-1][:300]}
         if verbose:
-            print(f"{fmt:>7}: {'ok' if result['ok'] else result['error']} ({time.perf_counter() - start:.0f} s)")
+            print(f"{fmt:>7}: {'listo' if result['ok'] else result['error']} ({time.perf_counter() - start:.0f} s)")
         results.append(result)
     return results
 
@@ -97,7 +97,7 @@ def measure_training_steps(model: str, variants: Sequence[str], fmt: str = "nf4_
         start = time.perf_counter()
         result = run_child(task, timeout)
         if verbose:
-            print(f"{variant:>14}: {'ok' if result['ok'] else result['error']} ({time.perf_counter() - start:.0f} s)")
+            print(f"{variant:>14}: {'listo' if result['ok'] else result['error']} ({time.perf_counter() - start:.0f} s)")
         results.append(result)
     return results
 

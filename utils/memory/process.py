@@ -53,7 +53,10 @@ def peak_rss_bytes() -> int:
     status = _proc_status()
     if "VmHWM" in status:
         return status["VmHWM"]
-    import resource  # Unix only (absent on Windows): the fallback off Linux
+    info = psutil.Process().memory_info()
+    if hasattr(info, "peak_wset"):  # Windows: the peak working set
+        return int(info.peak_wset)
+    import resource  # Unix only (absent on Windows, handled above): macOS and the BSDs
 
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

@@ -17,24 +17,12 @@ from utils.memory.analytic import (
 )
 from utils.memory.tensors import measured_parameter_counts
 from utils.paths import resolve_path
+from utils.plotting.labels import FORMATS as FORMATS_ES
+from utils.plotting.labels import label
 from utils.units import GIB, MIB
 
-FORMAT_LABELS = {
-    "fp32": "fp32",
-    "fp16": "fp16",
-    "bf16": "bf16",
-    "int8": "int8 (LLM.int8)",
-    "fp4": "FP4",
-    "nf4": "NF4",
-    "nf4_dq": "NF4 + doble cuant.",
-}
-KIND_LABELS = {
-    "embedding": "embeddings",
-    "attention": "atención (q, k, v, o)",
-    "mlp": "MLP (gate, up, down)",
-    "norms": "normas RMS",
-    "lm_head": "lm_head (sin atar)",
-}
+FORMAT_LABELS = FORMATS_ES  # the one label map (utils.plotting.labels)
+KIND_LABELS = {kind: label(f"tensor:{kind}") for kind in TENSOR_KINDS}
 BREAKDOWN_LABELS = {
     "weights": "pesos",
     "lora_params": "parámetros LoRA (fp32)",
@@ -216,11 +204,16 @@ def load_gpu_report(path: str | Path) -> dict:
     return report
 
 
+def _spanish_model_label(text: str) -> str:
+    """A GPU report's model label ("llama-3.2-3b-twin (random weights)") in Spanish."""
+    return label("tiny_twin") if "tiny" in text else label("twin") if "twin" in text else text
+
+
 def report_metadata(report: dict) -> pd.DataFrame:
     """DataFrame (one column) with what a GPU report says about itself: model, GPU, versions, date."""
     versions = report.get("versions", {})
     rows = {
-        "modelo": report.get("label"),
+        "modelo": _spanish_model_label(report.get("label") or ""),
         "GPU": report.get("device"),
         "capacidad de cómputo": report.get("compute_capability"),
         "memoria de la GPU (GiB)": report.get("gpu_memory_gib"),

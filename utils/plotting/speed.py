@@ -1,7 +1,9 @@
 """Notebook 04's speed figures, drawn from the benchmark's saved reports (``results/04_*.json``).
 
-``plot_benchmark``: tokens/s against peak reserved memory, one point per configuration (``04_speed_benchmark``);
-``plot_correctness``: the per-step loss of both paths and their differences (``04_fast_path_loss_match``).
+``plot_benchmark``: tokens/s and peak reserved memory side by side, one bar per configuration
+(``04_speed_benchmark``); ``plot_correctness``: the per-step loss of both paths and their differences
+(``04_fast_path_loss_match``). ``benchmark_caption`` and ``correctness_caption`` say what each shows, with the
+device and the date of the measurement, for ``save_figure``.
 """
 
 from __future__ import annotations
@@ -10,103 +12,146 @@ import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 
-from utils.plotting import save_figure, set_style
+from utils.numbers import fmt_num, tick_formatter
+from utils.plotting import COLORS, PALETTE, draw_budget, figure_context, label, legend_outside, new_figure
+from utils.plotting import save_figure, set_figure_context
+from utils.plotting.labels import LABELS, compose_speed_label
 from utils.speed.benchmark.configs import CONFIGS_BY_NAME
 from utils.speed.results import load_report, merged_rows
-from utils.units import BUDGET_GIB, CARD_GIB
+from utils.units import CARD_GIB
 
 FIGURE = "04_speed_benchmark"
 CORRECTNESS_FIGURE = "04_fast_path_loss_match"
+GROUP_COLORS = {"original": COLORS["original"], "recipe": PALETTE[1], "throughput": PALETTE[5],
+                "ablation": PALETTE[0], "corpus": PALETTE[3], "peer": PALETTE[7]}
+PATH_STYLE = {"original": (COLORS["original"], "-"), "fast": (COLORS["tuned"], "--")}
+PATH_NAMES = {"original": "camino original", "fast": "camino rápido"}
 
-GROUP_STYLE = {
-    "original": ("#d62728", "o", "Configuración original"),
-    "recipe": ("#ff7f0e", "s", "Receta original (2 secuencias/paso), acelerada"),
-    "throughput": ("#2ca02c", "D", "Camino rápido, micro-lote grande"),
-    "ablation": ("#7f7f7f", "v", "Ablaciones"),
-    "corpus": ("#1f77b4", "^", "Ejemplos reales del corpus"),
-    "peer": ("#9467bd", "P", "Unsloth (referencia)"),
-}
+
+def config_label(name: str) -> str:
+    """A benchmark configuration's id in words (the label map, else composed from the id's pieces)."""
+    if name in LABELS:
+        return label(name)
+    try:
+        return compose_speed_label(name)
+    except KeyError:  # an id of an older benchmark the composer does not know
+        return label(name)
+
+
+def _dark(color: str) -> bool:
+    """Whether white text reads better than black on ``color`` (its relative luminance under 0,4)."""
+    r, g, b = (int(color[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.4
+
+
+def _group(row: dict) -> str:
+    known = CONFIGS_BY_NAME.get(row["name"])  # today's grouping of a known row
+    return known.group if known else row.get("group") or "ablation"
 
 
 def plot_benchmark(report: dict) -> plt.Figure:
-    """Tokens/s against peak reserved memory, one numbered point per configuration, the 8 GiB line drawn."""
-    rows = [r for r in merged_rows(report["rows"]) if r.get("peak_reserved_gib") is not None]
-    fig, (ax, key) = plt.subplots(1, 2, figsize=(11.5, 5.4), gridspec_kw={"width_ratios": [2.1, 1]})
-    seen, lines = set(), []
-    for n, row in enumerate(rows, 1):
-        known = CONFIGS_BY_NAME.get(row["name"])  # today's grouping of a known row
-        group = known.group if known else row.get("group") or "ablation"
-        color, marker, label = GROUP_STYLE.get(group, GROUP_STYLE["ablation"])
-        filled = row["dtype"] == "bf16"
-        ax.scatter(row["peak_reserved_gib"], row["tokens_per_second"], s=48, marker=marker,
-                   facecolors=color if filled else "white", edgecolors=color, linewidths=1.4,
-                   label=label if label not in seen else None, zorder=3)
-        seen.add(label)
-        ax.annotate(str(n), (row["peak_reserved_gib"], row["tokens_per_second"]), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points", color="#222222")
-        lines.append(f"{n:>2}  {row['name']}  {row['tokens_per_second']:,.0f} tok/s")
-    ax.axvline(CARD_GIB, color="#d62728", linestyle="--", linewidth=1.2, label="RTX 2070 SUPER (8 GiB)")
-    ax.axvline(BUDGET_GIB, color="#d62728", linestyle=":", linewidth=1.0, label="Presupuesto útil (7,5 GiB)")
-    original = next((r for r in rows if r["name"] == "original_fp16"), None)
-    if original:
-        goal = 28 * original["tokens_per_second"]
-        ax.axhline(goal, color="#555555", linestyle="-.", linewidth=0.9, label="Objetivo: 28 × original (fp16)")
-    ax.set_yscale("log")
-    ax.set_xlabel("Memoria reservada máxima (GiB)")
-    ax.set_ylabel("Tokens reales por segundo (escala log.)")
-    ax.set_title(f"Velocidad de entrenamiento QLoRA, gemelo de Llama-3.2-3B\n{report.get('device', '')}, "
-                 f"{report.get('date', '')[:10]} (relleno: bf16; vacío: fp16)"
-                 + (f"; asignador limitado a {report['memory_cap_gib']:g} GiB".replace(".", ",")
-                    if report.get("memory_cap_gib") else ""),
-                 fontsize=10)
-    ax.legend(fontsize=7.5, loc="lower right")
-    key.axis("off")
-    key.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=7.2,
-             transform=key.transAxes)
-    fig.tight_layout()
+    """Tokens/s (left) and peak reserved memory (right) per configuration, the 8 GiB card and the cap drawn."""
+    rows = [r for r in merged_rows(report["rows"]) if r.get("tokens_per_second")]  # a CPU test run has no peaks
+    fig, (speed, memory) = new_figure(ncols=2, sharey=True, gridspec_kw={"width_ratios": [1.5, 1]})
+    fig.set_figheight((0.62 * len(rows) + 3.2) / 2.54)  # about 0,6 cm a bar, 3,2 cm for axes and legend
+    y = np.arange(len(rows))
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        group = _group(row)
+        text = label(f"group:{group}")
+        kwargs = dict(height=0.62, color=GROUP_COLORS.get(group, PALETTE[0]), label=None if text in seen else text)
+        seen.add(text)
+        speed.barh(i, row["tokens_per_second"], **kwargs)
+        speed.annotate(fmt_num(row["tokens_per_second"]), (row["tokens_per_second"], i), xytext=(3, 0),
+                       textcoords="offset points", va="center", fontsize=8)
+        if row.get("peak_reserved_gib") is None:
+            continue
+        memory.barh(i, row["peak_reserved_gib"], **{**kwargs, "label": None})
+        # inside the bar's end: the card's lines sit just past the largest bars
+        memory.annotate(fmt_num(row["peak_reserved_gib"], 2), (row["peak_reserved_gib"], i), xytext=(-3, 0),
+                        textcoords="offset points", va="center", ha="right", fontsize=8,
+                        color="white" if _dark(kwargs["color"]) else "black")
+    speed.set_yticks(y, [config_label(r["name"]).replace(", ", ",\n", 1) for r in rows])
+    speed.invert_yaxis()
+    speed.set_xlabel("tokens reales por segundo")
+    speed.set_xlim(0, max([r["tokens_per_second"] for r in rows], default=1) * 1.22)
+    memory.set_xlabel("pico reservado (GiB)")
+    draw_budget(memory, CARD_GIB, axis="x")
+    if report.get("memory_cap_gib"):
+        memory.axvline(report["memory_cap_gib"], color=COLORS["budget"], linestyle=":", linewidth=1.0,
+                       label=f"límite impuesto al asignador ({fmt_num(report['memory_cap_gib'], 1)} GiB)")
+    memory.set_xlim(0, max([CARD_GIB] + [r.get("peak_reserved_gib") or 0 for r in rows]) * 1.2)
+    for ax in (speed, memory):
+        ax.grid(axis="y", visible=False)
+        ax.xaxis.set_major_formatter(tick_formatter())
+    legend_outside(fig, ncol=2)
     return fig
+
+
+def benchmark_caption(report: dict) -> str:
+    """The Spanish caption of ``plot_benchmark``: what is measured, on which device and when."""
+    cap = report.get("memory_cap_gib")
+    return ("Velocidad y memoria de un paso de entrenamiento QLoRA del gemelo de Llama-3.2-3B (pesos aleatorios, "
+            "arquitectura exacta), secuencias de 512 tokens, medido en una "
+            f"{report.get('device', 'GPU')} el {report.get('date', '')[:10]}"
+            + (f" con el asignador de PyTorch limitado a {fmt_num(cap, 1)} GiB, como en una tarjeta de 8 GB" if cap
+               else "")
+            + ". Cada barra es la mediana de los pasos medidos de una configuración.")
 
 
 def plot_correctness(report: dict) -> plt.Figure:
     """Per-step loss of the original and the fast path on the embedded model; their differences below."""
     runs = {r["name"]: r["losses"] for r in report["runs"] if r.get("ok")}
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.0), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    styles = {"original": ("#d62728", "-"), "fast": ("#2ca02c", "--")}
-    names = {"original": "Camino original", "fast": "Camino rápido"}
+    fig, (top, bottom) = new_figure(nrows=2, aspect=0.38, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    seeds = sorted({n.split("_seed")[1] for n in runs})
     for name, losses in runs.items():
         path, seed = name.split("_seed")
-        color, line = styles[path]
-        top.plot(range(1, len(losses) + 1), losses, color=color, linestyle=line, alpha=1.0 if seed == "0" else 0.45,
-                 linewidth=1.3, label=f"{names[path]}, semilla {seed}")
-    top.set_ylabel("Pérdida por paso")
-    top.set_title(f"Camino rápido vs. original: misma pérdida ({report.get('model')}, {report.get('dtype')}, "
-                  f"{report.get('device', '')})", fontsize=10)
-    top.legend(fontsize=8)
-    seeds = sorted({n.split("_seed")[1] for n in runs})
+        color, line = PATH_STYLE[path]
+        top.plot(range(1, len(losses) + 1), losses, color=color, linestyle=line,
+                 alpha=1.0 if seed == seeds[0] else 0.5, label=f"{PATH_NAMES[path]}, semilla {seed}")
+    top.set_ylabel("pérdida por paso")
     for seed in seeds:
         a, b = runs.get(f"original_seed{seed}"), runs.get(f"fast_seed{seed}")
         if a and b:
-            bottom.plot(range(1, len(a) + 1), [y - x for x, y in zip(a, b)], color="#2ca02c",
+            bottom.plot(range(1, len(a) + 1), [y - x for x, y in zip(a, b)], color=COLORS["tuned"],
                         alpha=1.0 if seed == seeds[0] else 0.5, label=f"rápido − original, semilla {seed}")
     if len(seeds) >= 2 and all(f"original_seed{s}" in runs for s in seeds[:2]):
         a, b = runs[f"original_seed{seeds[0]}"], runs[f"original_seed{seeds[1]}"]
-        bottom.plot(range(1, len(a) + 1), [y - x for x, y in zip(a, b)], color="#7f7f7f", linestyle=":",
-                    label=f"original semilla {seeds[1]} − semilla {seeds[0]} (ruido)")
+        bottom.plot(range(1, len(a) + 1), [y - x for x, y in zip(a, b)], color=PALETTE[0], linestyle=":",
+                    label=f"original, semilla {seeds[1]} − semilla {seeds[0]} (ruido)")
     bottom.axhline(0, color="black", linewidth=0.6)
-    bottom.set_xlabel("Paso de optimización")
-    bottom.set_ylabel("Diferencia de pérdida")
-    bottom.legend(fontsize=7.5)
-    fig.tight_layout()
+    bottom.set_xlabel("paso de optimización")
+    bottom.set_ylabel("diferencia")
+    for ax in (top, bottom):
+        ax.yaxis.set_major_formatter(tick_formatter())
+        ax.xaxis.set_major_formatter(tick_formatter())
+    legend_outside(fig, ncol=2)
     return fig
+
+
+def correctness_caption(report: dict) -> str:
+    """The Spanish caption of ``plot_correctness``."""
+    model = label(report.get("model", "embedded"))
+    return (f"Pérdida por paso del camino original y del camino rápido con los mismos ejemplos, en el mismo orden "
+            f"({model}, {report.get('dtype', '')}, {report.get('device', '')}, {report.get('date', '')[:10]}); "
+            "abajo, la diferencia entre ambos caminos frente a la que hay entre dos semillas del original.")
 
 
 def draw_figures(path: Path) -> list[Path]:
     """Redraw the figure of a benchmark or correctness JSON with ``save_figure`` (a tiny test run: next to it)."""
-    set_style()
     report = load_report(path)
     if "tiny" in report.get("label", "") or report.get("model") not in (None, "embedded"):
         os.environ["QLORA_FIGURES_DIR"] = str(path.parent)
+    model = report.get("model") or "twin"
+    try:
+        figure_context()
+    except RuntimeError:  # the command line, outside a notebook: the report says what produced it
+        set_figure_context(model, os.environ.get("QLORA_PROFILE", "thesis"), report.get("date", "")[:10] or None)
+    source = str(Path(path).resolve())  # save_figure names it from the repository's root
     if "runs" in report:
-        return [save_figure(plot_correctness(report), CORRECTNESS_FIGURE, show=False)]
-    return [save_figure(plot_benchmark(report), FIGURE, show=False)]
+        return [save_figure(plot_correctness(report), CORRECTNESS_FIGURE, caption=correctness_caption(report),
+                            source=source, show=False, model=model)]
+    return [save_figure(plot_benchmark(report), FIGURE, caption=benchmark_caption(report), source=source,
+                        show=False, model=model)]

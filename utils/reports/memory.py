@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from utils.memory import FORMAT_LABELS
-from utils.units import CARD_GIB, CUDA_CONTEXT_GIB
+from utils.memory import FORMAT_LABELS, KIND_LABELS
+from utils.numbers import fmt_num, fmt_ratio, fmt_unit
+from utils.plotting.memory import training_label
+from utils.units import CARD_GIB, CUDA_CONTEXT_GIB, GB, GIB
 
 
 def _row(table: pd.DataFrame, column: str, value):
@@ -16,28 +18,28 @@ def _row(table: pd.DataFrame, column: str, value):
 
 def _analytic_lines(analytic: pd.DataFrame, live_label: str) -> list[str]:
     """The architecture's sizes when nothing was measured (section 2's table)."""
-    sizes = ", ".join(f"{FORMAT_LABELS.get(r['formato'], r['formato'])} {r['total_gib']:.3f} GiB"
+    sizes = ", ".join(f"{FORMAT_LABELS.get(r['formato'], r['formato'])} {fmt_unit(r['total_gib'], 'GiB', 3)}"
                       for _, r in analytic.iterrows())
     lines = [f"- **{live_label}**, tamaño analítico de los pesos (calculado aquí, sin cargarlos): {sizes}."]
     hi, lo = _row(analytic, "formato", "fp32"), _row(analytic, "formato", "nf4_dq")
     if hi is not None and lo is not None:
         ratio = hi["total_gib"] / lo["total_gib"]
-        lines.append(f"- fp32 → NF4 + doble cuantización reduce los pesos {ratio:.1f}× "
+        lines.append(f"- fp32 → NF4 + doble cuantización reduce los pesos {fmt_ratio(ratio, 1)} "
                      f"(analítico), no 8×: embeddings y normas no se cuantizan y cada bloque de 64 pesos suma "
-                     f"sus constantes ({lo['bits_por_parametro']:.2f} bits por parámetro en NF4 + DQ).")
+                     f"sus constantes ({fmt_num(lo['bits_por_parametro'], 2)} bits por parámetro en NF4 + DQ).")
     return lines
 
 
 def _measured_weight_lines(ok: pd.DataFrame, live_label: str) -> list[str]:
     """The weights measured here against their analytic sizes."""
     gap = ok["brecha_mib"].abs().max()
-    lines = [f"- **{live_label}**: pesos medidos entre {ok['medido_gib'].min():.3f} y "
-             f"{ok['medido_gib'].max():.3f} GiB según el formato; la mayor diferencia con el tamaño "
-             f"analítico es {gap:.1f} MiB ({ok.iloc[0]['medida']})."]
+    lines = [f"- **{live_label}**: pesos medidos entre {fmt_num(ok['medido_gib'].min(), 3)} y "
+             f"{fmt_unit(ok['medido_gib'].max(), 'GiB', 3)} según el formato; la mayor diferencia con el tamaño "
+             f"analítico es {fmt_unit(gap, 'MiB', 1)} ({ok.iloc[0]['medida']})."]
     hi, lo = _row(ok, "formato", "fp32"), _row(ok, "formato", "nf4_dq")
     if hi is not None and lo is not None:
         ratio = hi["analitico_gib"] / lo["analitico_gib"]
-        lines.append(f"- fp32 → NF4 + doble cuantización reduce los pesos {ratio:.1f}× (analítico) en este "
+        lines.append(f"- fp32 → NF4 + doble cuantización reduce los pesos {fmt_ratio(ratio, 1)} (analítico) en este "
                      f"modelo, no 8×: embeddings y normas no se cuantizan y cada bloque de 64 pesos suma sus "
                      f"constantes.")
     return lines
@@ -48,34 +50,39 @@ def _error_lines(errors: pd.DataFrame) -> list[str]:
     mean = errors.groupby("formato")["error_relativo"].mean()
     if not {"nf4", "fp4"} <= set(mean.index):
         return []
-    return [f"- Error relativo medio de reconstrucción de las matrices lineales: NF4 {mean['nf4']:.4f}, "
-            f"FP4 {mean['fp4']:.4f} ({mean['fp4'] / mean['nf4']:.2f}× el de NF4)"
-            + (f", NF4 + DQ {mean['nf4_dq']:.4f}." if "nf4_dq" in mean else ".")]
+    return [f"- Error relativo medio de reconstrucción de las matrices lineales: NF4 {fmt_num(mean['nf4'], 4)}, "
+            f"FP4 {fmt_num(mean['fp4'], 4)} ({fmt_ratio(mean['fp4'] / mean['nf4'])} el de NF4)"
+            + (f", NF4 + DQ {fmt_num(mean['nf4_dq'], 4)}." if "nf4_dq" in mean else ".")]
 
 
 def _quality_lines(quality: pd.DataFrame) -> list[str]:
     """Completion loss per format and what double quantisation and FP4 change."""
     parts = ", ".join(
-        f"{FORMAT_LABELS.get(r['formato'], r['formato'])} {r['pérdida']:.4f} (ppl {r['perplejidad']:.2f})"
+        f"{FORMAT_LABELS.get(r['formato'], r['formato'])} {fmt_num(r['pérdida'], 4)} (perplejidad {fmt_num(r['perplejidad'], 2)})"
         for _, r in quality.iterrows()
     )
-    lines = [f"- Pérdida de las respuestas del split de prueba ({int(quality['ejemplos'].iloc[0])} ejemplos, "
-             f"{int(quality['tokens'].iloc[0])} tokens): {parts}."]
+    lines = [f"- Pérdida de las respuestas del split de validación ({fmt_num(quality['ejemplos'].iloc[0])} ejemplos, "
+             f"{fmt_num(quality['tokens'].iloc[0])} tokens): {parts}."]
     loss = quality.set_index("formato")["pérdida"]
     if {"nf4", "nf4_dq"} <= set(loss.index):
-        lines.append(f"  - La doble cuantización cambia la pérdida en {loss['nf4_dq'] - loss['nf4']:+.4f} nats "
-                     f"respecto de NF4; NF4 frente a FP4: {loss['nf4'] - loss.get('fp4', float('nan')):+.4f}.")
+        lines.append(f"  - La doble cuantización cambia la pérdida en {fmt_num(loss['nf4_dq'] - loss['nf4'], 4, signed=True)} nats "
+                     f"respecto de NF4; NF4 frente a FP4: {fmt_num(loss['nf4'] - loss.get('fp4', float('nan')), 4, signed=True)}.")
     return lines
 
 
 def _twin_weight_lines(twin_weights: pd.DataFrame) -> list[str]:
-    """The twin's bf16 and NF4 + DQ weights measured on the GPU."""
+    """The twin's bf16 and NF4 + DQ weights measured on the GPU, and the seed's "~6 GB" whole model."""
     bf16, dq = _row(twin_weights, "formato", "bf16"), _row(twin_weights, "formato", "nf4_dq")
     if bf16 is None or dq is None:
         return []
-    return [f"- Llama-3.2-3B (gemelo, H100): pesos bf16 {bf16['medido_gib']:.3f} GiB, NF4 + DQ "
-            f"{dq['medido_gib']:.3f} GiB ({bf16['medido_gib'] / dq['medido_gib']:.2f}× menos); "
-            f"la mayor brecha analítico–medido es {twin_weights['brecha_mib'].abs().max():.2f} MiB."]
+    gb = bf16["medido_gib"] * GIB / GB
+    return [f"- Llama-3.2-3B (gemelo, medido en GPU): pesos bf16 {fmt_unit(bf16['medido_gib'], 'GiB', 3)}, NF4 + DQ "
+            f"{fmt_unit(dq['medido_gib'], 'GiB', 3)} ({fmt_ratio(bf16['medido_gib'] / dq['medido_gib'])} menos); "
+            f"la mayor brecha analítico–medido es {fmt_unit(twin_weights['brecha_mib'].abs().max(), 'MiB', 2)}.",
+            f"  - El «modelo completo (~6 GB)» del análisis original son estos pesos de 16 bits: "
+            f"{fmt_num(bf16['parametros'])} parámetros × 2 bytes = {fmt_unit(gb, 'GB', 2)} = "
+            f"{fmt_unit(bf16['medido_gib'], 'GiB', 2)}; la cifra vale leída en GiB (en GB decimales es "
+            f"{fmt_num(gb, 1)})."]
 
 
 def _twin_train_lines(twin_train: pd.DataFrame, card_gib: float) -> list[str]:
@@ -86,15 +93,24 @@ def _twin_train_lines(twin_train: pd.DataFrame, card_gib: float) -> list[str]:
         return "cabe" if reserved <= usable else "no cabe"
 
     thesis = twin_train.iloc[0]
-    lines = [f"- La configuración original ({thesis['configuración']}) en el gemelo: pico "
-             f"{thesis['pico_gib']:.3f} GiB asignados y {thesis['pico_reservado_gib']:.3f} GiB reservados: "
-             f"{fits(thesis['pico_reservado_gib'])} en {card_gib:g} GiB con ~{CUDA_CONTEXT_GIB:g} GiB de "
-             f"contexto CUDA (margen {usable - thesis['pico_reservado_gib']:.2f} GiB)."]
+    lines = [f"- La configuración original ({training_label(thesis)}) en el gemelo: pico "
+             f"{fmt_unit(thesis['pico_gib'], 'GiB', 3)} asignados y {fmt_unit(thesis['pico_reservado_gib'], 'GiB', 3)} "
+             f"reservados: {fits(thesis['pico_reservado_gib'])} en {fmt_unit(card_gib, 'GiB')} con "
+             f"~{fmt_unit(CUDA_CONTEXT_GIB, 'GiB', 1)} de contexto CUDA (margen "
+             f"{fmt_unit(usable - thesis['pico_reservado_gib'], 'GiB', 2)})."]
     for _, r in twin_train.iloc[1:].iterrows():
         if r.get("pico_reservado_gib") is not None and r["pico_reservado_gib"] == r["pico_reservado_gib"]:
-            lines.append(f"  - {r['configuración']}: {r['pico_reservado_gib']:.3f} GiB reservados "
+            lines.append(f"  - {training_label(r)}: {fmt_unit(r['pico_reservado_gib'], 'GiB', 3)} reservados "
                          f"({fits(r['pico_reservado_gib'])}).")
     return lines
+
+
+def error_summary(errors: pd.DataFrame) -> pd.DataFrame:
+    """Mean and largest relative error per kind of matrix (rows) and format (columns), Spanish names."""
+    table = errors.assign(tipo=errors["tipo"].map(lambda k: KIND_LABELS.get(k, k)),
+                          formato=errors["formato"].map(lambda f: FORMAT_LABELS.get(f, f)))
+    summary = table.pivot_table(index="tipo", columns="formato", values="error_relativo", aggfunc=["mean", "max"])
+    return summary.rename(columns={"mean": "media", "max": "máximo"}, level=0)
 
 
 def describe_findings(weights, quality, errors, train, twin_weights, twin_train, live_label: str,
@@ -118,7 +134,7 @@ def describe_findings(weights, quality, errors, train, twin_weights, twin_train,
         lines += _quality_lines(quality)
     if train is not None and len(train) and "pico_gib" in train:
         peaks = train.dropna(subset=["pico_gib"])
-        parts = ", ".join(f"{r['variante']} {r['pico_gib']:.3f} GiB" for _, r in peaks.iterrows())
+        parts = "; ".join(f"{training_label(r)}: {fmt_unit(r['pico_gib'], 'GiB', 3)}" for _, r in peaks.iterrows())
         lines.append(f"- Pico de un paso de entrenamiento ({train.iloc[0]['lote×acum×secuencia']}, "
                      f"{live_label}): {parts}.")
     if twin_weights is not None and len(twin_weights):

@@ -1,8 +1,10 @@
-"""Trainer callbacks: the log history as CSV after every log, steady-state throughput, the live plot."""
+"""Trainer callbacks: the log history as CSV after every log, the progress file after every step, steady-state
+throughput, and the live plot."""
 
 from __future__ import annotations
 
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from matplotlib.figure import Figure
 from transformers import TrainerCallback
 
 from utils.files import atomic_write_text
-from utils.plotting.training import draw_training
+from utils.plotting.training import LIVE_SIZE_IN, draw_training, live_title
 
 
 def history_frame(log_history: list[dict]) -> pd.DataFrame:
@@ -35,6 +37,30 @@ class HistoryCsvCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero:
             write_history(state.log_history, self.path)
+
+
+def write_progress(path: str | Path, step: int, max_steps: int) -> Path:
+    """Write ``{"step": step, "max_steps": max_steps}`` atomically (a reader never sees half a file)."""
+    return atomic_write_text(path, json.dumps({"step": int(step), "max_steps": int(max_steps)}) + "\n")
+
+
+class ProgressFileCallback(TrainerCallback):
+    """Rewrite ``04_progress.json`` after every optimiser step: the runner's progress bar reads it.
+
+    At the start it holds the step training starts from (0, or the checkpoint's step when resuming); an early
+    stop leaves the step it stopped at.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_progress(self.path, state.global_step, state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_progress(self.path, state.global_step, state.max_steps)
 
 
 class ThroughputCallback(TrainerCallback):
@@ -69,10 +95,11 @@ def in_notebook() -> bool:
 
 
 class LivePlotCallback(TrainerCallback):
-    """Redraw loss and learning rate in place in the notebook output as they are logged.
+    """Redraw loss (training and validation) and learning rate in place in the notebook as they are logged.
 
     One display handle is created at the start and updated after each log (at most every
-    ``min_interval_s`` seconds, and always at the end), so the last state stays in the saved notebook.
+    ``min_interval_s`` seconds, and always at the end), so the last state stays in the saved notebook. Its title
+    is the progress: step, elapsed and estimated remaining time (the trainer's own text bar is off in a notebook).
     Outside a Jupyter kernel it does nothing (the command line has the progress bar and the CSV).
     """
 
@@ -81,16 +108,22 @@ class LivePlotCallback(TrainerCallback):
         self.min_interval_s = min_interval_s
         self.handle = None
         self._last = 0.0
+        self._start: tuple[float, int] | None = None
         self.enabled = in_notebook()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = (time.perf_counter(), state.global_step)
 
     def _render(self, state) -> Any:
         from IPython.display import Image  # optional: only reached inside a Jupyter kernel
 
-        fig = Figure(figsize=(10, 3.6))
+        fig = Figure(figsize=LIVE_SIZE_IN, layout="constrained")
         draw_training(fig, history_frame(state.log_history), self.max_steps)
-        fig.suptitle(f"Paso {state.global_step} de {self.max_steps or state.max_steps}", fontsize=10, y=1.02)
+        start, first_step = self._start or (time.perf_counter(), state.global_step)
+        fig.suptitle(live_title(state.global_step, self.max_steps or state.max_steps,
+                                time.perf_counter() - start, state.global_step - first_step))
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        fig.savefig(buf, format="png", dpi=110)
         return Image(data=buf.getvalue(), format="png")
 
     def _update(self, state, force: bool = False) -> None:

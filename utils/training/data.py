@@ -1,9 +1,13 @@
 """The training data: the tokenizer as the plan wants it, both datasets in the loss's form, one BOS per example.
 
-Before any dataset is built, ``load_training_data`` refuses what would train silently on the wrong thing: a
-train/test leak (or one file for both), chat-template special tokens inside a turn, and examples that
-``max_seq_length`` would drop entirely; it applies the dataset's system prompt to records without one and
-reports, by id, the examples whose answer ``max_seq_length`` cuts.
+Training reads the training file and the validation file (``validation_file``): every evaluation during training,
+early stopping and the stop-rate check use validation. The test split (``utils.paths.TEST_FILE``) is read by
+notebook 05 only; here only its questions are compared with validation's, so that validation can never stand in
+for test. Before any dataset is built, ``load_training_data`` refuses what would train or select silently on the
+wrong thing: a train/validation leak (or one file for both), validation and test as one file or sharing questions,
+chat-template special tokens inside a turn, and examples that ``max_seq_length`` would drop entirely; it applies
+the dataset's system prompt to records without one and reports, by id, the examples whose answer
+``max_seq_length`` cuts.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from utils.data import (
     tokenizer_special_tokens,
 )
 from utils.modeling import load_tokenizer, use_original_padding
-from utils.paths import resolve_path
+from utils.paths import TEST_FILE, resolve_path
 from utils.training.settings import TrainingConfigError, TrainingPlan, TrainingSettings
 
 DROP_FIXES = ("raise max_seq_length, shorten the system prompt, or remove these examples from the file "
@@ -36,17 +40,17 @@ DROP_FIXES = ("raise max_seq_length, shorten the system prompt, or remove these 
 
 @dataclass
 class TrainingData:
-    """The training and evaluation datasets, in the form the loss needs, and the records behind them.
+    """The training and validation datasets, in the form the loss needs, and the records behind them.
 
     ``truncated_ids`` / ``dropped_ids``: training examples whose answer ``max_seq_length`` cuts (no end-of-turn
-    left) or that it drops (the prompt alone fills it: nothing left to train); ``eval_*`` the same for the test
-    examples. ``notes``: one line per thing the caller must print (truncation, dropping, added system prompts).
+    left) or that it drops (the prompt alone fills it: nothing left to train); ``eval_*`` the same for the
+    validation examples. ``notes``: one line per thing the caller must print (truncation, dropping, system prompts).
     """
 
     train: Any
     eval: Any
     train_records: list[dict]
-    test_records: list[dict]
+    validation_records: list[dict]
     truncated_ids: list[str] = field(default_factory=list)
     dropped_ids: list[str] = field(default_factory=list)
     eval_truncated_ids: list[str] = field(default_factory=list)
@@ -96,23 +100,46 @@ def strip_template_bos(dataset, tokenizer):
     return dataset.map(lambda ex: {"text": ex["text"][len(bos):] if ex["text"].startswith(bos) else ex["text"]})
 
 
-def check_split_files(settings: TrainingSettings, train: list[dict], test: list[dict]) -> list[str]:
-    """Refuse ``train_file == test_file`` and a train/test question overlap unless ``allow_split_overlap``."""
+def _overlap_problem(a_name: str, a_path, a: list[dict], b_name: str, b_path, b: list[dict]) -> str | None:
+    """What is wrong when two splits are one file or share questions (None when they are apart)."""
+    if same_file(a_path, b_path):
+        return (f"{a_name} and {b_name} are the same file ({a_path}): the {b_name.split('_')[0]} answers are "
+                f"the {a_name.split('_')[0]} answers, and the loss on them measures memorisation")
+    leaked = leaked_ids(a, b)
+    if not leaked:
+        return None
+    return (f"{len(leaked)} questions of {b_path} ({b_name}) are also asked in {a_path} ({a_name}; same normalised "
+            f"question), leaked ids: {_shown(leaked)}")
+
+
+def check_split_files(settings: TrainingSettings, train: list[dict], validation: list[dict],
+                      test_file: str | None = None) -> list[str]:
+    """Refuse what would make validation measure memorisation, or stand in for test.
+
+    ``train_file`` = ``validation_file``, or a question both ask: refused unless ``allow_split_overlap``.
+    ``validation_file`` = the test split notebook 05 reads (``utils.paths.TEST_FILE`` unless ``test_file``):
+    always refused. Validation and test sharing a question: refused unless ``allow_split_overlap``.
+    """
     allowed = bool(getattr(settings, "allow_split_overlap", False))  # a TrainingSettings field (LIFECYCLE)
-    train_path, test_path = resolve_path(settings.train_file), resolve_path(settings.test_file)
-    if same_file(train_path, test_path):
-        problem = (f"train_file and test_file are the same file ({train_path}): every test answer is trained on "
-                   "and the eval loss measures memorisation")
-    else:
-        leaked = leaked_ids(train, test)
-        if not leaked:
-            return []
-        problem = (f"{len(leaked)} test questions of {test_path} are also asked in {train_path} (same normalised "
-                   f"question), leaked ids: {_shown(leaked)}")
+    train_path, validation_path = resolve_path(settings.train_file), resolve_path(settings.validation_file)
+    test_path = resolve_path(test_file or TEST_FILE)
+    problems = [_overlap_problem("train_file", train_path, train, "validation_file", validation_path, validation)]
+    if test_path.is_file():
+        if same_file(validation_path, test_path):
+            raise DatasetError(
+                f"validation_file is the test split ({test_path}): choices made on validation (the checkpoint, "
+                "early stopping, hyperparameters) would be made on test, and notebook 05's numbers would no longer "
+                "be an unseen check. Point validation_file at the validation split (dataset/utn_sample_validation"
+                ".jsonl, built by `python -m utils.data build`) or at your own validation file.")
+        problems.append(_overlap_problem("validation_file", validation_path, validation, "test split", test_path,
+                                         load_records(test_path)))
+    problems = [p for p in problems if p]
+    if not problems:
+        return []
     if allowed:
-        return [f"{problem}; allowed by allow_split_overlap=True"]
-    raise DatasetError(f"{problem} — rebuild the split (`python -m utils.data build`) or fix the files; set "
-                       "allow_split_overlap=True only to train on a leaked split knowingly")
+        return [f"{p}; allowed by allow_split_overlap=True" for p in problems]
+    raise DatasetError(f"{'; '.join(problems)} — rebuild the splits (`python -m utils.data build`) or fix the files; "
+                       "set allow_split_overlap=True only to train on overlapping splits knowingly")
 
 
 def check_special_tokens(records: Sequence[dict], tokenizer, path: str) -> None:
@@ -169,7 +196,7 @@ def apply_length_policy(settings: TrainingSettings, records: list[dict], tokeniz
     """Records kept, truncated ids, dropped ids and notes; refuse dropping unless ``allow_dropping_long_examples``."""
     max_len = settings.max_seq_length
     truncated, dropped = long_examples(records, tokenizer, max_len, full_text)
-    file = settings.train_file if split == "training" else settings.test_file
+    file = settings.train_file if split == "training" else settings.validation_file
     if dropped and not getattr(settings, "allow_dropping_long_examples", False):  # a TrainingSettings field
         raise TrainingConfigError(
             f"{len(dropped)} {split} examples of {file} would be dropped: their prompt alone is at least "
@@ -187,35 +214,36 @@ def apply_length_policy(settings: TrainingSettings, records: list[dict], tokeniz
 
 
 def load_training_data(settings: TrainingSettings, plan: TrainingPlan, tokenizer) -> TrainingData:
-    """Read and validate both files (``DatasetError`` lists every problem) and build the datasets.
+    """Read and validate the training and validation files (``DatasetError`` lists every problem), build datasets.
 
     Fixed: prompt–completion (the loss covers the answer and its end-of-turn token). Original: one
-    ``text`` column rendered by the chat template (the loss covers every token). Refuses a leaked split,
+    ``text`` column rendered by the chat template (the loss covers every token). Refuses leaked or shared splits,
     special tokens in content and silently dropped examples; ``notes`` says what was truncated or added.
+    ``eval_limit`` takes a seeded sample of the validation examples (the same one at every evaluation).
     """
-    all_train, all_test = load_records(settings.train_file), load_records(settings.test_file)
-    notes = check_split_files(settings, all_train, all_test)
+    all_train, all_validation = load_records(settings.train_file), load_records(settings.validation_file)
+    notes = check_split_files(settings, all_train, all_validation)
     check_special_tokens(all_train, tokenizer, settings.train_file)
-    check_special_tokens(all_test, tokenizer, settings.test_file)
+    check_special_tokens(all_validation, tokenizer, settings.validation_file)
     policy = system_prompt_policy(all_train)
     train_records, train_notes = apply_system_prompt(
         sample_records(all_train, settings.train_limit, settings.seed), policy)
-    test_records, test_notes = apply_system_prompt(
-        sample_records(all_test, settings.eval_limit, settings.seed), policy)
-    notes += [f"training: {n}" for n in train_notes] + [f"evaluation: {n}" for n in test_notes]
+    validation_records, validation_notes = apply_system_prompt(
+        sample_records(all_validation, settings.eval_limit, settings.seed), policy)
+    notes += [f"training: {n}" for n in train_notes] + [f"validation: {n}" for n in validation_notes]
     full_text = plan.loss == "full_text"
     train_records, truncated, dropped, train_len_notes = apply_length_policy(
         settings, train_records, tokenizer, full_text, "training")
-    test_records, eval_truncated, eval_dropped, test_len_notes = apply_length_policy(
-        settings, test_records, tokenizer, full_text, "evaluation")
-    notes += train_len_notes + test_len_notes
+    validation_records, eval_truncated, eval_dropped, validation_len_notes = apply_length_policy(
+        settings, validation_records, tokenizer, full_text, "validation")
+    notes += train_len_notes + validation_len_notes
     if full_text:
         train = strip_template_bos(to_text_dataset(train_records, tokenizer), tokenizer)
-        evaluation = strip_template_bos(to_text_dataset(test_records, tokenizer), tokenizer)
+        evaluation = strip_template_bos(to_text_dataset(validation_records, tokenizer), tokenizer)
     else:
         train = to_prompt_completion(train_records)
-        evaluation = to_prompt_completion(test_records)
-    return TrainingData(train, evaluation, train_records, test_records, truncated, dropped, eval_truncated,
+        evaluation = to_prompt_completion(validation_records)
+    return TrainingData(train, evaluation, train_records, validation_records, truncated, dropped, eval_truncated,
                         eval_dropped, notes)
 
 

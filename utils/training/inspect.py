@@ -115,8 +115,8 @@ def settings_table(settings: TrainingSettings, plan: TrainingPlan) -> pd.DataFra
 
 
 def stop_rate_records(settings: TrainingSettings, n: int) -> list[dict]:
-    """A seeded sample of ``n`` test records (all when ``n`` is 0) for the stop-rate measurement."""
-    return sample_records(load_records(settings.test_file), n, settings.seed)
+    """A seeded sample of ``n`` validation records (all when ``n`` is 0) for the stop-rate measurement."""
+    return sample_records(load_records(settings.validation_file), n, settings.seed)
 
 
 def answers_table(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 8,

@@ -7,21 +7,25 @@ path and its one-call optimizer) and refuses a dataset with a doubled BOS.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import psutil
 import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
+from transformers import EarlyStoppingCallback
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from utils.device import dtype_name, torch_dtype
 from utils.memory import analytic_training_breakdown, load_model_config
 from utils.modeling import build_lora_config, load_model
-from utils.paths import HISTORY_FILE
+from utils.paths import HISTORY_FILE, PROGRESS_FILE
 from utils.speed import enable_fast_path, unsupported_reason
 from utils.speed.optim import FlatOptimizer, flat_unsupported_reason
-from utils.training.callbacks import HistoryCsvCallback
+from utils.training.callbacks import HistoryCsvCallback, ProgressFileCallback, in_notebook
 from utils.training.data import TrainingData, check_bos
 from utils.training.settings import TrainingConfigError, TrainingPlan, TrainingSettings
 from utils.units import GIB
@@ -103,8 +107,19 @@ def build_training_lora_config(settings: TrainingSettings) -> LoraConfig:
     return build_lora_config(settings.lora_r, settings.lora_alpha, settings.lora_dropout)
 
 
+def quiet_progress() -> bool:
+    """Whether the trainer's text progress bar stays off: in a notebook (the live plot's title is the progress,
+    and papermill would keep every redraw of the bar as raw text) and when stderr is a log file, not a terminal."""
+    return in_notebook() or not sys.stderr.isatty()
+
+
 def build_sft_config(settings: TrainingSettings, plan: TrainingPlan) -> SFTConfig:
-    """``SFTConfig`` with every hyperparameter of the original set explicitly (TRL's defaults differ)."""
+    """``SFTConfig`` with every hyperparameter of the original set explicitly (TRL's defaults differ).
+
+    Evaluation is on the validation split; with ``early_stopping_patience`` the best checkpoint (lowest
+    validation loss) is loaded at the end and becomes the saved adapter. TensorBoard logs when it is installed.
+    """
+    early = settings.early_stopping_patience > 0
     return SFTConfig(
         output_dir=plan.checkpoints_dir,
         # data: TRL's defaults are max_length=1024 and, for prompt-completion data, completion-only loss
@@ -143,8 +158,14 @@ def build_sft_config(settings: TrainingSettings, plan: TrainingPlan) -> SFTConfi
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=settings.save_total_limit,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
         seed=settings.seed,
-        report_to="none",
+        report_to=["tensorboard"] if plan.tensorboard_dir else "none",
+        disable_tqdm=quiet_progress(),
+        # pinned host memory only helps copies to a GPU; on a CPU torch warns that it is ignored
+        dataloader_pin_memory=torch.device(plan.device).type == "cuda",
     )
 
 
@@ -182,7 +203,7 @@ def check_fast_path_model(settings: TrainingSettings, plan: TrainingPlan, model)
     plan.fast_path = False
     plan.per_device_train_batch_size = settings.per_device_train_batch_size
     plan.gradient_accumulation_steps = settings.gradient_accumulation_steps
-    plan.notes.append(f"fast_path='auto' stays off: {reason}; the standard forward trains this model.")
+    plan.notes.append(f"fast_path='auto' queda apagado: {reason}; este modelo se entrena con el forward estándar.")
 
 
 def use_flat_optimizer(trainer, plan: TrainingPlan) -> bool:
@@ -195,11 +216,12 @@ def use_flat_optimizer(trainer, plan: TrainingPlan) -> bool:
         return False
     reason = flat_unsupported_reason(p for p in trainer.model.parameters() if p.requires_grad)
     if reason:
-        plan.notes.append(f"{plan.optim} updates tensor by tensor: {reason}.")
+        plan.notes.append(f"{plan.optim} actualiza tensor por tensor: {reason}.")
         return False
     inner_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
     trainer.optimizer_cls_and_kwargs = (FlatOptimizer, {"inner_cls": inner_cls, **kwargs})
-    plan.notes.append(f"{plan.optim} updates every LoRA tensor in one call (utils.speed.optim.FlatOptimizer).")
+    plan.notes.append(f"{plan.optim} actualiza todos los tensores LoRA en una sola llamada "
+                      "(utils.speed.optim.FlatOptimizer).")
     return True
 
 
@@ -235,11 +257,33 @@ def _collator(plan: TrainingPlan, model, tokenizer):
     return None
 
 
+def _route_logs(trainer, plan: TrainingPlan) -> None:
+    """TensorBoard's events into the run's ``04_tensorboard/``; no log dicts printed in a notebook.
+
+    transformers 5 has no ``logging_dir``: its TensorBoard callback writes to ``output_dir/runs/<date_host>``
+    (here the checkpoints folder) unless told a folder before training starts. With the text bar off,
+    ``PrinterCallback`` would print every log as a dict; in a notebook the live plot shows them instead.
+    """
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and plan.tensorboard_dir:
+            callback.logging_dir = plan.tensorboard_dir
+    if in_notebook():
+        trainer.remove_callback(PrinterCallback)
+
+
 def build_trainer(settings: TrainingSettings, plan: TrainingPlan, model, tokenizer, data: TrainingData,
                   callbacks: list | None = None) -> SFTTrainer:
-    """``SFTTrainer(processing_class=..., peft_config=...)``; then the fp16 recast and the BOS check."""
+    """``SFTTrainer(processing_class=..., peft_config=...)``; then the fp16 recast and the BOS check.
+
+    Callbacks: the log history as CSV, the progress file, early stopping when asked, TensorBoard into
+    ``04_tensorboard`` when installed, then ``callbacks``.
+    """
     if plan.fast_path:
         check_fast_path_model(settings, plan, model)
+    out = Path(plan.output_dir)
+    own = [HistoryCsvCallback(out / HISTORY_FILE), ProgressFileCallback(out / PROGRESS_FILE)]
+    if settings.early_stopping_patience:
+        own.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
     trainer = SFTTrainer(
         model=model,
         args=build_sft_config(settings, plan),
@@ -248,8 +292,9 @@ def build_trainer(settings: TrainingSettings, plan: TrainingPlan, model, tokeniz
         processing_class=tokenizer,
         peft_config=build_training_lora_config(settings),
         data_collator=_collator(plan, model, tokenizer),
-        callbacks=[HistoryCsvCallback(Path(plan.output_dir) / HISTORY_FILE), *(callbacks or [])],
+        callbacks=[*own, *(callbacks or [])],
     )
+    _route_logs(trainer, plan)
     if len(trainer.train_dataset) == 0:  # a sampler of 0 samples fails later as "num_samples should be positive"
         raise TrainingConfigError(
             f"no training example is left after tokenising {settings.train_file} with max_seq_length="
@@ -259,7 +304,7 @@ def build_trainer(settings: TrainingSettings, plan: TrainingPlan, model, tokeniz
         recast_trainable_parameters(trainer.model, torch.float32)
     if plan.fast_path:
         fast = enable_fast_path(trainer.model, torch_dtype(plan.compute_dtype))
-        plan.notes.append(f"fast path resolved: {fast.describe()}")
+        plan.notes.append(f"camino rápido resuelto: {fast.describe()}")
         use_flat_optimizer(trainer, plan)
     check_bos(trainer.train_dataset, tokenizer)
     return trainer

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from transformers import set_seed
 
 from utils.files import save_json
+from utils.memory.process import peak_rss_bytes
 from utils.paths import ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, HISTORY_FILE, run_dir
 from utils.provenance import Stopwatch, result_provenance, write_run_record
 from utils.training.callbacks import ThroughputCallback, history_frame, write_history
@@ -126,7 +126,7 @@ def peak_memory_gib(device: str | torch.device) -> float:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / GIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss is KiB on Linux
+    return peak_rss_bytes() / GIB
 
 
 def claim_output_dir(settings: TrainingSettings, plan: TrainingPlan) -> None:
@@ -141,7 +141,7 @@ def claim_output_dir(settings: TrainingSettings, plan: TrainingPlan) -> None:
         return
     if is_finished_run(out):
         moved = move_finished_run(out)
-        print(f"the finished run that was in {out} is now in {moved} (moved, nothing deleted)")
+        print(f"la corrida terminada que estaba en {out} ahora está en {moved} (se movió, no se borró nada)")
     leftovers = checkpoint_dirs(out)
     if leftovers:
         raise TrainingConfigError(
@@ -165,13 +165,28 @@ def _first_last(history: pd.DataFrame, column: str) -> tuple[float | None, float
     return (float(values.iloc[0]), float(values.iloc[-1])) if len(values) else (None, None)
 
 
+def best_validation(history: pd.DataFrame) -> tuple[int | None, float | None]:
+    """(step, loss) of the lowest validation loss logged; (None, None) without an evaluation."""
+    if "eval_loss" not in history or history["eval_loss"].dropna().empty:
+        return None, None
+    row = history.loc[history["eval_loss"].idxmin()]
+    return int(row["step"]), float(row["eval_loss"])
+
+
 def training_result(trainer, plan: TrainingPlan, output, seconds: float, tokens_before: int,
                     throughput: ThroughputCallback) -> dict[str, Any]:
-    """Steps, wall time, tokens/s (non-padding tokens of this session), peak memory and losses of a run."""
-    history = history_frame(trainer.state.log_history)
-    tokens = trainer.state.num_input_tokens_seen - tokens_before
+    """Steps, wall time, tokens/s (non-padding tokens of this session), peak memory and losses of a run.
+
+    ``eval`` = the validation split. ``adapter_step``: the step whose weights are saved (the best checkpoint's
+    under early stopping, which loads it at the end; else the last step).
+    """
+    state = trainer.state
+    history = history_frame(state.log_history)
+    tokens = state.num_input_tokens_seen - tokens_before
     first_train, last_train = _first_last(history, "loss")
     first_eval, last_eval = _first_last(history, "eval_loss")
+    best_step, best_loss = best_validation(history)
+    loads_best = bool(getattr(trainer.args, "load_best_model_at_end", False)) and bool(state.best_model_checkpoint)
     return {
         "global_step": trainer.state.global_step,
         "resumed_from": plan.resume_from,
@@ -188,6 +203,11 @@ def training_result(trainer, plan: TrainingPlan, output, seconds: float, tokens_
         "last_train_loss": last_train,
         "first_eval_loss": first_eval,
         "last_eval_loss": last_eval,
+        "best_eval_step": best_step,
+        "best_eval_loss": best_loss,
+        "max_steps": state.max_steps,
+        "stopped_early": state.global_step < state.max_steps,
+        "adapter_step": (getattr(state, "best_global_step", None) or best_step) if loads_best else state.global_step,
         "trainable_dtypes": trainable_dtypes(trainer.model),
     }
 
@@ -305,11 +325,14 @@ def success_line(settings: TrainingSettings, plan: TrainingPlan, result: dict[st
     """One line that says the run finished, with what a reader checks first."""
     dtypes = ", ".join(f"{k}: {v:,}" for k, v in result["trainable_dtypes"].items())
     scaler = " fp16 + gradient scaler OK;" if plan.fp16 else ""
+    early = (f" (stopped early; adapter = best step {result['adapter_step']})"
+             if result.get("stopped_early") and settings.early_stopping_patience else "")
     return (
         f"TRAINING OK:{scaler} {result['global_step']} steps on {plan.device} "
         f"(model={settings.model_name}, quantization={plan.quantization}, compute={plan.compute_dtype}, "
         f"optim={plan.optim}); trainable params {dtypes}; train loss {result['first_train_loss']} → "
-        f"{result['last_train_loss']}, eval loss {result['first_eval_loss']} → {result['last_eval_loss']}; "
+        f"{result['last_train_loss']}, validation loss {result['first_eval_loss']} → {result['last_eval_loss']}"
+        f"{early}; "
         f"{result['tokens_per_second']} tokens/s; peak {result['peak_memory_gib']} GiB; adapter in "
         f"{Path(plan.output_dir) / ADAPTER_DIR}"
     )

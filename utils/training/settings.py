@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from utils.config import HUB_MODEL_ID, THESIS, coerce_value
 from utils.device import DTYPES, default_device, dtype_name, pick_compute_dtype
 from utils.files import read_json
-from utils.paths import CHECKPOINTS_DIR, CONFIG_FILE, RUNS_DIR, resolve_path
+from utils.paths import CHECKPOINTS_DIR, CONFIG_FILE, RUNS_DIR, TENSORBOARD_DIR, resolve_path
 from utils.speed import FastPathOptions
 from utils.training.checkpoints import find_last_checkpoint
 from utils.training.errors import (  # noqa: F401 - the errors are imported from here too
@@ -36,6 +37,18 @@ RESUME_CHOICES = ("auto", True, False)
 QUANTIZATION_CHOICES = ("auto", "none", "fp32", "fp16", "bf16", "int8", "fp4", "nf4", "nf4_dq")
 BNB_QUANTIZATIONS = ("int8", "fp4", "nf4", "nf4_dq")
 FAST_PATH_CHOICES = ("auto", "on", "off")
+SAMPLING_CHOICES = ("auto", "random", "group_by_length")
+
+# Settings that no longer exist, each with the message that says where it went (a profile block, a notebook
+# parameter injected by papermill or ``TrainingSettings(...)`` with the old name stops with it).
+RENAMED_SETTINGS = {
+    "test_file": (
+        "test_file is no longer a training setting: every evaluation during training, the stop-rate check and "
+        "early stopping use validation_file (default dataset/utn_sample_validation.jsonl), and the test split is "
+        "read by notebook 05 only. Rename test_file to validation_file in notebook 04's parameters or in the "
+        "profile's \"04\" block (--validation-file on the command line), and set test_file for notebook 05 only."
+    ),
+}
 
 # Parameters of notebook 04 that are not training settings (the stop-rate measurement after training).
 NOTEBOOK_ONLY = ("stop_examples", "stop_max_new_tokens")
@@ -45,7 +58,7 @@ RESUME_MUST_MATCH = (
     "model_name", "quantization", "compute_dtype", "train_file", "train_limit", "max_seq_length", "lora_r",
     "lora_alpha", "lora_dropout", "per_device_train_batch_size", "gradient_accumulation_steps",
     "learning_rate", "max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "lr_scheduler_type",
-    "optim", "replicate_original", "seed",
+    "optim", "replicate_original", "train_sampling_strategy", "seed",
 )
 
 # Settings that must be at least 1.
@@ -53,7 +66,8 @@ POSITIVE_SETTINGS = ("max_seq_length", "lora_r", "per_device_train_batch_size", 
                      "max_steps", "per_device_eval_batch_size", "eval_steps", "logging_steps", "save_steps",
                      "save_total_limit")
 # Settings that must be 0 or more (0 = every example, no warm-up, no decay, the device's memory).
-NON_NEGATIVE_SETTINGS = ("train_limit", "eval_limit", "warmup_steps", "weight_decay", "memory_budget_gib")
+NON_NEGATIVE_SETTINGS = ("train_limit", "eval_limit", "warmup_steps", "weight_decay", "memory_budget_gib",
+                         "early_stopping_patience")
 SCHEDULERS = tuple(s.value for s in SchedulerType)
 OPTIMIZERS = tuple(o.value for o in OptimizerNames)
 # The optimizers worth naming in a message (TrainingArguments accepts every name of ``OPTIMIZERS``).
@@ -70,9 +84,9 @@ class TrainingSettings:
     quantization: str = "auto"  # "auto": nf4_dq on CUDA, none (fp32) on the CPU
     compute_dtype: str = "auto"  # "auto": bf16 from compute capability 8.0, fp16 below, fp32 on the CPU
     train_file: str = "dataset/utn_sample_train.jsonl"
-    test_file: str = "dataset/utn_sample_test.jsonl"
+    validation_file: str = "dataset/utn_sample_validation.jsonl"  # every evaluation during training
     train_limit: int = 0  # 0 = every training example
-    eval_limit: int = 0  # 0 = every test example
+    eval_limit: int = 0  # 0 = every validation example
     max_seq_length: int = THESIS.max_seq_length
     lora_r: int = THESIS.lora_r
     lora_alpha: int = THESIS.lora_alpha
@@ -89,13 +103,15 @@ class TrainingSettings:
     per_device_eval_batch_size: int = 1
     eval_steps: int = THESIS.eval_steps
     eval_on_start: bool = True
+    early_stopping_patience: int = 0  # 0 = off; n = stop after n evaluations without a lower validation loss
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int = 3
     gradient_checkpointing: bool = True
     fast_path: str = "auto"  # "auto": utils.speed's fast path on a CUDA GPU unless replicating the original
     replicate_original: bool = False
-    allow_split_overlap: bool = False  # True: train although train and test share questions (utils.training.data)
+    train_sampling_strategy: str = "auto"  # "auto": group_by_length when replicating the original, else random
+    allow_split_overlap: bool = False  # True: train although train and validation share questions
     allow_dropping_long_examples: bool = False  # True: drop examples whose prompt fills max_seq_length
     resume: bool | str = "auto"  # "auto": continue an unfinished run of the same settings; True; False
     seed: int = 42
@@ -117,7 +133,11 @@ class TrainingSettings:
 
     @classmethod
     def from_parameters(cls, namespace: dict[str, Any]) -> "TrainingSettings":
-        """Pick the settings by name from a notebook's parameters (``globals()``) or a profile block."""
+        """Pick the settings by name from a notebook's parameters (``globals()``) or a profile block.
+
+        A setting that was renamed (``test_file``) stops with the message that says where it went.
+        """
+        check_renamed(namespace)
         return cls(**{k: v for k, v in namespace.items() if k in setting_names()})
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +147,13 @@ class TrainingSettings:
 def setting_names() -> set[str]:
     """The names of ``TrainingSettings``' fields."""
     return {f.name for f in dataclasses.fields(TrainingSettings)}
+
+
+def check_renamed(names: Any) -> None:
+    """One ``TrainingConfigError`` for a setting that no longer exists (``test_file``), saying where it went."""
+    for old, message in RENAMED_SETTINGS.items():
+        if old in names:
+            raise TrainingConfigError(message)
 
 
 @dataclass
@@ -152,6 +179,7 @@ class TrainingPlan:
     resume_from: str | None
     notes: list[str] = field(default_factory=list)
     previous_run: str | None = None  # where the finished run in output_dir moves before this one writes
+    tensorboard_dir: str | None = None  # TensorBoard event files (None: tensorboard is not installed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,6 +215,7 @@ def plan_training(settings: TrainingSettings, device: str | torch.device | None 
     if is_main_process():  # the other ranks of a DDP run see rank 0's lock
         check_not_locked(out)
     resume_from, previous = _resume_point(settings, out, notes)
+    tensorboard = _tensorboard_dir(out, notes)
     return TrainingPlan(
         device=str(device),
         quantization=quantization,
@@ -196,7 +225,7 @@ def plan_training(settings: TrainingSettings, device: str | torch.device | None 
         optim=optim,
         loss="full_text" if original else "completion_only",
         pad_is_eos=original,
-        train_sampling_strategy="group_by_length" if original else "random",
+        train_sampling_strategy=_resolve_sampling(settings.train_sampling_strategy, original),
         kbit_upcast=original and quantized,
         recast_trainable_fp32=compute == "fp16",
         fast_path=fast,
@@ -207,7 +236,24 @@ def plan_training(settings: TrainingSettings, device: str | torch.device | None 
         resume_from=str(resume_from) if resume_from else None,
         notes=notes,
         previous_run=str(previous) if previous else None,
+        tensorboard_dir=tensorboard,
     )
+
+
+def _tensorboard_dir(out: Path, notes: list[str]) -> str | None:
+    """``<run>/04_tensorboard`` when tensorboard imports (``report_to=["tensorboard"]``), else None and a note."""
+    if is_tensorboard_available():
+        return str(out / TENSORBOARD_DIR)
+    notes.append("TensorBoard no está instalado: el historial queda en 04_log_history.csv y en la curva en vivo "
+                 "(pip install tensorboard para tener también los registros de TensorBoard).")
+    return None
+
+
+def _resolve_sampling(choice: str, original: bool) -> str:
+    """``auto``: the original's length-grouped batches when replicating it, random batches otherwise."""
+    if choice != "auto":
+        return choice
+    return "group_by_length" if original else "random"
 
 
 def _resolve_quantization(choice: str, on_cuda: bool, notes: list[str]) -> str | None:
@@ -217,8 +263,8 @@ def _resolve_quantization(choice: str, on_cuda: bool, notes: list[str]) -> str |
     if on_cuda:
         return "nf4_dq"
     notes.append(
-        "quantization='auto' on the CPU: fp32 base model + LoRA (bitsandbytes 4-bit runs on the "
-        "CPU too, but slower); on a GPU 'auto' means nf4_dq, as in the original."
+        "quantization='auto' en CPU: modelo base en fp32 + LoRA (bitsandbytes también cuantiza a 4 bits en CPU, "
+        "pero más lento); en GPU 'auto' es nf4_dq, como en el original."
     )
     return None
 
@@ -244,7 +290,8 @@ def _resolve_optim(optim: str, on_cuda: bool, notes: list[str]) -> str:
     """bitsandbytes' paged 8-bit optimisers need CUDA: ``adamw_torch`` on the CPU."""
     if on_cuda or ("8bit" not in optim and "paged" not in optim):
         return optim
-    notes.append(f"optim={optim!r} needs CUDA (bitsandbytes paged 8-bit states): using 'adamw_torch' on the CPU.")
+    notes.append(f"optim={optim!r} necesita CUDA (estados paginados de 8 bits de bitsandbytes): en CPU se usa "
+                 "'adamw_torch'.")
     return "adamw_torch"
 
 
@@ -252,15 +299,15 @@ def _note_original_and_fp16(original: bool, quantized: bool, fp16: bool, notes: 
     """Notes on what ``replicate_original`` restores and on the fp16 recast of a 4-bit model's adapters."""
     if original:
         notes.append(
-            "replicate_original=True: full-text loss (prompt included), pad = eos (every eos label "
-            "masked, as the old collator did), length-grouped batches"
-            + (", prepare_model_for_kbit_training upcast" if quantized else "")
+            "replicate_original=True: pérdida sobre todo el texto (prompt incluido), pad = eos (con la etiqueta "
+            "de cada eos enmascarada, como hacía el collator viejo), lotes agrupados por longitud"
+            + (", upcast de prepare_model_for_kbit_training" if quantized else "")
             + "."
         )
     if fp16 and quantized:
         notes.append(
-            "fp16 on a 4-bit model: TRL casts the trainable LoRA parameters to bf16, which fp16's gradient "
-            "scaler cannot unscale; they are cast back to fp32 after the trainer is built."
+            "fp16 sobre un modelo de 4 bits: TRL pasa los parámetros LoRA entrenables a bf16, que el escalador de "
+            "gradientes de fp16 no puede desescalar; se devuelven a fp32 después de construir el trainer."
         )
 
 
@@ -270,25 +317,28 @@ def _resolve_fast_path(settings: TrainingSettings, on_cuda: bool, quantization: 
     choice = settings.fast_path
     if choice == "off":
         return False
-    blockers = []
+    blockers = []  # (English for the error, Spanish for the note)
     if original:
-        blockers.append("replicate_original=True trains the original configuration")
+        blockers.append(("replicate_original=True trains the original configuration",
+                         "replicate_original=True entrena la configuración original"))
     if quantization == "int8":
-        blockers.append("quantization='int8' (the fast path dequantises nf4/fp4 or reads 16-bit weights)")
+        blockers.append(("quantization='int8' (the fast path dequantises nf4/fp4 or reads 16-bit weights)",
+                         "quantization='int8' (el camino rápido descuantiza nf4/fp4 o lee pesos de 16 bits)"))
     if choice == "on":
         if blockers:
-            raise TrainingConfigError(f"fast_path='on' but {'; '.join(blockers)}. Set fast_path='auto' or 'off'.")
+            raise TrainingConfigError(f"fast_path='on' but {'; '.join(b[0] for b in blockers)}. "
+                                      "Set fast_path='auto' or 'off'.")
         return True
     if not on_cuda:
         return False
     if blockers:
-        notes.append(f"fast_path='auto' stays off: {'; '.join(blockers)}.")
+        notes.append(f"fast_path='auto' queda apagado: {'; '.join(b[1] for b in blockers)}.")
         return False
     notes.append(
-        "fast path (utils.speed): fused q/k/v and gate/up GEMMs with fused LoRA, no fp32 upcast, checkpoints "
-        "offloaded to pinned CPU memory, Triton kernels (Liger's RMSNorm/SwiGLU, utils.speed.kernels' RoPE) on "
-        f"passes of {FastPathOptions().small_pass_tokens} tokens or more, padding-free batches; fast_path='off' "
-        "gives the standard transformers + PEFT forward."
+        "camino rápido (utils.speed): q/k/v y gate/up como una sola multiplicación cada una (con sus LoRA "
+        "fusionadas), sin upcast a fp32, checkpoints en memoria fijada de la CPU, kernels de Triton (RMSNorm/SwiGLU "
+        f"de Liger, RoPE de utils.speed.kernels) en pasadas de {FastPathOptions().small_pass_tokens} tokens o más y "
+        "lotes sin relleno; fast_path='off' usa el forward estándar de transformers + PEFT."
     )
     return True
 
@@ -299,9 +349,9 @@ def _micro_batches(settings: TrainingSettings, fast: bool, notes: list[str]) -> 
     if not fast or accumulation <= 1:
         return batch, accumulation
     notes.append(
-        f"fast path: the {batch} x {accumulation} micro-batches run as one padding-free micro-batch of "
-        f"{batch * accumulation} sequences (the same sequences and loss per optimizer step, one forward/backward "
-        "instead of several)."
+        f"camino rápido: los {batch} x {accumulation} micro-lotes corren como un único micro-lote sin relleno de "
+        f"{batch * accumulation} secuencias (las mismas secuencias y la misma pérdida por paso del optimizador, un "
+        "forward/backward en lugar de varios)."
     )
     return batch * accumulation, 1
 
@@ -316,7 +366,7 @@ def _resume_point(settings: TrainingSettings, out: Path, notes: list[str]) -> tu
     last = find_last_checkpoint(out / CHECKPOINTS_DIR)
     if is_finished_run(out) and not (settings.resume is True and last is not None):
         previous = previous_run_dir(out)
-        notes.append(f"{out} holds a finished run: it moves to {previous} before this run writes anything.")
+        notes.append(f"{out} tiene una corrida terminada: pasa a {previous} antes de que esta corrida escriba nada.")
         return None, previous
     leftovers = checkpoint_dirs(out)
     if settings.resume is False or (leftovers and last is None):
@@ -325,10 +375,10 @@ def _resume_point(settings: TrainingSettings, out: Path, notes: list[str]) -> tu
         return None, None
     if last is None:
         if settings.resume is True:
-            notes.append(f"resume=True but {out / CHECKPOINTS_DIR} holds no checkpoint: starting at step 0.")
+            notes.append(f"resume=True pero {out / CHECKPOINTS_DIR} no tiene checkpoints: se empieza en el paso 0.")
         return None, None
     check_resume_matches(settings, out)
-    notes.append(f"resume={settings.resume!r}: continuing from {last.name} of the unfinished run in {out}.")
+    notes.append(f"resume={settings.resume!r}: se continúa desde {last.name} de la corrida sin terminar en {out}.")
     return last, None
 
 
@@ -350,7 +400,8 @@ def leftover_message(settings: TrainingSettings, out: Path, leftovers: list[Path
 def check_values(s: TrainingSettings) -> None:
     """One clear error for a setting out of range: the setting, its value and what is allowed."""
     choices = {"quantization": QUANTIZATION_CHOICES, "compute_dtype": ("auto", *DTYPES),
-               "fast_path": FAST_PATH_CHOICES, "lr_scheduler_type": SCHEDULERS}
+               "fast_path": FAST_PATH_CHOICES, "lr_scheduler_type": SCHEDULERS,
+               "train_sampling_strategy": SAMPLING_CHOICES}
     for name, allowed in choices.items():
         if getattr(s, name) not in allowed:
             raise TrainingConfigError(f"{name}={getattr(s, name)!r}: use one of {', '.join(allowed)}.")
@@ -375,13 +426,39 @@ def check_values(s: TrainingSettings) -> None:
     for name, ok, allowed in ranges:
         if not ok:
             raise TrainingConfigError(f"{name}={getattr(s, name)}: {allowed}.")
-    if not s.model_name or not s.train_file or not s.test_file:
-        empty = next(n for n in ("model_name", "train_file", "test_file") if not getattr(s, n))
+    if not s.model_name or not s.train_file or not s.validation_file:
+        empty = next(n for n in ("model_name", "train_file", "validation_file") if not getattr(s, n))
         raise TrainingConfigError(f"{empty}='': name a model or file.")
     if s.warmup_steps >= s.max_steps:
         raise TrainingConfigError(
             f"warmup_steps={s.warmup_steps} is not below max_steps={s.max_steps}: the learning rate would "
             "never leave the warm-up. Lower warmup_steps or raise max_steps."
+        )
+    check_early_stopping(s)
+
+
+def check_early_stopping(s: TrainingSettings) -> None:
+    """Early stopping keeps the best checkpoint: it must be saved at an evaluation, and kept besides the last.
+
+    transformers loads the best checkpoint at the end (``load_best_model_at_end``), which needs every save at an
+    evaluation step (``save_steps`` a multiple of ``eval_steps``); its rotation then always keeps the best
+    checkpoint and the latest one, and with ``save_total_limit=1`` it deletes the latest one when training ends.
+    So ``save_total_limit`` must be at least 2: the folder then holds the best, the latest and (up to the limit)
+    the most recent others, and no checkpoint is deleted that the limit did not ask for.
+    """
+    if not s.early_stopping_patience:
+        return
+    if s.save_steps % s.eval_steps:
+        raise TrainingConfigError(
+            f"early_stopping_patience={s.early_stopping_patience} keeps the checkpoint with the lowest validation "
+            f"loss, so checkpoints must be written at evaluations: save_steps={s.save_steps} is not a multiple of "
+            f"eval_steps={s.eval_steps}. Set save_steps to a multiple of eval_steps (e.g. {s.eval_steps})."
+        )
+    if s.save_total_limit < 2:
+        raise TrainingConfigError(
+            f"early_stopping_patience={s.early_stopping_patience} with save_total_limit={s.save_total_limit}: "
+            "transformers keeps the best checkpoint besides the latest and, with a limit of 1, deletes the latest "
+            "when training ends. Set save_total_limit to 2 or more."
         )
 
 
