@@ -272,3 +272,12 @@ def test_chapter_figures_meet_the_print_standard(name, figures):
     assert not [t for t in texts if re.fullmatch(r"-?\d+\.\d{1,2}", t.strip())]  # no English decimals
     assert not any("Objetivo" in t for t in texts)  # no project goal drawn
     assert fig.get_figheight() * CM <= 22  # fits a page with its caption
+
+
+def test_ticks_of_a_secondary_axis_outside_its_range_are_not_clipped_text():
+    """The demo's loss curve: an epoch axis on top whose next tick (0,4) lies past the last step is not drawn."""
+    fig, ax = plotting.new_figure(aspect=0.5)
+    ax.plot([0, 80], [3.0, 1.2])
+    ax.set_xlim(0, 80)
+    ax.secondary_xaxis("top", functions=(lambda s: s * 0.0049, lambda e: e / 0.0049))
+    assert plotting.check_print_standard(fig, "secundario") >= 8

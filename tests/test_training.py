@@ -232,7 +232,9 @@ def test_profiles_set_only_known_settings(tmp_path):
         settings = training.profile_settings(profile, output_dir=str(tmp_path / profile))  # not runs/<profile>
         training.plan_training(settings, "cpu")  # valid on this machine
     demo = training.profile_settings("demo")
-    assert demo.model_name == "embedded" and demo.gradient_accumulation_steps * demo.per_device_train_batch_size == 8
+    # The demo recipe chosen on validation (results/04_recipe_sweep_cpu.json): lr 1e-3, effective batch 4.
+    assert demo.model_name == "embedded" and demo.gradient_accumulation_steps * demo.per_device_train_batch_size == 4
+    assert demo.learning_rate == 1e-3
     assert training.profile_settings("thesis") == training.TrainingSettings(profile="thesis")
 
 

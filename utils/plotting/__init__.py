@@ -210,7 +210,8 @@ def check_print_standard(fig: plt.Figure, name: str) -> float:
     renderer = fig.canvas.get_renderer()
     box = fig.bbox.padded(2)
     texts = _visible_texts(fig)
-    tick_labels = {id(t) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis) for t in axis.get_ticklabels(which="both")}
+    all_axes = [a for ax in fig.axes for a in (ax, *ax.child_axes)]  # secondary axes (epochs on top) are children
+    tick_labels = {id(t) for ax in all_axes for axis in (ax.xaxis, ax.yaxis) for t in axis.get_ticklabels(which="both")}
     for text in texts:
         if text.get_fontsize() < MIN_FONT_PT - 1e-6:
             raise ValueError(f"Figura {name}: el texto {text.get_text()!r} mide {_fmt_pt(text.get_fontsize())} pt "
