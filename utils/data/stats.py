@@ -119,18 +119,25 @@ def verbatim_answer_ids(train: Sequence[dict], records: Sequence[dict]) -> list[
     return [str(r["id"]) for r in records if answer_of(r["messages"]).strip() in train_answers]
 
 
-def verbatim_answer_table(splits: dict[str, Sequence[dict]], reference: str = "train") -> pd.DataFrame:
-    """Per kind and held-out split: ``"<verbatim> of <examples>"`` answers that are also a train answer."""
+def verbatim_counts(splits: dict[str, Sequence[dict]], reference: str = "train") -> dict[str, tuple[Counter, Counter]]:
+    """Per held-out split: (verbatim-answer examples per kind, examples per kind); the train answers as reference."""
     train = splits.get(reference, [])
-    columns = {}
+    counts = {}
     for name, records in splits.items():
         if name == reference:
             continue
         verbatim = set(verbatim_answer_ids(train, records))
-        kinds = Counter(r["kind"] for r in records)
-        hits = Counter(r["kind"] for r in records if str(r["id"]) in verbatim)
+        counts[name] = (Counter(r["kind"] for r in records if str(r["id"]) in verbatim),
+                        Counter(r["kind"] for r in records))
+    return counts
+
+
+def verbatim_answer_table(splits: dict[str, Sequence[dict]], reference: str = "train") -> pd.DataFrame:
+    """Per kind and held-out split: ``"<verbatim> of <examples>"`` answers that are also a train answer."""
+    columns = {}
+    for name, (hits, kinds) in verbatim_counts(splits, reference).items():
         column = {kind: f"{hits[kind]} of {kinds[kind]}" for kind in (*KINDS, DEFAULT_KIND) if kinds[kind]}
-        column["total"] = f"{len(verbatim)} of {len(records)}"
+        column["total"] = f"{sum(hits.values())} of {sum(kinds.values())}"
         columns[name] = column
     table = pd.DataFrame(columns).fillna("0 of 0")
     order = [k for k in (*KINDS, DEFAULT_KIND) if k in table.index] + ["total"]

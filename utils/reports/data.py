@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from utils.data import KINDS, completion_mask, loss_token_share, missing_fields, verbatim_answer_ids
+from utils.data.stats import verbatim_counts
 from utils.latex import write_table
 from utils.numbers import fmt_num, fmt_pct
 from utils.plotting import label
@@ -150,16 +151,10 @@ def write_summary_table(summary: pd.DataFrame, name: str, caption: str) -> Path:
 
 def verbatim_display(splits: dict[str, Sequence[dict]], reference: str = "train") -> pd.DataFrame:
     """Per kind and held-out split: examples whose reference answer is word for word a train answer (es-AR)."""
-    train = splits.get(reference, [])
     rows = {}
-    for name, records in splits.items():
-        if name == reference:
-            continue
-        verbatim = set(verbatim_answer_ids(train, records))
-        kinds = Counter(r["kind"] for r in records)
-        hits = Counter(r["kind"] for r in records if str(r["id"]) in verbatim)
+    for name, (hits, kinds) in verbatim_counts(splits, reference).items():
         column = {_cap(label(k)): f"{fmt_num(hits[k])} de {fmt_num(n)}" for k, n in kinds.items()}
-        column["Total"] = f"{fmt_num(len(verbatim))} de {fmt_num(len(records))}"
+        column["Total"] = f"{fmt_num(sum(hits.values()))} de {fmt_num(sum(kinds.values()))}"
         rows[_cap(label(name))] = column
     shown = pd.DataFrame(rows).fillna("—")
     shown.index.name = "Tipo"
