@@ -203,13 +203,3 @@ def test_only_comparable_runs_are_collected_and_each_exclusion_says_why(tmp_path
     assert list(table.columns) == ["demo", "demo_lr"] and table.iloc[0, 0] == "0,60 [0,50; 0,70]"
 
 
-def test_gpu_results_are_read_with_their_origin(tmp_path):
-    _write_run(tmp_path / "x", "thesis_gpu", 129)
-    (tmp_path / "05_gpu_thesis.json").write_text((tmp_path / "x" / "05_metrics.json").read_text())
-    results = ev.collect_gpu_results(tmp_path)
-    assert list(results) == ["thesis"]
-    assert results["thesis"]["identity"]["n_test_records"] == 129
-    assert results["thesis"]["provenance"] == {"commit": "abc", "device": "cpu"}
-    (tmp_path / "05_gpu_bad.json").write_text("{}")
-    with pytest.raises(ValueError, match="05_metrics.json"):
-        ev.collect_gpu_results(tmp_path)

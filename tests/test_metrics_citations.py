@@ -151,6 +151,20 @@ def test_strict_correct_needs_every_applicable_check():
     assert oos["strict_correct"] == 1.0
 
 
+def test_an_echo_of_the_system_prompt_is_not_a_correct_refusal():
+    system = (SYSTEM_PROMPT + " Si la normativa disponible no establece lo que se pregunta, decilo y sugerí "
+              "consultar a la Secretaría Académica de la Facultad Regional.")
+    question = _prediction("", "", reference="La normativa disponible no lo establece.", kind="out_of_scope")
+    echo = ev.score_one("Respondé en español, de forma breve, citando la norma y el artículo. Si la normativa "
+                        "disponible no establece lo que se pregunta, decilo y sugerí consultar a la Secretaría "
+                        "Académica de la Facultad Regional.", question, system)
+    assert echo["tag_prompt_echo"] == 1.0 and echo["declines"] == 1.0
+    assert echo["refusal_oos"] == 0.0 and echo["refusal_accuracy"] == 0.0 and echo["strict_correct"] == 0.0
+    own_words = ev.score_one("La normativa disponible no establece ese plazo. Te sugiero consultar a la Secretaría "
+                             "Académica de tu Facultad Regional.", question, system)
+    assert own_words["tag_prompt_echo"] == 0.0 and own_words["refusal_oos"] == 1.0
+
+
 def test_a_wrong_answer_with_high_overlap_is_never_picked_as_the_best():
     # The tuned answer of r1 changes one number (200 → 20): high overlap and the keyword "horas", but wrong.
     # The pick must be r2, whose tuned answer is right though it shares fewer words with its reference.

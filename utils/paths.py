@@ -54,6 +54,11 @@ def published_figures_dir(profile: str) -> Path:
     return FIGURES_DIR / profile
 
 
+def published_results_dir(run: str) -> Path:
+    """``results/<run>/``: the committed small data files of a published GPU run (``--publish``)."""
+    return RESULTS_DIR / run
+
+
 def run_dir(profile: str) -> Path:
     """Folder of one profile's outputs (executed notebooks, adapter, logs, ``NN_run.json``)."""
     path = RUNS_DIR / profile

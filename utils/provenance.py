@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from utils.device import device_name
+from utils.device import EMULATE_CAPABILITY_ENV, device_name, real_capability
 from utils.files import save_json
+from utils.memory.budget import peak_gpu_memory
 from utils.paths import REPO_ROOT, run_dir
 from utils.units import GIB
 
@@ -38,11 +39,17 @@ def library_versions() -> dict[str, str]:
 
 
 def device_info() -> dict[str, Any]:
-    """Name of the device the numbers come from (GPU name and capability, or the CPU)."""
+    """Name of the device the numbers come from (GPU name and capability, or the CPU).
+
+    ``compute_capability`` is the GPU's own; under ``QLORA_EMULATE_CAPABILITY`` the capability the run's
+    decisions saw is ``emulated_capability`` (recorded whenever the variable is set, on a CPU too).
+    """
     info: dict[str, Any] = {"device": device_name(), "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
-        info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        info["compute_capability"] = ".".join(map(str, real_capability()))
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GIB, 2)
+    if os.environ.get(EMULATE_CAPABILITY_ENV, "").strip():
+        info["emulated_capability"] = os.environ[EMULATE_CAPABILITY_ENV].strip()
     return info
 
 
@@ -114,7 +121,13 @@ def write_run_record(
     stopwatch: Stopwatch,
     **results: Any,
 ) -> Path:
-    """Write ``runs/<profile>/<NN>_run.json`` (``notebook`` is the two-digit number) and return it."""
+    """Write ``runs/<profile>/<NN>_run.json`` (``notebook`` is the two-digit number) and return it.
+
+    On a GPU the record holds the kernel process's peak memory (``peak_gpu_reserved_gib``; child processes a
+    notebook starts report their own). ``QLORA_CONCURRENT_RUNS`` (set by a campaign that runs several notebooks at
+    once on one machine) is recorded, since their wall times were measured under that load.
+    """
+    concurrent = os.environ.get("QLORA_CONCURRENT_RUNS")
     record = {
         "notebook": notebook,
         "profile": profile,
@@ -125,6 +138,8 @@ def write_run_record(
         "command": command_line(),
         "versions": library_versions(),
         **device_info(),
+        **peak_gpu_memory(),
+        **({"concurrent_runs": int(concurrent)} if concurrent else {}),
         **results,
     }
     return save_json(record, run_dir(profile) / f"{notebook}_run.json")

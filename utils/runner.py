@@ -3,10 +3,15 @@
     python -m utils.runner --profile demo                 # all notebooks
     python -m utils.runner --profile smoke --only 03      # one notebook (or several: --only 01,04)
     python -m utils.runner --profile demo --publish       # then copy its figures to figures/demo/
+    python -m utils.runner --profile gpu --only 04 05 --run-name gpu-off-s42 --set 04.fast_path=off --publish
 
 Executed copies go to ``runs/<profile>/``, figures and tables to ``runs/<profile>/figures/`` (all git-ignored,
 so a run never changes a committed file). ``--publish`` copies a complete run's figures to the committed
-``figures/<profile>/``. The run stops at the first failing notebook and names it and the failing cell.
+``figures/<profile>/``; a profile with ``publish_results: true`` (the GPU ones) also copies the run's small data
+files (``*.json``, ``*.csv``; no adapter, checkpoint or exported model) to ``results/<run>/`` with a
+``PROVENANCE.json``. ``--run-name`` runs a profile into another folder (``runs/<name>/``; the notebooks get
+``profile=<name>``), ``--set [NN.]key=value`` changes one parameter (typed like the notebook's default). The run
+stops at the first failing notebook and names it and the failing cell.
 
 The console shows one line per notebook with a progress bar: its code cells, or, while a notebook rewrites
 ``runs/<profile>/NN_progress.json`` (``{"step": n, "max_steps": m}``; notebook 04's training does), its steps.
@@ -19,6 +24,8 @@ import argparse
 import ast
 import functools
 import os
+import re
+import shlex
 import shutil
 import sys
 import threading
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import papermill as pm
+import yaml
 import zmq
 from jupyter_client import AsyncKernelManager
 from nbclient.exceptions import DeadKernelError
@@ -39,7 +47,7 @@ from utils.config import (
     ProfileError, coerce_value, list_profiles, load_profile, notebook_parameters, profile_file,
 )
 from utils.files import read_json, save_json
-from utils.paths import NOTEBOOKS_DIR, published_figures_dir, run_dir
+from utils.paths import NOTEBOOKS_DIR, published_figures_dir, published_results_dir, run_dir
 
 
 class NotebookFailed(RuntimeError):
@@ -243,6 +251,91 @@ def coerce_profile(profile_name: str, profile: dict[str, Any],
     return coerced
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_run_name(name: str) -> str:
+    """A run name usable as a folder name on every system (``gpu-off-s42``), or one ``ProfileError``."""
+    if not RUN_NAME.fullmatch(name) or name in {".", ".."}:
+        raise ProfileError(f"--run-name {name!r}: use letters, digits, '.', '_' and '-' only, starting with a letter "
+                           "or digit (it names the folder runs/<name>/), e.g. --run-name gpu-off-s42.")
+    return name
+
+
+def parse_set(item: str) -> tuple[str | None, str, Any]:
+    """``"04.fast_path=off"`` -> ``("04", "fast_path", "off")``; ``"seed=43"`` -> ``(None, "seed", 43)``.
+
+    The value is read as a YAML scalar or list (``1e-3``, ``true``, ``[a, b]``), as a profile file would hold it.
+    """
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    number, dot, name = key.partition(".")
+    if not dot:
+        number, name = None, key
+    if not sep or not name or (number is not None and not (number.isdigit() and len(number) == 2)):
+        raise ProfileError(f"--set {item!r}: write --set key=value (every notebook that declares key) or "
+                           "--set NN.key=value (one notebook), e.g. --set 04.fast_path=off.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"--set {item!r}: the value is not valid YAML ({exc}). Quote it, e.g. "
+                           f"--set '{key}=\"{raw}\"'.") from None
+    return number, name, value
+
+
+def apply_overrides(profile: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """The profile with each ``--set`` applied (typed like the declared default); unknown keys are one error.
+
+    ``key=value`` goes to ``common`` and to every notebook block that sets ``key`` itself (so it wins there too);
+    ``NN.key=value`` to notebook NN's block only.
+    """
+    declared = {nb.name[:2]: declared_defaults(nb) for nb in list_notebooks()}
+    profile = {**profile, "common": dict(profile.get("common") or {}),
+               "notebooks": {k: dict(v or {}) for k, v in (profile.get("notebooks") or {}).items()}}
+    for item in items:
+        number, key, value = parse_set(item)
+        if key == "profile":
+            raise ProfileError(f"--set {item!r}: the run's name is set with --run-name NAME, not --set profile.")
+        if number is not None and number not in declared:
+            raise ProfileError(f"--set {item!r}: no notebook has the number {number}; the notebooks are "
+                               f"{', '.join(sorted(declared))}.")
+        defaults = [declared[number]] if number else list(declared.values())
+        known = set().union(*defaults)
+        if key not in known:
+            where = f"notebook {number}" if number else "any notebook"
+            raise ProfileError(f"--set {item!r}: {key!r} is not declared by {where} in its 'parameters' cell. Fix "
+                               f"the name; the known names are: {', '.join(sorted(known))}.")
+        default = next(d[key] for d in defaults if key in d)
+        if isinstance(default, str) and isinstance(value, bool) and item.partition("=")[2].strip().lower() \
+                not in ("true", "false"):
+            value = item.partition("=")[2].strip()  # YAML 1.1 reads off/on/yes/no as booleans: keep the word
+        try:
+            value = coerce_value(value, default)
+        except ValueError as exc:
+            raise ProfileError(f"--set {item!r}: {value!r} cannot be used: {exc} (the notebook's default is "
+                               f"{default!r}).") from None
+        if number:
+            profile["notebooks"].setdefault(number, {})[key] = value
+        else:
+            profile["common"][key] = value
+            for block in profile["notebooks"].values():
+                if key in block:
+                    block[key] = value
+    return profile
+
+
+def runner_command(profile_name: str, only: list[str] | None, run_name: str | None, overrides: list[str]) -> str:
+    """The runner's command line as a shell would type it (recorded in each notebook's ``NN_run.json``)."""
+    words = ["python", "-m", "utils.runner", "--profile", profile_name]
+    if only:
+        words += ["--only", *only]
+    if run_name and run_name != profile_name:
+        words += ["--run-name", run_name]
+    for item in overrides:
+        words += ["--set", item]
+    return shlex.join(words)
+
+
 # Each kernel runs this before the first cell, so the libraries' known noise is filtered before anything imports
 # them (bitsandbytes logs its warning while it is imported); the notebooks' setup cells make the same call for
 # interactive sessions.
@@ -312,13 +405,23 @@ def run_with_progress(notebook: Path, out_dir: Path, params: dict[str, Any], des
     return seconds
 
 
-def run_profile(profile_name: str, only: list[str] | None = None, log_output: bool = False) -> Path:
-    """Run the selected notebooks on a profile; return the run folder."""
+def run_profile(profile_name: str, only: list[str] | None = None, log_output: bool = False,
+                run_name: str | None = None, overrides: list[str] | None = None) -> Path:
+    """Run the selected notebooks on a profile; return the run folder.
+
+    ``run_name`` (default: the profile's name) names the folder ``runs/<run_name>/`` and is the ``profile``
+    parameter every notebook gets, so notebook 05 finds the adapter notebook 04 trained under that name.
+    ``overrides``: ``--set`` items (``"04.fast_path=off"``, ``"seed=43"``).
+    """
     profile = load_profile(profile_name)
     notebooks = select_notebooks(only)
     profile = check_profile_keys(profile_name, profile)
-    out_dir = run_dir(profile_name)
-    os.environ["QLORA_PROFILE"] = profile_name
+    overrides = list(overrides or [])
+    run_name = check_run_name(run_name or profile_name)
+    profile = apply_overrides(profile, overrides)
+    profile["common"]["profile"] = run_name
+    out_dir = run_dir(run_name)
+    os.environ["QLORA_PROFILE"] = run_name
     # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads slowed
     # forward passes several-fold. Kernels inherit the variable; a user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -326,12 +429,23 @@ def run_profile(profile_name: str, only: list[str] | None = None, log_output: bo
     timings: dict[str, float] = {}
     for i, nb in enumerate(notebooks, 1):
         params = resolve_parameters(nb, notebook_parameters(profile, nb.name[:2]))
-        os.environ["QLORA_COMMAND"] = f"python -m utils.runner --profile {profile_name} --only {nb.name[:2]}"
-        desc = f"[{i}/{len(notebooks)}] {nb.stem} ({profile_name})"
+        os.environ["QLORA_COMMAND"] = runner_command(profile_name, [nb.name[:2]], run_name, overrides)
+        desc = f"[{i}/{len(notebooks)}] {nb.stem} ({run_name})"
         timings[nb.stem] = run_with_progress(nb, out_dir, params, desc, log_output)
     summary = out_dir / "runner.json"
-    save_json({"profile": profile_name, "seconds": timings}, summary)
+    save_json({"profile": profile_name, "run": run_name, "overrides": overrides,
+               "command": runner_command(profile_name, only, run_name, overrides), "seconds": timings}, summary)
     return out_dir
+
+
+def copy_files(files: list[Path], target: Path) -> Path:
+    """Copy ``files`` into ``target`` (created), each through a temporary file and a rename."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        tmp = target / f".{path.name}.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target / path.name)
+    return target
 
 
 def publish_figures(profile_name: str) -> Path:
@@ -341,13 +455,66 @@ def publish_figures(profile_name: str) -> Path:
     if not files:
         raise ProfileError(f"{source} holds no figures: run the profile first "
                            f"(python -m utils.runner --profile {profile_name}).")
-    target = published_figures_dir(profile_name)
-    target.mkdir(parents=True, exist_ok=True)
-    for path in files:
-        tmp = target / f".{path.name}.tmp"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, target / path.name)
+    return copy_files(files, published_figures_dir(profile_name))
+
+
+# A published run's data: the small files at the top of runs/<run>/ (records, metrics, histories, tables), never
+# the adapter, the checkpoints, the merged model or the GGUF files (folders), nor the live progress files.
+PUBLISHED_PATTERNS = ("*.json", "*.csv")
+UNPUBLISHED = re.compile(r"\d\d_progress\.json")
+PROVENANCE_FILE = "PROVENANCE.json"
+
+
+def published_data_files(run: Path) -> list[Path]:
+    """The files of ``run`` that ``publish_results`` copies (``PUBLISHED_PATTERNS``, top level only)."""
+    files = {p for pattern in PUBLISHED_PATTERNS for p in run.glob(pattern) if p.is_file()}
+    return sorted(p for p in files if not UNPUBLISHED.fullmatch(p.name))
+
+
+def run_provenance(run: Path, profile_name: str, run_name: str) -> dict[str, Any]:
+    """``PROVENANCE.json`` of a published run: what ran (profile, run, command) and, per notebook, where and how
+    long (from each ``NN_run.json``: date, device, commit, versions, wall time)."""
+    records = {p.name[:2]: read_json(p) for p in sorted(run.glob("[0-9][0-9]_run.json"))}
+    if not records:
+        raise ProfileError(f"{run} holds no NN_run.json: no notebook finished there, nothing to publish. Run it "
+                           f"first (python -m utils.runner --profile {profile_name} --run-name {run_name}).")
+    summary = read_json(run / "runner.json") if (run / "runner.json").is_file() else {}
+    first = records[min(records)]
+    notebooks = {number: {"wall_time_s": r.get("wall_time_s"), "started_at": r.get("started_at"),
+                          "command": r.get("command"), "commit": r.get("commit"), "device": r.get("device")}
+                 for number, r in records.items()}
+    return {
+        "run": run_name, "profile": profile_name,
+        "date": first.get("started_at"), "device": first.get("device"),
+        "compute_capability": first.get("compute_capability"), "gpu_memory_gib": first.get("gpu_memory_gib"),
+        "commit": first.get("commit"),
+        "command": summary.get("command") or runner_command(profile_name, None, run_name, []),
+        "overrides": summary.get("overrides", []),
+        "versions": first.get("versions"),
+        "wall_time_s": round(sum(n["wall_time_s"] or 0 for n in notebooks.values()), 1),
+        "notebooks": notebooks,
+        "files": [p.name for p in published_data_files(run)],
+    }
+
+
+def publish_results(profile_name: str, run_name: str | None = None) -> Path:
+    """Copy a run's small data files to the committed ``results/<run>/`` and write its ``PROVENANCE.json``."""
+    run_name = check_run_name(run_name or profile_name)
+    source = run_dir(run_name)
+    provenance = run_provenance(source, profile_name, run_name)
+    target = copy_files(published_data_files(source), published_results_dir(run_name))
+    save_json(provenance, target / PROVENANCE_FILE)
     return target
+
+
+def publish_run(profile_name: str, run_name: str | None = None) -> list[Path]:
+    """``--publish``: the figures to ``figures/<run>/`` and, when the profile says ``publish_results: true``, the
+    data to ``results/<run>/``; returns the folders written."""
+    run_name = run_name or profile_name
+    folders = [publish_figures(run_name)]
+    if load_profile(profile_name).get("publish_results"):
+        folders.append(publish_results(profile_name, run_name))
+    return folders
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,16 +522,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", required=True, help=f"one of: {', '.join(list_profiles())}")
     parser.add_argument("--only", nargs="+", action="extend", help="notebook numbers to run, e.g. --only 01 03")
     parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    parser.add_argument("--run-name", default=None,
+                        help="folder runs/<name>/ and the notebooks' profile parameter (default: the profile's name)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="[NN.]KEY=VALUE",
+                        help="change one parameter: KEY=VALUE for every notebook, NN.KEY=VALUE for notebook NN "
+                             "(repeatable), e.g. --set 04.fast_path=off --set seed=43")
     parser.add_argument("--publish", action="store_true",
-                        help="after a complete run, copy its figures to the committed figures/<profile>/")
+                        help="after the run, copy its figures to the committed figures/<run>/ (and, for a profile "
+                             "with publish_results: true, its data files to results/<run>/)")
     args = parser.parse_args(argv)
-    if args.publish and args.only:
-        parser.error("--publish needs a complete run: leave out --only")
     try:
-        out_dir = run_profile(args.profile, args.only, args.log_output)
+        if args.publish and args.only and not load_profile(args.profile).get("publish_results"):
+            parser.error("--publish needs a complete run: leave out --only (a profile with publish_results: true "
+                         "publishes the notebooks it ran)")
+        out_dir = run_profile(args.profile, args.only, args.log_output, args.run_name, args.overrides)
         print(f"executed notebooks in {out_dir}")
         if args.publish:
-            print(f"figures published to {publish_figures(args.profile)}")
+            for folder in publish_run(args.profile, args.run_name):
+                print(f"published to {folder}")
     except (ProfileError, NotebookFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -29,7 +29,7 @@ PARAMETER_NAMES = (
     "loss_batch_size", "max_seq_length", "baselines", "retrieval_k", "few_shot_k", "n_boot", "confidence", "seed",
     "table_word_limit", "rubric_systems", "general_file", "forgetting_max_items", "ask_question",
     "ask_max_new_tokens", "merge_adapter", "merge_dtype", "merge_device", "merge_probe_records", "merge_rtol",
-    "export_gguf", "gguf_types", "gguf_probe_records", "gguf_max_new_tokens", "compare_runs",
+    "export_gguf", "gguf_types", "gguf_probe_records", "gguf_max_new_tokens", "compare_runs", "gpu_memory_cap_gib",
 )
 
 

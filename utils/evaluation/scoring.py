@@ -64,6 +64,9 @@ def score_one(answer: str, prediction: dict, system_prompt: str | None = None,
     scores.update(score_citations(answer, prediction["reference"]))
     tags = error_tags(answer, prediction["reference"], kind, keywords, system_prompt)
     scores.update({f"tag_{name}": value for name, value in tags.items()})
+    if tags["prompt_echo"] == 1.0 and kind == "out_of_scope":
+        # A copy of the system prompt holds its own decline-and-refer sentence: that is an echo, not a refusal
+        scores["refusal_oos"] = scores["refusal_accuracy"] = 0.0
     for field in missing:
         for name in FIELD_NEEDS.get(field, ()):
             scores[name] = math.nan

@@ -8,7 +8,8 @@
 - ``live``: what runs here when the profile's weights are missing;
 - ``measure`` / ``tasks``: each measurement in a fresh ``python -m utils.memory child`` process;
 - ``tables``: the notebook's tables and the committed GPU report;
-- ``gpu_report``: ``python -m utils.memory gpu-report`` (the twin measured on a GPU).
+- ``gpu_report``: ``python -m utils.memory gpu-report`` (the twin measured on a GPU);
+- ``budget``: ``cap_gpu_memory`` (what an 8 GB card leaves, imposed on a bigger GPU) and ``peak_gpu_memory``.
 
 Figures are in ``utils.plotting.memory``, the findings' prose in ``utils.reports.memory``.
 """
@@ -32,6 +33,13 @@ from utils.memory.analytic import (
     lora_tensor_shapes,
     module_kind,
     optimizer_state_bytes,
+)
+from utils.memory.budget import (
+    CAP_ENV,
+    WINDOWS_DISPLAY_RESERVE_GIB,
+    apply_gpu_memory_cap_from_env,
+    cap_gpu_memory,
+    peak_gpu_memory,
 )
 from utils.memory.gpu_report import GPU_TRAIN_CONFIGS, GPU_WEIGHT_FORMATS, TWIN_LABEL, gpu_report
 from utils.memory.live import DEFAULT_GPU_RESULTS, FALLBACK_PLANS, LiveModel, has_twin_architecture, resolve_live_model

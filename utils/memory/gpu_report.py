@@ -21,7 +21,7 @@ from utils.files import save_json
 from utils.memory.analytic import config_dict
 from utils.memory.measure import run_child
 from utils.modeling import tiny_twin_config, twin_config
-from utils.provenance import result_provenance
+from utils import provenance  # a module, not its names: utils.provenance reads utils.memory.budget
 from utils.units import GB, GIB
 
 TWIN_LABEL = "llama-3.2-3b-twin (random weights)"
@@ -49,7 +49,7 @@ def _new_report(tiny: bool, saved: dict, steps: int, warmup_steps: int, command:
     return {
         "label": TINY_LABEL if tiny else TWIN_LABEL,
         "model_config": config_dict(tiny_twin_config() if tiny else twin_config()),
-        **result_provenance(command),
+        **provenance.result_provenance(command),
         "notes": ("Random weights: memory does not depend on weight values. Weights: each format loaded in a fresh "
                   "process from the bf16 safetensors of the twin (quantised formats with compute dtype bf16); "
                   "measure = torch.cuda.memory_allocated after - before, peak = max_memory_allocated during loading. "

@@ -19,7 +19,7 @@ from utils.device import dtype_name, pick_compute_dtype
 from utils.memory.analytic import config_dict
 from utils.memory.loading import load_model_config
 from utils.memory.tables import load_gpu_report
-from utils.modeling import ModelNotAvailableError, model_folder, resolve_model, twin_config
+from utils.modeling import TWIN, ModelNotAvailableError, model_folder, resolve_model, twin_config
 from utils.paths import REPO_ROOT, TWIN_CONFIG_FILE, resolve_path
 
 DEFAULT_GPU_RESULTS = "results/02_twin_gpu_memory.json"
@@ -99,7 +99,10 @@ class LiveModel:
 
 
 def has_twin_architecture(name: str) -> bool:
-    """Whether ``name`` is Llama-3.2-3B: a folder whose ``config.json`` equals the twin's, or a hub id named so."""
+    """Whether ``name`` is Llama-3.2-3B: the twin, a folder whose ``config.json`` equals the twin's, or a hub id
+    named so."""
+    if name == TWIN:
+        return True
     path = resolve_path(name)
     if (path / "config.json").is_file():
         return config_dict(AutoConfig.from_pretrained(path)) == config_dict(twin_config())
@@ -107,9 +110,11 @@ def has_twin_architecture(name: str) -> bool:
 
 
 def _check_weights(model_name: str) -> None:
-    """Raise ``ModelNotAvailableError`` unless the weights of ``model_name`` are on this machine."""
-    if resolve_model(model_name).is_twin:
-        return
+    """Raise ``ModelNotAvailableError`` unless the weights of ``model_name`` are on this machine.
+
+    The twin's random weights are written here on first use (``utils.modeling.materialize_twin``); without the
+    disk space for them it falls back like a missing Llama-3.2-3B.
+    """
     folder = model_folder(model_name)
     if not any(folder.glob("*.safetensors")):
         raise ModelNotAvailableError(

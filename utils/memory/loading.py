@@ -70,7 +70,7 @@ def load_for_measurement(model: str, fmt: str, device: str, compute_dtype: str |
     dtype = torch_dtype(compute_dtype) if compute_dtype else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if device.startswith("cuda") or resolve_model(model).is_twin:
+        if device.startswith("cuda"):
             return load_model(model, quantization=fmt, device=device, compute_dtype=dtype)
         kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False, "device_map": {"": "cpu"},
                                   "disable_mmap": True}
@@ -90,7 +90,7 @@ def load_for_measurement(model: str, fmt: str, device: str, compute_dtype: str |
 def quantized_cache_folder(model: str, fmt: str) -> Path:
     """Folder where a pre-quantised copy of ``model`` in ``fmt`` is cached (``.cache/models``)."""
     spec = resolve_model(model)
-    base = Path(spec.location).name if spec.kind in {"embedded", "local"} else spec.location.replace("/", "--")
+    base = Path(spec.location).name if spec.kind in {"embedded", "local", "twin"} else spec.location.replace("/", "--")
     return MODELS_CACHE_DIR / f"{base}-{fmt}-cpu"
 
 

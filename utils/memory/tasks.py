@@ -29,6 +29,7 @@ from utils.config import THESIS
 from utils.data import load_records
 from utils.device import default_device, dtype_name, torch_dtype
 from utils.memory.analytic import QUANTIZED, TRAIN_VARIANTS
+from utils.memory.budget import apply_gpu_memory_cap_from_env
 from utils.memory.loading import (
     cache_is_fresh,
     load_for_measurement,
@@ -323,7 +324,11 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def run_task(task: dict) -> dict:
-    """Run one task in this process; an out-of-memory error becomes a result, not a crash."""
+    """Run one task in this process; an out-of-memory error becomes a result, not a crash.
+
+    A GPU cap set by the parent (``utils.memory.cap_gpu_memory``, e.g. an 8 GB card) applies here too.
+    """
+    apply_gpu_memory_cap_from_env()
     try:
         return {"ok": True, **TASKS[task["task"]](task)}
     except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError

@@ -71,7 +71,8 @@ MODELS = {
     "tuned_rag": "Ajustado + BM25",
     "few_shot": "Base con ejemplos",
 }
-PROFILES = {"smoke": "prueba rápida", "demo": "demostración", "thesis": "tesis"}
+PROFILES = {"smoke": "prueba rápida", "demo": "demostración", "thesis": "tesis", "gpu": "GPU, receta de la tesis",
+            "gpu-tuned": "GPU, receta elegida en validación", "thesis-twin": "gemelo de la tesis (pesos aleatorios)"}
 
 # Namespaced ids (the same word means different things in two chapters)
 NAMESPACED = {

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from utils.evaluation import ERROR_TAGS, METRICS, SYSTEM_LABELS, check_summary, highlight_keywords, model_label
+from utils.evaluation.runs import gpu_source
 from utils.files import read_json
 from utils.modeling import ModelNotAvailableError, resolve_model
 from utils.numbers import fmt_num, fmt_pct
@@ -246,10 +247,9 @@ def gguf_table(report: dict) -> pd.DataFrame:
 
 
 def gpu_heading(name: str, result: dict) -> str:
-    """A Markdown heading that labels a committed GPU result as such: name, model, profile, test size, origin."""
-    identity, origin = result["identity"], result["provenance"]
-    details = [f"modelo {label(str(identity.get('model_name')))}", f"perfil {label(str(identity.get('profile')))}",
-               f"{fmt_num(identity.get('n_test_records'))} preguntas de prueba"]
-    words = {"device": "dispositivo", "date": "fecha", "commit": "versión del código"}
-    details += [f"{word} {origin[key]}" for key, word in words.items() if origin.get(key)]
-    return f"#### Resultado de GPU «{name}» (comprometido en results/, no es de esta corrida)\n\n" + "; ".join(details)
+    """A Markdown heading that labels a committed GPU run as such: name, model, test size, where and when measured."""
+    identity = result["identity"]
+    details = [f"modelo {label(str(identity.get('model_name')))}",
+               f"{fmt_num(identity.get('n_test_records'))} preguntas de prueba", gpu_source(result)]
+    return (f"#### Corrida de GPU «{name}» (publicada en results/{name}/, no es de esta ejecución)\n\n"
+            + "; ".join(details))

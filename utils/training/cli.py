@@ -6,6 +6,8 @@
     python -m utils.training --profile smoke --output-dir /tmp/run --no-resume  # stops if checkpoints are left
     python -m utils.training --model embedded --max-steps 5 --compute-dtype fp16 --quantization nf4_dq
     python -m utils.training --profile smoke --early-stopping-patience 3    # stop when validation stops improving
+    python -m utils.training --model embedded --fast-path on --fast-path-kernels torch   # PyTorch ops, no Triton
+    QLORA_EMULATE_CAPABILITY=7.5 python -m utils.training --model embedded   # decide as an RTX 20xx would
     accelerate launch --num_processes 2 -m utils.training --profile thesis   # DDP, one process per GPU
     python -m utils.training summarize-campaign runs/campaign --out results/04_gpu_campaign.json
 """
@@ -19,6 +21,7 @@ from typing import Any
 
 from utils.config import ProfileError, load_profile, notebook_parameters
 from utils.data import DatasetError
+from utils.device import CapabilityEmulationError
 from utils.modeling import ModelNotAvailableError
 from utils.runner import check_profile_keys, resolve_parameters, select_notebooks
 from utils.training.campaign import main as campaign_main
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = profile_settings(profile, **args)
         train(settings, keep_trl_bf16_adapters=keep_bf16)
     except (TrainingConfigError, TrainingOutOfMemoryError, TrainingOutputError, DatasetError,
-            ModelNotAvailableError, ProfileError) as exc:
+            ModelNotAvailableError, ProfileError, CapabilityEmulationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

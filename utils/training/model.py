@@ -19,11 +19,11 @@ from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from utils.device import dtype_name, torch_dtype
+from utils.device import compute_capability, dtype_name, restrict_sdpa_to_capability, torch_dtype
 from utils.memory import analytic_training_breakdown, load_model_config
 from utils.modeling import build_lora_config, load_model
 from utils.paths import HISTORY_FILE, PROGRESS_FILE
-from utils.speed import enable_fast_path, unsupported_reason
+from utils.speed import FastPathOptions, enable_fast_path, unsupported_reason
 from utils.speed.optim import FlatOptimizer, flat_unsupported_reason
 from utils.training.callbacks import HistoryCsvCallback, ProgressFileCallback, in_notebook
 from utils.training.data import TrainingData, check_bos
@@ -92,14 +92,35 @@ def check_memory(settings: TrainingSettings, plan: TrainingPlan, config=None) ->
 
 
 def load_training_model(settings: TrainingSettings, plan: TrainingPlan):
-    """Base model as the plan says (quantised or not, on the plan's device); the original upcast if asked."""
+    """Base model as the plan says (quantised or not, on the plan's device); the original upcast if asked.
+
+    Under an emulated capability below 8.0 (``QLORA_EMULATE_CAPABILITY``) attention runs as a Turing GPU's would:
+    SDPA without its FlashAttention and cuDNN kernels, and never FlashAttention-2.
+    """
+    switched_off = restrict_sdpa_to_capability(plan.device)
+    if switched_off:
+        plan.notes.append(f"capacidad emulada {plan.compute_capability}: scaled_dot_product_attention sin los "
+                          f"backends {' ni '.join(switched_off)} (necesitan Ampere o más nueva).")
     model = load_model(
         settings.model_name, quantization=plan.quantization, device=plan.device,
         compute_dtype=torch_dtype(plan.compute_dtype),
     )
+    plan.attn_implementation = check_attention_implementation(model, plan)
     if plan.kbit_upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
     return model
+
+
+def check_attention_implementation(model, plan: TrainingPlan) -> str | None:
+    """The model's attention implementation; FlashAttention on a GPU (or emulated one) older than Ampere stops."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if (implementation and "flash" in implementation and torch.device(plan.device).type == "cuda"
+            and compute_capability(plan.device)[0] < 8):
+        raise TrainingConfigError(
+            f"the model was loaded with attn_implementation={implementation!r}, which needs compute capability "
+            f"8.0 or newer; this run's GPU has {plan.compute_capability}. Load it with attn_implementation='sdpa'."
+        )
+    return implementation
 
 
 def build_training_lora_config(settings: TrainingSettings) -> LoraConfig:
@@ -303,8 +324,10 @@ def build_trainer(settings: TrainingSettings, plan: TrainingPlan, model, tokeniz
     if plan.recast_trainable_fp32:
         recast_trainable_parameters(trainer.model, torch.float32)
     if plan.fast_path:
-        fast = enable_fast_path(trainer.model, torch_dtype(plan.compute_dtype))
-        plan.notes.append(f"camino rápido resuelto: {fast.describe()}")
+        fast = enable_fast_path(trainer.model, torch_dtype(plan.compute_dtype),
+                                FastPathOptions(kernels=settings.fast_path_kernels))
+        plan.fast_path_resolved = fast.describe()
+        plan.notes.append(f"camino rápido resuelto: {plan.fast_path_resolved}")
         use_flat_optimizer(trainer, plan)
     check_bos(trainer.train_dataset, tokenizer)
     return trainer

@@ -18,10 +18,14 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from utils.config import HUB_MODEL_ID, THESIS, coerce_value
-from utils.device import DTYPES, default_device, dtype_name, pick_compute_dtype
+from utils.device import (
+    DTYPES, EMULATE_CAPABILITY_ENV, CapabilityEmulationError, compute_capability, default_device, dtype_name,
+    emulated_capability, pick_compute_dtype, real_capability,
+)
 from utils.files import read_json
 from utils.paths import CHECKPOINTS_DIR, CONFIG_FILE, RUNS_DIR, TENSORBOARD_DIR, resolve_path
 from utils.speed import FastPathOptions
+from utils.speed.fastpath import KERNEL_CHOICES, liger_available
 from utils.training.checkpoints import find_last_checkpoint
 from utils.training.errors import (  # noqa: F401 - the errors are imported from here too
     TrainingConfigError, TrainingOutOfMemoryError, TrainingOutputError,
@@ -37,6 +41,7 @@ RESUME_CHOICES = ("auto", True, False)
 QUANTIZATION_CHOICES = ("auto", "none", "fp32", "fp16", "bf16", "int8", "fp4", "nf4", "nf4_dq")
 BNB_QUANTIZATIONS = ("int8", "fp4", "nf4", "nf4_dq")
 FAST_PATH_CHOICES = ("auto", "on", "off")
+FAST_PATH_KERNEL_CHOICES = KERNEL_CHOICES  # "auto" | "liger" | "torch" (utils.speed.fastpath.FastPathOptions.kernels)
 SAMPLING_CHOICES = ("auto", "random", "group_by_length")
 
 # Settings that no longer exist, each with the message that says where it went (a profile block, a notebook
@@ -50,8 +55,9 @@ RENAMED_SETTINGS = {
     ),
 }
 
-# Parameters of notebook 04 that are not training settings (the stop-rate measurement after training).
-NOTEBOOK_ONLY = ("stop_examples", "stop_max_new_tokens")
+# Parameters of notebook 04 that are not training settings (the stop-rate measurement after training, the
+# allocator cap that stands in for a smaller GPU).
+NOTEBOOK_ONLY = ("stop_examples", "stop_max_new_tokens", "gpu_memory_cap_gib")
 
 # Settings a resumed run must share with the run that wrote the checkpoint: they change the maths.
 RESUME_MUST_MATCH = (
@@ -109,6 +115,10 @@ class TrainingSettings:
     save_total_limit: int = 3
     gradient_checkpointing: bool = True
     fast_path: str = "auto"  # "auto": utils.speed's fast path on a CUDA GPU unless replicating the original
+    # The fast path's RMSNorm/RoPE/SwiGLU: "auto" (Triton kernels of Liger and utils.speed.kernels for passes of
+    # 4096 tokens or more, PyTorch ops for smaller ones), "torch" (PyTorch ops always: what a machine without
+    # Triton runs, e.g. Windows), "liger" (Triton kernels always)
+    fast_path_kernels: str = "auto"
     replicate_original: bool = False
     train_sampling_strategy: str = "auto"  # "auto": group_by_length when replicating the original, else random
     allow_split_overlap: bool = False  # True: train although train and validation share questions
@@ -180,6 +190,14 @@ class TrainingPlan:
     notes: list[str] = field(default_factory=list)
     previous_run: str | None = None  # where the finished run in output_dir moves before this one writes
     tensorboard_dir: str | None = None  # TensorBoard event files (None: tensorboard is not installed)
+    # The GPU's compute capability as the run's decisions saw it ("7.5"), and the GPU's own when it is emulated
+    # (QLORA_EMULATE_CAPABILITY); None on the CPU
+    compute_capability: str | None = None
+    emulated_from: str | None = None
+    # transformers' attention in the loaded model ("sdpa"; the fast path's own attention is in fast_path_resolved)
+    attn_implementation: str | None = None
+    # What the fast path resolved to once the model exists (kernels, attention, dtypes): FastPath.describe()
+    fast_path_resolved: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,6 +219,7 @@ def plan_training(settings: TrainingSettings, device: str | torch.device | None 
     on_cuda = device.type == "cuda"
     notes: list[str] = []
     check_values(settings)
+    capability, emulated_from = _capability(device, notes)
     quantization = _resolve_quantization(settings.quantization, on_cuda, notes)
     compute = _resolve_compute_dtype(settings.compute_dtype, device)
     optim = _resolve_optim(settings.optim, on_cuda, notes)
@@ -237,7 +256,38 @@ def plan_training(settings: TrainingSettings, device: str | torch.device | None 
         notes=notes,
         previous_run=str(previous) if previous else None,
         tensorboard_dir=tensorboard,
+        compute_capability=capability,
+        emulated_from=emulated_from,
     )
+
+
+def _capability(device: torch.device, notes: list[str]) -> tuple[str | None, str | None]:
+    """("7.5", "9.0") under ``QLORA_EMULATE_CAPABILITY=7.5`` on an H200, ("9.0", None) without; a bad one stops.
+
+    (None, None) off CUDA, and for a CUDA device planned on a machine without one.
+    """
+    if device.type != "cuda" or not torch.cuda.is_available():
+        try:
+            emulated = emulated_capability()
+        except CapabilityEmulationError as exc:
+            raise TrainingConfigError(str(exc)) from None
+        if emulated is not None:
+            notes.append(f"{EMULATE_CAPABILITY_ENV}={'.'.join(map(str, emulated))} no tiene efecto en {device}: "
+                         "solo se emula la capacidad de cómputo de una GPU CUDA.")
+        return None, None
+    try:
+        used, real = compute_capability(device), real_capability(device)
+    except CapabilityEmulationError as exc:
+        raise TrainingConfigError(str(exc)) from None
+    text, real_text = ".".join(map(str, used)), ".".join(map(str, real))
+    if used == real and emulated_capability() is None:
+        return text, None
+    notes.append(
+        f"{EMULATE_CAPABILITY_ENV}={text}: {torch.cuda.get_device_name(device)} (capacidad {real_text}) toma las "
+        f"decisiones de una GPU de capacidad {text}"
+        + (": fp16 en lugar de bf16 y atención SDPA sin FlashAttention (como una RTX 20xx)." if used[0] < 8 else ".")
+    )
+    return text, real_text
 
 
 def _tensorboard_dir(out: Path, notes: list[str]) -> str | None:
@@ -278,10 +328,12 @@ def _resolve_compute_dtype(choice: str, device: torch.device) -> str:
             f"compute_dtype={compute!r} needs a CUDA GPU (mixed precision with a gradient scaler); this "
             "machine has none. Set compute_dtype='auto' (fp32 on the CPU)."
         )
-    if compute == "bf16" and on_cuda and torch.cuda.get_device_capability(device)[0] < 8:
+    if compute == "bf16" and on_cuda and compute_capability(device)[0] < 8:
+        emulated = (f" ({EMULATE_CAPABILITY_ENV} emulates it; unset it to use the GPU's own)"
+                    if emulated_capability() is not None else "")
         raise TrainingConfigError(
             f"compute_dtype='bf16' needs compute capability 8.0 or newer; {torch.cuda.get_device_name(device)} "
-            f"has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Set compute_dtype='fp16' or 'auto'."
+            f"has {'.'.join(map(str, compute_capability(device)))}{emulated}. Set compute_dtype='fp16' or 'auto'."
         )
     return compute
 
@@ -328,19 +380,42 @@ def _resolve_fast_path(settings: TrainingSettings, on_cuda: bool, quantization: 
         if blockers:
             raise TrainingConfigError(f"fast_path='on' but {'; '.join(b[0] for b in blockers)}. "
                                       "Set fast_path='auto' or 'off'.")
+        _check_kernels(settings.fast_path_kernels, on_cuda)
         return True
     if not on_cuda:
         return False
     if blockers:
         notes.append(f"fast_path='auto' queda apagado: {'; '.join(b[1] for b in blockers)}.")
         return False
+    _check_kernels(settings.fast_path_kernels, on_cuda)
     notes.append(
         "camino rápido (utils.speed): q/k/v y gate/up como una sola multiplicación cada una (con sus LoRA "
-        "fusionadas), sin upcast a fp32, checkpoints en memoria fijada de la CPU, kernels de Triton (RMSNorm/SwiGLU "
-        f"de Liger, RoPE de utils.speed.kernels) en pasadas de {FastPathOptions().small_pass_tokens} tokens o más y "
+        f"fusionadas), sin upcast a fp32, checkpoints en memoria fijada de la CPU, {_kernels_note(settings)} y "
         "lotes sin relleno; fast_path='off' usa el forward estándar de transformers + PEFT."
     )
     return True
+
+
+def _check_kernels(choice: str, on_cuda: bool) -> None:
+    """``fast_path_kernels='liger'`` where Liger's Triton kernels cannot run: one error with the way out."""
+    if choice == "liger" and not (on_cuda and liger_available()):
+        raise TrainingConfigError(
+            "fast_path_kernels='liger' needs a CUDA GPU with Triton and the liger-kernel package "
+            "(pip install liger-kernel); set fast_path_kernels='auto' (Triton where it runs, PyTorch ops elsewhere) "
+            "or 'torch'."
+        )
+
+
+def _kernels_note(settings: TrainingSettings) -> str:
+    """The fast path's kernels in Spanish, for the plan's note."""
+    triton = "kernels de Triton (RMSNorm/SwiGLU de Liger, RoPE de utils.speed.kernels)"
+    if settings.fast_path_kernels == "torch":
+        return "operaciones de PyTorch en lugar de kernels de Triton (fast_path_kernels='torch', como en Windows)"
+    if settings.fast_path_kernels == "liger":
+        return f"{triton} en todas las pasadas (fast_path_kernels='liger')"
+    if not liger_available():
+        return "operaciones de PyTorch (Triton o liger-kernel no están instalados)"
+    return f"{triton} en pasadas de {FastPathOptions().small_pass_tokens} tokens o más"
 
 
 def _micro_batches(settings: TrainingSettings, fast: bool, notes: list[str]) -> tuple[int, int]:
@@ -400,7 +475,8 @@ def leftover_message(settings: TrainingSettings, out: Path, leftovers: list[Path
 def check_values(s: TrainingSettings) -> None:
     """One clear error for a setting out of range: the setting, its value and what is allowed."""
     choices = {"quantization": QUANTIZATION_CHOICES, "compute_dtype": ("auto", *DTYPES),
-               "fast_path": FAST_PATH_CHOICES, "lr_scheduler_type": SCHEDULERS,
+               "fast_path": FAST_PATH_CHOICES, "fast_path_kernels": FAST_PATH_KERNEL_CHOICES,
+               "lr_scheduler_type": SCHEDULERS,
                "train_sampling_strategy": SAMPLING_CHOICES}
     for name, allowed in choices.items():
         if getattr(s, name) not in allowed:

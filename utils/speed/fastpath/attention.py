@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from utils.device import compute_capability
+
 
 @dataclass
 class Segments:
@@ -65,10 +67,13 @@ class _FlashVarlen(torch.autograd.Function):
 
 
 def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """FlashAttention's variable-length kernel runs on Ampere or newer GPUs in fp16/bf16."""
+    """FlashAttention's variable-length kernel runs on Ampere or newer GPUs in fp16/bf16.
+
+    The capability is ``utils.device.compute_capability``'s: under ``QLORA_EMULATE_CAPABILITY=7.5`` it is False.
+    """
     return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
             and hasattr(torch.ops.aten, "_flash_attention_forward")
-            and torch.cuda.get_device_capability(device)[0] >= 8)
+            and compute_capability(device)[0] >= 8)
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:

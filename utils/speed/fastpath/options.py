@@ -28,7 +28,8 @@ class FastPathOptions:
     checkpoint_keep: str = "auto"
     # "liger" (Triton, CUDA), "torch", or "auto": liger where it can run, for passes of ``small_pass_tokens`` tokens
     # or more; smaller passes are bound by the CPU's kernel launches, and Triton's launcher costs several times the
-    # CPU time of an ATen op (the original recipe's 2 × 512 tokens ran ~10 % faster with PyTorch's ops)
+    # CPU time of an ATen op (the original recipe's 2 × 512 tokens ran ~10 % faster with PyTorch's ops). Training
+    # sets it with ``fast_path_kernels`` ("torch": what a machine without Triton runs, e.g. Windows)
     kernels: str = "auto"
     small_pass_tokens: int = 4096
     # A checkpointed layer runs its MLP (and its recomputation and backward) over at most this many tokens at a
