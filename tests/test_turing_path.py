@@ -200,6 +200,30 @@ def test_summary_without_a_seed_pair_gives_no_verdict(tmp_path):
     assert verdict["agree_within_seed_noise"] is None  # no seed-to-seed gap to compare with
 
 
+def test_stopped_runs_are_compared_over_the_steps_every_run_logged(tmp_path):
+    work = tmp_path / "turing"
+    _fake_run(work / "on_s42", "on", 42, [2.0, 1.5, 1.2, 1.0], [1.50, 1.30])
+    _fake_run(work / "on_s43", "on", 43, [2.4, 1.9, 1.2, 1.0], [1.55, 1.40])
+    _fake_run(work / "off_s42", "off", 42, [2.1, 1.6], [1.50])  # stopped after step 2: no run record
+    (work / "off_s42" / "04_run.json").unlink()
+    (work / "on_s42" / "04_run.json").write_text(json.dumps({
+        "wall_time_s": 12.5, "training": {"global_step": 4}, "started_at": "2026-12-02T14:03:32+00:00",
+        "device": "NVIDIA H200", "commit": "b3234e8", "versions": {"torch": "2.11.0"}, "compute_capability": "9.0"}))
+    out = turing_path.summarize_turing(work, tmp_path / "t.json", {}, "gpu", "7.5", False, {},
+                                       provenance_from_runs=True)
+    summary = json.loads(out.read_text())
+    # summarised on this CPU, but the provenance is the GPU run's own
+    assert summary["device"] == "NVIDIA H200" and summary["date"] == "2026-12-02T14:03:32+00:00"
+    assert summary["commit"] == "b3234e8" and summary["summarized_at"]
+    assert set(summary["runs"]) == {"on_s42", "on_s43"} and summary["partial_runs"]["off_s42"]["stopped_at_step"] == 2
+    early = summary["early_steps_comparison"]
+    assert early["steps"] == 2
+    assert early["gaps"]["on_vs_off_s42"]["mean_step_train_loss_gap"] == pytest.approx(0.1)
+    assert early["gaps"]["seed42_vs_seed43_fast_path_on"]["mean_step_train_loss_gap"] == pytest.approx(0.4)
+    assert early["verdicts"]["fast_path_on_vs_off"]["mean_step_train_loss"] is True
+    assert early["verdicts"]["fast_path_on_vs_off"]["agree_within_seed_noise"] is None  # no validation loss there
+
+
 def test_runs_and_commands():
     runs = turing_path.selected_runs("")
     assert {(r.fast_path, r.seed) for r in runs} >= {("on", 42), ("off", 42), ("on", 43), ("off", 43)}
@@ -219,10 +243,11 @@ def test_runs_and_commands():
 
 @pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
-    """Three real 2-step runs on the CPU (on/off at seed 42, on at seed 43), then the summary."""
+    """Two real 2-step runs on the CPU (fast path on and off at seed 42), then the summary (CI's budget: two, not
+    six; the seed-noise verdicts are tested on fabricated folders above)."""
     out = tmp_path / "turing.json"
     done = subprocess.run(
-        [sys.executable, "tools/turing_path.py", "--smoke", "--only", "on_s42,off_s42,on_s43",
+        [sys.executable, "tools/turing_path.py", "--smoke", "--only", "on_s42,off_s42",
          "--work-dir", str(tmp_path / "work"), "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -235,4 +260,5 @@ def test_smoke_run_end_to_end(tmp_path):
     assert len(on["train_losses"]) == 2 and on["final_eval_loss"] is not None
     gap = summary["comparison"]["gaps"]["on_vs_off_s42"]
     assert gap["steps_compared"] == 2 and gap["final_eval_loss_gap"] < 0.05  # same maths, same seed
-    assert summary["comparison"]["verdicts"]["fast_path_on_vs_off"]["agree_within_seed_noise"] is not None
+    # no second seed ran, so there is no noise to compare with: the verdict says "unknown", not "agree"
+    assert summary["comparison"]["verdicts"]["fast_path_on_vs_off"]["agree_within_seed_noise"] is None

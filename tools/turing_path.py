@@ -39,7 +39,7 @@ from utils.device import EMULATE_CAPABILITY_ENV  # noqa: E402
 from utils.files import read_json, save_json  # noqa: E402
 from utils.paths import CONFIG_FILE, PARAMS_DIR, RESULTS_DIR, RUNS_DIR, resolve_path  # noqa: E402
 from utils.provenance import command_line, result_provenance  # noqa: E402
-from utils.training.campaign import RUN_FILE, summarize_run  # noqa: E402
+from utils.training.campaign import HISTORY_FILE, RUN_FILE, history_records, summarize_run  # noqa: E402
 
 OUT_FILE = RESULTS_DIR / "gpu" / "04_turing_path.json"
 WORK_DIR = RUNS_DIR / "turing"
@@ -177,6 +177,29 @@ def summarize_turing_run(folder: Path, process: dict[str, Any] | None = None) ->
     }
 
 
+def summarize_partial_run(folder: Path) -> dict[str, Any]:
+    """A run stopped before its end (no ``04_run.json``): its settings and the losses it logged."""
+    config = read_json(folder / CONFIG_FILE)
+    history = history_records(folder / HISTORY_FILE)
+    train, evals = _series(history, "loss"), _series(history, "eval_loss")
+    parameters = config.get("parameters", {})
+    return {"settings": {k: parameters.get(k) for k in ("fast_path", "fast_path_kernels", "seed", "max_steps")},
+            "fast_path_resolved": config.get("plan", {}).get("fast_path_resolved"),
+            "stopped_at_step": train[-1][0] if train else 0, "train_losses": train, "eval_losses": evals,
+            "final_eval_loss": None}
+
+
+def early_steps_comparison(runs: dict[str, dict[str, Any]], partial: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The comparison over the first steps every run (finished or stopped) logged: training loss only."""
+    every = {**runs, **partial}
+    last = min(r["train_losses"][-1][0] for r in every.values() if r["train_losses"])
+    cut = {name: {**r, "train_losses": [p for p in r["train_losses"] if p[0] <= last], "final_eval_loss": None}
+           for name, r in every.items()}
+    result = comparison(cut)
+    return {"steps": last, "note": f"training loss over steps 1-{last}, the steps every run logged "
+                                   "(validation loss is only at step 0 there)", **result}
+
+
 def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """|a − b| in final validation loss, and the mean |a − b| of the training loss over the steps both logged."""
     a_steps, b_steps = dict(map(tuple, a["train_losses"])), dict(map(tuple, b["train_losses"]))
@@ -237,15 +260,26 @@ def script_argv() -> list[str]:
 
 
 def summarize_turing(work: Path, out: Path, processes: dict[str, dict[str, Any]], profile: str,
-                     emulate: str | None, smoke: bool, skipped: dict[str, str]) -> Path:
+                     emulate: str | None, smoke: bool, skipped: dict[str, str],
+                     provenance_from_runs: bool = False) -> Path:
     """``out`` (JSON, atomic): provenance, every finished run of ``work`` and the comparison.
 
     Runs of an earlier invocation that finished (``--only`` reran the others) are summarised too; ``wall_s``
-    (the process's wall time) is known for this invocation's runs only.
+    (the process's wall time) is known for this invocation's runs only. Runs stopped before their end (a log
+    history, no run record) go to ``partial_runs``, with a comparison over the first steps every run logged.
+    ``provenance_from_runs``: date, device, commit and versions from the runs' records (``--summarize-only`` on
+    another machine).
     """
     finished = [name for name in RUNS if name in processes or (work / name / RUN_FILE).is_file()]
     runs = {name: summarize_turing_run(work / name, processes.get(name)) for name in finished}
+    partial = {name: summarize_partial_run(work / name) for name in RUNS
+               if name not in runs and (work / name / HISTORY_FILE).is_file()}
     provenance = result_provenance(command_line(["python", *script_argv()]))
+    if provenance_from_runs and runs:
+        # summarised on another machine than the one that trained: the runs' own records say where and when
+        record = read_json(work / next(iter(runs)) / RUN_FILE)
+        provenance.update({k: record.get(k) for k in ("device", "commit", "versions", "compute_capability")},
+                          date=record.get("started_at"), summarized_at=provenance["date"])
     summary = {
         "what": ("Turing path: the thesis recipe on the embedded model for a few hundred steps, fast path on and "
                  "off, kernels auto / torch / liger, two seeds, under an emulated compute capability "
@@ -264,6 +298,11 @@ def summarize_turing(work: Path, out: Path, processes: dict[str, dict[str, Any]]
         "runs": runs,
         "comparison": comparison(runs),
     }
+    if partial:
+        summary["partial_runs"] = partial
+        summary["early_steps_comparison"] = early_steps_comparison(runs, partial)
+    if provenance_from_runs:
+        summary["summarized_at"] = provenance.get("summarized_at")
     return save_json(summary, out)
 
 
@@ -287,6 +326,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="2 steps on a few examples, on the CPU if there is no "
                                                              "GPU (no emulation there): tries the whole script")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="start nothing: summarise the run folders of --work-dir (e.g. copied back from the GPU "
+                             "machine), with the date, device and versions of the runs' own records")
     args = parser.parse_args(argv)
     args.work_dir = resolve_path(args.work_dir) if args.work_dir else (
         WORK_DIR.with_name(WORK_DIR.name + "-smoke") if args.smoke else WORK_DIR)
@@ -323,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     """Start the runs, wait for them, summarise when all finished; 1 when one failed."""
     args = parse_args(argv)
     runs = selected_runs(args.only)
+    if args.summarize_only:
+        path = summarize_turing(args.work_dir, args.out, {}, args.profile, args.emulate or None, args.smoke, {},
+                                provenance_from_runs=True)
+        print(f"summary: {path}")
+        return 0
     if args.dry_run:
         for run in runs:
             print(shlex.join(run_command(run, args.work_dir, args.profile, args.smoke)))
