@@ -12,19 +12,22 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from hashlib import sha256
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tokenizers import pre_tokenizers, processors
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from utils.evaluation.export import ROUNDTRIP_TOLERANCES, roundtrip_check
+from utils.evaluation import gguf as gguf_module
+from utils.evaluation.export import ROUNDTRIP_TOLERANCES, GGUFRoundTripError, prompt_ids, roundtrip_check
 from utils.evaluation.gguf import (
-    GGUFExportError, MODELFILE, chat_layout, export_gguf, go_template, llama3_rope_factors, read_gguf_header,
-    write_modelfile,
+    PRE_TOKENIZER_CHECK_TEXT, PRE_TOKENIZERS, GGUFExportError, MODELFILE, chat_layout, export_gguf, go_template,
+    llama3_rope_factors, llama_cpp_tokenizer, read_gguf_header, write_modelfile,
 )
 from utils.modeling import EMBEDDED_DIR, EMBEDDED_GGUF, EMBEDDED_PACKAGE, LLAMA_TOKENIZER_DIR
 from utils.paths import TEST_FILE
@@ -141,6 +144,9 @@ def test_roundtrip_within_tolerance(embedded_export, type_name):
     assert report["passed"] and report["type"] == type_name
     assert report["tolerance"] == ROUNDTRIP_TOLERANCES[type_name]
     assert report["tokenizer_agreement"] == 1.0 and len(report["answers"]) == N_PROMPTS
+    # both readings of the file count for SmolLM2: llama.cpp's and transformers' own
+    assert report["llama_cpp_pre_tokenizer_hash_ok"] and report["transformers_gguf_reader"].startswith("counted")
+    assert report["tokenizer_agreement_llama_cpp"] == report["tokenizer_agreement_transformers"] == 1.0
 
 
 @needs_llama_tokenizer
@@ -158,7 +164,71 @@ def test_llama3_layout_roundtrip(tiny_llama3):
     np.testing.assert_allclose(factors, (plain / scaled).numpy(), rtol=1e-5)
     report = roundtrip_check(folder, path, sample_prompts(), MAX_NEW_TOKENS)
     assert report["passed"] and report["max_rel_diff"] < 1e-4  # an fp16 merge survives f16 exactly
+    assert report["tokenizer_agreement_llama_cpp"] == 1.0 and report["llama_cpp_pre_tokenizer_hash_ok"]
     assert export["stop_tokens"] == ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"]
+
+
+def ignoring_pre_tokenizer_reader(monkeypatch) -> None:
+    """transformers' GGUF tokenizer as transformers <= 5.17 builds it for a Llama-3 file (``GGUFLlamaConverter``,
+    transformers.integrations.ggml): GPT-2's split regex whatever ``tokenizer.ggml.pre`` says, no BOS, and the BOS
+    token as EOS. Only tokenizers read from a GGUF change."""
+    original = PreTrainedTokenizerFast.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        tokenizer = original(*args, **kwargs)
+        if kwargs.get("gguf_file"):
+            backend = tokenizer.backend_tokenizer
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False,
+                                                             use_regex=True)
+            backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
+            tokenizer.eos_token = tokenizer.bos_token
+        return tokenizer
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "from_pretrained", from_pretrained)
+
+
+@needs_llama_tokenizer
+def test_llama3_roundtrip_with_transformers_517_gguf_reader(tiny_llama3, monkeypatch, tmp_path):
+    """The H200 failure of notebook 05 (thesis-twin, transformers 5.17): its GGUF reader split the written
+    Llama-3.2 tokenizer with GPT-2's regex, so tokenizer_agreement was 0 for a file llama.cpp reads right. The
+    check reads the file as llama.cpp does, and the Modelfile takes BOS, EOS and the template from that reading."""
+    folder, export = tiny_llama3
+    path = Path(export["files"]["f16"]["path"])
+    ignoring_pre_tokenizer_reader(monkeypatch)
+    emulated = PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
+    merged = AutoTokenizer.from_pretrained(folder)
+    assert all(prompt_ids(emulated, p) != prompt_ids(merged, p) for p in sample_prompts())  # the failure, emulated
+    report = roundtrip_check(folder, path, sample_prompts(), MAX_NEW_TOKENS)
+    assert report["passed"] and report["tokenizer_agreement"] == report["tokenizer_agreement_llama_cpp"] == 1.0
+    assert report["tokenizer_agreement_transformers"] == 0.0
+    assert report["transformers_gguf_reader"].startswith("not counted") and report["llama_cpp_pre_tokenizer_hash_ok"]
+    text = write_modelfile(path, tmp_path, SYSTEM, stop_tokens=export["stop_tokens"]).read_text(encoding="utf-8")
+    stops = re.findall(r'^PARAMETER stop "(.+)"$', text, re.M)
+    assert "<|eot_id|>" in stops and "<|begin_of_text|>" not in stops
+
+
+@needs_llama_tokenizer
+def test_llama_cpp_tokenizer_reads_llama3_file(tiny_llama3):
+    """The file read as llama.cpp reads it: the merged tokenizer's ids (BOS, "\\n\\n" one token, digits in
+    threes), and llama.cpp's reference hash for tokenizer.ggml.pre = llama-bpe."""
+    folder, export = tiny_llama3
+    tokenizer = llama_cpp_tokenizer(export["files"]["f16"]["path"])
+    merged = AutoTokenizer.from_pretrained(folder)
+    assert (tokenizer.bos_token, tokenizer.eos_token) == (merged.bos_token, merged.eos_token)
+    for text in ("¿Cuántos capítulos tiene la Ord. 1549?\n\nRespondé.", PRE_TOKENIZER_CHECK_TEXT):
+        assert tokenizer.encode(text) == merged.encode(text)
+    assert PRE_TOKENIZERS[sha256(str(tokenizer.encode(PRE_TOKENIZER_CHECK_TEXT)).encode()).hexdigest()] == "llama-bpe"
+    assert all(prompt_ids(tokenizer, p) == prompt_ids(merged, p) for p in sample_prompts())
+
+
+@needs_llama_tokenizer
+def test_roundtrip_refuses_a_wrong_pre_tokenizer(tiny_llama3, monkeypatch):
+    """The check is not weakened: a Llama-3 file that names GPT-2's pre-tokenizer fails on the tokenizer."""
+    folder, _ = tiny_llama3
+    monkeypatch.setattr(gguf_module, "pre_tokenizer_of", lambda tokenizer: "gpt2")
+    export = export_gguf(folder, folder.parent / "wrong_pre", types=("f16",))
+    with pytest.raises(GGUFRoundTripError, match="tokenizer_agreement=0 "):
+        roundtrip_check(folder, export["files"]["f16"]["path"], sample_prompts(), 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

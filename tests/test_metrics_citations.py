@@ -127,6 +127,8 @@ def test_degenerate_repetitions_are_collapsed_and_long_answers_cut():
     assert ev.collapse_repetitions(text) == "Son 2000… días. Según la Ord. 1549, […] fin"
     assert ev.truncate_words("uno dos tres cuatro", 2) == "uno dos …"
     assert ev.printable_answer("a  b\n\nc", 10) == "a b c"
+    noise = "Quadr(dependimately,title" + "x" * 40 + " ok"  # a random model's "word" LaTeX cannot break
+    assert ev.printable_answer(noise, 10) == "Quadr(dependimately,titl… ok"
 
 
 # --------------------------------------------------------------------------------------------

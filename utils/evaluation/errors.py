@@ -127,6 +127,16 @@ def truncate_words(text: str, limit: int) -> str:
     return " ".join(words) if len(words) <= limit else " ".join(words[:limit]) + " …"
 
 
+# The longest word a printed table keeps whole: longer runs without a space (a random model's output, code, a URL)
+# cannot be broken by LaTeX and overflow the column; Spanish words of the corpus stay under 20 characters.
+MAX_WORD_CHARS = 24
+
+
+def cut_long_words(text: str, limit: int = MAX_WORD_CHARS) -> str:
+    """Every word longer than ``limit`` characters cut to ``limit`` and "…" (whitespace folded to single spaces)."""
+    return " ".join(w if len(w) <= limit else w[:limit] + "…" for w in text.split())
+
+
 def printable_answer(text: str, limit: int) -> str:
-    """An answer as a printed table shows it: repetitions collapsed, then cut to ``limit`` words."""
-    return truncate_words(collapse_repetitions(text), limit)
+    """An answer as a printed table shows it: repetitions collapsed, cut to ``limit`` words, long words cut."""
+    return cut_long_words(truncate_words(collapse_repetitions(text), limit))

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from peft import PeftModel
 from transformers import (
     AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PretrainedConfig, PreTrainedTokenizerFast,
@@ -18,8 +20,8 @@ from transformers import (
 
 from utils.device import DTYPES, dtype_name, gpu_supports_bf16
 from utils.evaluation.gguf import (
-    GGUF_TYPES, GGUFExportError, head_dim_of, llama3_rope_factors, read_gguf_header, read_llama_config,
-    rope_freqs_of, rope_parameters, stop_tokens_of,
+    GGUF_TYPES, PRE_TOKENIZER_CHECK_TEXT, PRE_TOKENIZERS, GGUFExportError, head_dim_of, llama3_rope_factors,
+    llama_cpp_tokenizer, read_gguf_header, read_llama_config, rope_freqs_of, rope_parameters, stop_tokens_of,
 )
 from utils.files import save_json
 from utils.inference import adapter_state, model_device
@@ -202,6 +204,44 @@ def prompt_ids(tokenizer, prompt: str | Sequence[dict]) -> list[int]:
     return list(out["input_ids"])
 
 
+def gguf_tokenizer_agreement(gguf_path: Path, prompts: Sequence, ids: Sequence[list[int]]) -> dict[str, Any]:
+    """Whether the GGUF's tokenizer gives the merged tokenizer's ``ids`` for every prompt.
+
+    The file's tokenizer is read twice. (1) As llama.cpp reads it (``llama_cpp_tokenizer``: vocabulary, merges,
+    token types, the split regexes of ``tokenizer.ggml.pre``, the BOS flag, the chat template), checked against
+    llama.cpp's own reference: its ids of llama.cpp's pre-tokenizer check text must hash to the entry of
+    llama.cpp's table for that ``tokenizer.ggml.pre``. (2) As transformers' GGUF reader builds it
+    (``PreTrainedTokenizerFast.from_pretrained(..., gguf_file=...)``). Up to at least transformers 5.17 that reader
+    ignores ``tokenizer.ggml.pre`` for a Llama-3 vocabulary (it splits with GPT-2's regex: "\\n\\n" becomes two
+    tokens, "1549" one piece; ``GGUFLlamaConverter`` in ``transformers.integrations.ggml``), adds no BOS and takes BOS
+    for EOS, so every chat prompt differs although llama.cpp tokenises the file right; transformers 5.24's reader
+    (read from both installed versions) applies the file's split. The reader counts where it reads this file as
+    llama.cpp does (the same ids on the check text; the embedded SmolLM2 file, on both versions): then
+    ``tokenizer_agreement`` is the share of prompts both readings tokenise as the merged tokenizer; otherwise it is
+    llama.cpp's reading alone and ``transformers_gguf_reader`` says why.
+    """
+    llama_cpp = llama_cpp_tokenizer(gguf_path)
+    # PreTrainedTokenizerFast is the class AutoTokenizer builds for a GGUF; called directly it skips a parse of the
+    # whole file that AutoTokenizer spends on picking the class (seconds for a large vocabulary).
+    hf = PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    pre = read_gguf_header(gguf_path)[0].get("tokenizer.ggml.pre")
+    check_ids = llama_cpp.encode(PRE_TOKENIZER_CHECK_TEXT)
+    digest = sha256(str(check_ids).encode()).hexdigest()
+    faithful = hf.encode(PRE_TOKENIZER_CHECK_TEXT) == check_ids
+    same_llama_cpp = [prompt_ids(llama_cpp, p) == x for p, x in zip(prompts, ids)]
+    same_hf = [prompt_ids(hf, p) == x for p, x in zip(prompts, ids)]
+    counted = [a and (b or not faithful) for a, b in zip(same_llama_cpp, same_hf)]
+    return {
+        "tokenizer_agreement": float(np.mean(counted)),
+        "tokenizer_agreement_llama_cpp": float(np.mean(same_llama_cpp)),
+        "tokenizer_agreement_transformers": float(np.mean(same_hf)),
+        "llama_cpp_pre_tokenizer_hash_ok": PRE_TOKENIZERS.get(digest) == pre,
+        "transformers_gguf_reader": "counted: reads the file as llama.cpp does" if faithful else (
+            f"not counted: transformers {transformers.__version__} does not split text as llama.cpp does for "
+            f"tokenizer.ggml.pre={pre!r} (up to at least 5.17 it ignores the key; 5.24 reads it)"),
+    }
+
+
 def greedy_answer(model, ids: list[int], max_new_tokens: int, stops: list[int]) -> tuple[torch.Tensor, list[int]]:
     """The greedy answer's tokens (up to and with the first stop token) and the float32 logits at every position
     of prompt + answer (row i predicts token i + 1).
@@ -245,7 +285,8 @@ def roundtrip_check(merged_dir: str | os.PathLike, gguf_path: str | os.PathLike,
     """Load ``gguf_path`` back with transformers and compare it with the merged model on ``prompts``.
 
     ``prompts`` are chats (lists of ``{"role", "content"}``; a trailing assistant turn is dropped) or raw
-    strings. Measured: whether both tokenizers give the same ids for every prompt (``tokenizer_agreement``);
+    strings. Measured: whether the file's tokenizer gives the merged tokenizer's ids for every prompt
+    (``tokenizer_agreement``, with the file read as llama.cpp reads it; see ``gguf_tokenizer_agreement``);
     max and mean |Δlogit| and top-1 agreement over every position of the prompt and of the merged model's greedy
     answer (float32 on CPU, both models reading the same ids); and the share of greedy answers of
     ``max_new_tokens`` that are token-for-token identical (``greedy_agreement``). The verdict uses
@@ -255,12 +296,9 @@ def roundtrip_check(merged_dir: str | os.PathLike, gguf_path: str | os.PathLike,
     start = time.perf_counter()
     type_name = gguf_type_of(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    # PreTrainedTokenizerFast is the class AutoTokenizer builds for a GGUF; called directly it skips a parse of the
-    # whole file that AutoTokenizer spends on picking the class (seconds for a large vocabulary).
-    gguf_tokenizer = PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     gguf_config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     ids = [prompt_ids(tokenizer, p) for p in prompts]
-    same_ids = [prompt_ids(gguf_tokenizer, p) == x for p, x in zip(prompts, ids)]
+    tokenizers_check = gguf_tokenizer_agreement(gguf_path, prompts, ids)
     stops = tokenizer.convert_tokens_to_ids(stop_tokens_of(merged_dir, tokenizer))
     # one float32 model in memory at a time (a 3B model takes 13 GB)
     model = load_model(str(merged_dir.resolve()), quantization="fp32", device="cpu").eval()
@@ -272,10 +310,12 @@ def roundtrip_check(merged_dir: str | os.PathLike, gguf_path: str | os.PathLike,
            for x, (_, answer) in zip(ids, ref)]
     del model
     measured = compare_outputs(ref, new, tokenizer)
-    measured["tokenizer_agreement"] = float(np.mean(same_ids))
+    measured.update(tokenizers_check)
     tolerance = ROUNDTRIP_TOLERANCES[type_name]
     failures = [key for key, limit in tolerance.items()
                 if (measured[key] > limit if key == "max_rel_diff" else measured[key] < limit)]
+    if not measured["llama_cpp_pre_tokenizer_hash_ok"]:
+        failures.append("llama_cpp_pre_tokenizer_hash_ok")
     report = {"gguf": str(gguf_path), "merged_dir": str(merged_dir), "type": type_name,
               "bytes": gguf_path.stat().st_size, "n_prompts": len(ids), "max_new_tokens": max_new_tokens,
               **measured, "tolerance": tolerance, "failed": failures, "passed": not failures,
@@ -283,6 +323,6 @@ def roundtrip_check(merged_dir: str | os.PathLike, gguf_path: str | os.PathLike,
     if strict and failures:
         raise GGUFRoundTripError(
             f"{gguf_path} loaded back differs from {merged_dir} beyond the {type_name} tolerance on "
-            + ", ".join(f"{k}={measured[k]:.4g} (limit {tolerance[k]})" for k in failures)
+            + ", ".join(f"{k}={measured[k]:.4g} (limit {tolerance.get(k, True)})" for k in failures)
             + ". Re-export it (export_gguf(..., overwrite=True)) from the merged folder it was written from.")
     return report

@@ -25,6 +25,7 @@ import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.files import atomic_write_text, save_json
@@ -51,6 +52,18 @@ PRE_TOKENIZER_CHECK_TEXT = (
 PRE_TOKENIZERS = {
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3, 3.1, 3.2
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
+}
+
+# How llama.cpp splits text before BPE for each tokenizer.ggml.pre this exporter writes (src/llama-vocab.cpp,
+# llm_tokenizer_bpe: the regexes apply one after another), whether it looks a whole piece up in the vocabulary
+# before merging (ignore_merges) and whether it adds BOS when the file has no tokenizer.ggml.add_bos_token.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA_CPP_PRE = {
+    "llama-bpe": {"splits": (_LLAMA3_SPLIT,), "ignore_merges": True, "add_bos": True},
+    "smollm": {"splits": (r"\p{N}", _GPT2_SPLIT), "ignore_merges": False, "add_bos": False},
+    "gpt2": {"splits": (_GPT2_SPLIT,), "ignore_merges": False, "add_bos": False},
 }
 
 # The chat layouts this project trains with: (opening, closing) text around each turn's content. The assistant turn
@@ -514,6 +527,55 @@ def rope_freqs_of(gguf_path: Path) -> np.ndarray | None:
     return np.fromfile(gguf_path, dtype=np.float32, count=int(np.prod(shape)), offset=data_start + offset)
 
 
+def llama_cpp_tokenizer(gguf_path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """The tokenizer a GGUF file describes, built from its metadata the way llama.cpp reads it.
+
+    Vocabulary, merges, token types (CONTROL tokens special, USER_DEFINED ones added, both matched whole in the
+    text), ``tokenizer.ggml.pre`` (``LLAMA_CPP_PRE``: llama.cpp's split regexes and ignore_merges),
+    ``add_bos_token``/``add_eos_token``, the BOS/EOS/pad ids and ``tokenizer.chat_template``. This is what the
+    round trip and the Modelfile read, rather than transformers' own GGUF reader: up to at least transformers 5.17
+    that reader ignores ``tokenizer.ggml.pre`` and splits a Llama-3 vocabulary with GPT-2's regex (the
+    ``is_llama_3_tokenizer`` branch of ``GGUFLlamaConverter`` in ``transformers.integrations.ggml``), adds no BOS and
+    takes the BOS token for EOS, so no chat prompt tokenises as llama.cpp would. Files of another tokenizer model
+    or pre-tokenizer are refused (this exporter writes none).
+    """
+    keep = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
+    meta = read_gguf_header(gguf_path, keep=keep)[0]
+    model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if model != "gpt2" or pre not in LLAMA_CPP_PRE:
+        raise GGUFExportError(f"{gguf_path}: tokenizer.ggml.model={model!r}, tokenizer.ggml.pre={pre!r}; only the "
+                              f"GPT-2 BPE tokenizers of {sorted(LLAMA_CPP_PRE)} (what export_gguf writes) are read.")
+    rules = LLAMA_CPP_PRE[pre]
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(merge.split(" ", 1)) for merge in meta["tokenizer.ggml.merges"]]
+    backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
+                                   ignore_merges=rules["ignore_merges"]))
+    types = meta.get("tokenizer.ggml.token_type") or []
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, types) if k == gguf.TokenType.CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, k in zip(tokens, types) if k == gguf.TokenType.USER_DEFINED])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in rules["splits"]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    special = {name: tokens[meta[f"tokenizer.ggml.{name}_token_id"]] for name in ("bos", "eos", "padding")
+               if f"tokenizer.ggml.{name}_token_id" in meta}
+    add = {"bos": meta.get("tokenizer.ggml.add_bos_token", rules["add_bos"]),
+           "eos": meta.get("tokenizer.ggml.add_eos_token", False)}
+    if any(add[name] and name not in special for name in add):
+        raise GGUFExportError(f"{gguf_path}: add_bos_token/add_eos_token is set but the file names no such token.")
+    first = [special["bos"]] * bool(add["bos"])
+    last = [special["eos"]] * bool(add["eos"])
+    backend.post_processor = processors.TemplateProcessing(
+        single=" ".join([*first, "$A", *last]), pair=" ".join([*first, "$A", *last, *first, "$B:1", *last]),
+        special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(first + last)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=special.get("bos"),
+                                        eos_token=special.get("eos"), pad_token=special.get("padding"))
+    tokenizer.chat_template = meta.get("tokenizer.chat_template")
+    return tokenizer
+
+
 # --------------------------------------------------------------------------------------------
 # Ollama Modelfile
 # --------------------------------------------------------------------------------------------
@@ -561,8 +623,9 @@ def write_modelfile(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, sy
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists and write_modelfile never overwrites a file by default: "
                               "move it away, or call write_modelfile(..., overwrite=True) to replace it.")
-    # the GGUF's own tokenizer and chat template, as llama.cpp and Ollama will read them
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # the GGUF's own tokenizer and chat template, as llama.cpp and Ollama will read them (not transformers' GGUF
+    # reader, which up to at least 5.17 adds no BOS to a Llama-3 file and takes its BOS for EOS)
+    tokenizer = llama_cpp_tokenizer(gguf_path)
     layout = chat_layout(tokenizer, str(gguf_path))
     vocab = tokenizer.get_vocab()
     stops = [s for s in layout["stops"] if s in vocab] + [tokenizer.eos_token] * bool(tokenizer.eos_token)
