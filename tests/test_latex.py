@@ -32,7 +32,7 @@ LONG_PATH = "runs/smoke/04_checkpoints/checkpoint-000040/adapter_model_" + "x" *
     ("{x}", r"\{x\}"), ("a\\b", r"a\textbackslash{}b"), ("x^2", r"x\textasciicircum{}2"),
     ("~185 MB", r"$\sim$185 MB"), ("<x>", r"\textless{}x\textgreater{}"), ('"q"', r"\textquotedbl{}q\textquotedbl{}"),
     ("7,5\u00a0GiB", r"7,5\nobreakspace{}GiB"), ("--profile", r"-{}-profile"), ("año ¿Qué?", "año ¿Qué?"),
-    ("5\u00a0×", r"5\nobreakspace{}×"), ("α≈β", r"$\alpha$$\approx$$\beta$"), ("中", "[U+4E2D]"),
+    ("5\u00a0×", r"5\nobreakspace{}×"), ("α≈β", r"$\alpha$$\approx$$\beta$"), ("中", r"[U+4E2D]\allowbreak{}"),
     ("a\x07b", "ab"), ("MB = 10⁶ bytes", r"MB = 10\textsuperscript{6} bytes"), ("H₂O", r"H\textsubscript{2}O"),
 ])
 def test_latex_escape(raw, escaped):
@@ -189,7 +189,8 @@ def _tricky_tables(folder) -> None:
     answers = pd.DataFrame({
         "Pregunta": ["\n¿Qué régimen rige la Ord. 1549?\n\n ñandú, pingüino\n",
                      "50 % ~ # _ & $ { } \\ ^ < > \" |"],
-        "Respuesta": [DEGENERATE, "Según el art. 1.4 -- plazo de 30 días; ≈ 7,5 GiB ≥ 2 → 10¹² 10⁶ 10⁻³ 中"],
+        "Respuesta": [DEGENERATE, "Según el art. 1.4 -- plazo de 30 días; ≈ 7,5 GiB ≥ 2 → 10¹² 10⁶ 10⁻³ 中 "
+                      "развитиразвити.calendar"],  # a random model's run of untypeset letters: 16 codes, no space
         "Archivo": [LONG_PATH, "C:\\Users\\Ana Pérez\\tesis\\datos_año.jsonl"],
     })
     write_table(answers, "05_respuestas", caption="Respuestas ~ elegidas (ejemplo con % y _).",

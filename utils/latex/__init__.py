@@ -94,7 +94,7 @@ def _escape_char(ch: str) -> str:
         return ch
     if unicodedata.category(ch).startswith(("C", "Z")):
         return " " if unicodedata.category(ch).startswith("Z") else ""  # other spaces; control characters
-    return f"[U+{ord(ch):04X}]"
+    return f"[U+{ord(ch):04X}]\\allowbreak{{}}"  # a line may break after each code: a run of them has no space
 
 
 def _escape_chars(text: str, separator: str = "", every: int = 1) -> str:
