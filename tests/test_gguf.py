@@ -26,8 +26,10 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from utils.evaluation import gguf as gguf_module
 from utils.evaluation.export import ROUNDTRIP_TOLERANCES, GGUFRoundTripError, prompt_ids, roundtrip_check
 from utils.evaluation.gguf import (
-    PRE_TOKENIZER_CHECK_TEXT, PRE_TOKENIZERS, GGUFExportError, MODELFILE, chat_layout, export_gguf, go_template,
-    llama3_rope_factors, llama_cpp_tokenizer, read_gguf_header, write_modelfile,
+    MODELFILE, chat_layout, export_gguf, go_template, llama3_rope_factors, write_modelfile,
+)
+from utils.evaluation.gguf_read import (
+    PRE_TOKENIZER_CHECK_TEXT, PRE_TOKENIZERS, GGUFExportError, llama_cpp_tokenizer, read_gguf_header,
 )
 from utils.modeling import EMBEDDED_DIR, EMBEDDED_GGUF, EMBEDDED_PACKAGE, LLAMA_TOKENIZER_DIR
 from utils.paths import TEST_FILE

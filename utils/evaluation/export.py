@@ -20,8 +20,10 @@ from transformers import (
 
 from utils.device import DTYPES, dtype_name, gpu_supports_bf16
 from utils.evaluation.gguf import (
-    GGUF_TYPES, PRE_TOKENIZER_CHECK_TEXT, PRE_TOKENIZERS, GGUFExportError, head_dim_of, llama3_rope_factors,
-    llama_cpp_tokenizer, read_gguf_header, read_llama_config, rope_freqs_of, rope_parameters, stop_tokens_of,
+    GGUF_TYPES, head_dim_of, llama3_rope_factors, read_llama_config, rope_parameters, stop_tokens_of,
+)
+from utils.evaluation.gguf_read import (
+    PRE_TOKENIZER_CHECK_TEXT, PRE_TOKENIZERS, GGUFExportError, llama_cpp_tokenizer, read_gguf_header, rope_freqs_of,
 )
 from utils.files import save_json
 from utils.inference import adapter_state, model_device

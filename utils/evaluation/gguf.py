@@ -25,10 +25,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from utils.evaluation.gguf_read import (  # the reading half, re-exported: callers import both from here
-    LLAMA_CPP_PRE, PRE_TOKENIZER_CHECK_TEXT, PRE_TOKENIZERS, GGUFExportError, llama_cpp_tokenizer, read_gguf_header,
-    rope_freqs_of,
-)
+from utils.evaluation.gguf_read import PRE_TOKENIZER_CHECK_TEXT, PRE_TOKENIZERS, GGUFExportError, llama_cpp_tokenizer
 from utils.files import atomic_write_text, save_json
 from utils.provenance import result_provenance
 from utils.units import GIB
