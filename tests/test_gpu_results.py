@@ -152,6 +152,23 @@ def test_publish_copies_data_files_and_writes_provenance(folders):
     assert provenance["overrides"] == ["04.fast_path=off"] and "--run-name gpu-off-s42" in provenance["command"]
 
 
+def test_a_partial_rerun_keeps_the_earlier_notebooks_provenance(folders):
+    # results/gpu/ holds notebooks 01-05 of an earlier machine; notebooks 04-05 rerun elsewhere and are published
+    results = folders / "results" / "gpu"
+    results.mkdir(parents=True)
+    (results / "01_run.json").write_text("{}")
+    earlier = {"notebooks": {"01": {"wall_time_s": 10.0, "commit": "old"}, "04": {"wall_time_s": 999.0,
+                                                                               "commit": "old"}}}
+    (results / "PROVENANCE.json").write_text(json.dumps(earlier))
+    fabricate_run(folders / "runs" / "gpu", "gpu")
+    runner.publish_results("gpu")
+    provenance = json.loads((results / "PROVENANCE.json").read_text())
+    assert provenance["notebooks"]["01"] == {"wall_time_s": 10.0, "commit": "old"}
+    assert provenance["notebooks"]["04"]["commit"] == "0123456789abcdef"  # the rerun replaces the earlier 04
+    assert provenance["wall_time_s"] == 410.0 and provenance["kept_from_earlier_publication"] == ["01"]
+    assert "01_run.json" in provenance["files"] and "PROVENANCE.json" not in provenance["files"]
+
+
 def test_publish_results_needs_a_finished_notebook(folders):
     (folders / "runs" / "gpu").mkdir(parents=True)
     with pytest.raises(config.ProfileError, match="no NN_run.json"):

@@ -262,3 +262,29 @@ def test_smoke_run_end_to_end(tmp_path):
     assert gap["steps_compared"] == 2 and gap["final_eval_loss_gap"] < 0.05  # same maths, same seed
     # no second seed ran, so there is no noise to compare with: the verdict says "unknown", not "agree"
     assert summary["comparison"]["verdicts"]["fast_path_on_vs_off"]["agree_within_seed_noise"] is None
+
+
+def test_summary_carries_over_runs_of_an_earlier_summary(tmp_path):
+    # First machine: the fast path's runs finished, the PyTorch path's did not (their folders are gone with it).
+    first, second = tmp_path / "first", tmp_path / "second"
+    out = tmp_path / "gpu" / "04_turing_path.json"
+    _fake_run(first / "on_s42", "on", 42, [2.0, 1.5, 1.2, 1.0], [1.50, 1.30])
+    _fake_run(first / "on_s43", "on", 43, [2.2, 1.7, 1.2, 1.0], [1.55, 1.40])
+    turing_path.summarize_turing(first, out, {"on_s42": {"wall_s": 5.0}, "on_s43": {"wall_s": 5.0}}, "gpu", "7.5",
+                                 False, {})
+    # Second machine, --only off_s42,off_s43: the earlier runs come from the summary, the new ones from folders.
+    _fake_run(second / "off_s42", "off", 42, [2.0, 1.5, 1.2, 1.1], [1.50, 1.32])
+    _fake_run(second / "off_s43", "off", 43, [2.1, 1.6, 1.3, 1.1], [1.52, 1.35])
+    turing_path.summarize_turing(second, out, {"off_s42": {"wall_s": 9.0}, "off_s43": {"wall_s": 9.0}}, "gpu",
+                                 "7.5", False, {})
+    summary = json.loads(out.read_text())
+    assert set(summary["runs"]) == {"on_s42", "off_s42", "on_s43", "off_s43"}
+    assert set(summary["carried_over"]) == {"on_s42", "on_s43"} and summary["runs"]["on_s42"]["wall_s"] == 5.0
+    assert summary["runs"]["off_s42"]["final_eval_loss"] == 1.32 and "carried_from" not in summary["runs"]["off_s42"]
+    assert summary["comparison"]["gaps"]["on_vs_off_s42"]["final_eval_loss_gap"] == pytest.approx(0.02)
+    assert summary["comparison"]["verdicts"]["fast_path_on_vs_off"]["agree_within_seed_noise"] is True
+    # A rerun replaces the carried record: a third summary with on_s42's folder takes the folder's numbers.
+    _fake_run(second / "on_s42", "on", 42, [2.0, 1.5, 1.2, 1.0], [1.50, 1.31])
+    turing_path.summarize_turing(second, out, {"on_s42": {"wall_s": 4.0}}, "gpu", "7.5", False, {})
+    summary = json.loads(out.read_text())
+    assert summary["runs"]["on_s42"]["final_eval_loss"] == 1.31 and set(summary["carried_over"]) == {"on_s43"}

@@ -259,19 +259,33 @@ def script_argv() -> list[str]:
     return [head, *sys.argv[1:]]
 
 
+def earlier_runs(out: Path, exclude: set[str]) -> dict[str, dict[str, Any]]:
+    """The finished runs of an earlier summary at ``out`` that this one did not rerun (``--only`` on another
+    machine, whose run folders are gone): each keeps its own commit and record, with ``carried_from`` naming the
+    earlier summary's date."""
+    if not out.is_file():
+        return {}
+    earlier = read_json(out)
+    return {name: {**record, "carried_from": record.get("carried_from") or earlier.get("date")}
+            for name, record in earlier.get("runs", {}).items() if name in RUNS and name not in exclude}
+
+
 def summarize_turing(work: Path, out: Path, processes: dict[str, dict[str, Any]], profile: str,
                      emulate: str | None, smoke: bool, skipped: dict[str, str],
                      provenance_from_runs: bool = False) -> Path:
     """``out`` (JSON, atomic): provenance, every finished run of ``work`` and the comparison.
 
-    Runs of an earlier invocation that finished (``--only`` reran the others) are summarised too; ``wall_s``
-    (the process's wall time) is known for this invocation's runs only. Runs stopped before their end (a log
+    Runs of an earlier invocation that finished (``--only`` reran the others) are summarised too, from their
+    folders in ``work`` or, when those are gone, from the summary already at ``out`` (``carried_over`` names
+    them); ``wall_s`` (the process's wall time) is known for this invocation's runs only. Runs stopped before their end (a log
     history, no run record) go to ``partial_runs``, with a comparison over the first steps every run logged.
     ``provenance_from_runs``: date, device, commit and versions from the runs' records (``--summarize-only`` on
     another machine).
     """
     finished = [name for name in RUNS if name in processes or (work / name / RUN_FILE).is_file()]
     runs = {name: summarize_turing_run(work / name, processes.get(name)) for name in finished}
+    carried = earlier_runs(out, exclude=set(runs))
+    runs = {name: (runs.get(name) or carried[name]) for name in RUNS if name in runs or name in carried}
     partial = {name: summarize_partial_run(work / name) for name in RUNS
                if name not in runs and (work / name / HISTORY_FILE).is_file()}
     provenance = result_provenance(command_line(["python", *script_argv()]))
@@ -298,6 +312,9 @@ def summarize_turing(work: Path, out: Path, processes: dict[str, dict[str, Any]]
         "runs": runs,
         "comparison": comparison(runs),
     }
+    if carried:
+        summary["carried_over"] = {name: {"commit": r.get("commit"), "from": r.get("carried_from")}
+                                   for name, r in carried.items()}
     if partial:
         summary["partial_runs"] = partial
         summary["early_steps_comparison"] = early_steps_comparison(runs, partial)

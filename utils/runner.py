@@ -503,8 +503,23 @@ def publish_results(profile_name: str, run_name: str | None = None) -> Path:
     source = run_dir(run_name)
     provenance = run_provenance(source, profile_name, run_name)
     target = copy_files(published_data_files(source), published_results_dir(run_name))
-    save_json(provenance, target / PROVENANCE_FILE)
+    save_json(merge_provenance(read_json(target / PROVENANCE_FILE) if (target / PROVENANCE_FILE).is_file() else {},
+                               provenance, sorted(p.name for p in published_data_files(target))),
+              target / PROVENANCE_FILE)
     return target
+
+
+def merge_provenance(earlier: dict[str, Any], new: dict[str, Any], files: list[str]) -> dict[str, Any]:
+    """A publication on top of an earlier one (``--only 04 05`` on another machine): the notebooks this run did
+    not execute keep their earlier record (commit, date, device, wall time), the total wall time adds them all, and
+    ``files`` lists every data file now in the folder."""
+    kept = {n: r for n, r in (earlier.get("notebooks") or {}).items() if n not in new["notebooks"]}
+    notebooks = dict(sorted({**kept, **new["notebooks"]}.items()))
+    merged = {**new, "notebooks": notebooks, "files": [f for f in files if f != PROVENANCE_FILE],
+              "wall_time_s": round(sum(n.get("wall_time_s") or 0 for n in notebooks.values()), 1)}
+    if kept:
+        merged["kept_from_earlier_publication"] = sorted(kept)
+    return merged
 
 
 def publish_run(profile_name: str, run_name: str | None = None) -> list[Path]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The series on a GPU (issues #17 and #18): every run started at once, detached, on one GPU machine.
 #
-#   bash tools/gpu_campaign/series.sh launch      # start the runs (each in its own process session)
+#   bash tools/gpu_campaign/series.sh launch [JOB...]  # start the runs (default all), each in its own session
 #   bash tools/gpu_campaign/series.sh status      # one line per run: running / exit code, last log line
 #   bash tools/gpu_campaign/series.sh publish     # copy each finished run to results/<run>/ and figures/<run>/
 #
@@ -13,8 +13,9 @@
 #                notebooks 04-05 of `gpu` with fast_path off/auto and seeds 42/43 (05 without the baselines, which
 #                do not depend on the adapter): the fast path against PEFT's own forward, within seed noise?
 #   turing       tools/turing_path.py: a compute-7.5 card emulated, fast path on / off / PyTorch kernels
+#   turing-off   its two fast-path-off runs alone (the summary keeps the earlier runs of results/gpu/)
 #   thesis-twin  notebooks 02-03 and 04-05 (together) on the random-weight Llama-3.2-3B twin under an 8 GB card's
-#                allocator cap
+#                allocator cap (thesis-twin-late: notebooks 04-05 only)
 #
 # The runs share the GPU (the embedded model needs under 1 GiB each, the capped twin 8 GiB) and the machine's
 # CPU cores, so each notebook's wall time is measured under that load: the published PROVENANCE.json says so.
@@ -22,7 +23,7 @@
 set -u
 DIR=${CAMPAIGN_DIR:-/tmp/campaign}
 mkdir -p "$DIR"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1 QLORA_CONCURRENT_RUNS=8
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1 QLORA_CONCURRENT_RUNS=${QLORA_CONCURRENT_RUNS:-8}
 PY=${PYTHON:-python3}
 
 start() {  # start NAME COMMAND...: detached, log and exit code in $DIR
@@ -32,22 +33,34 @@ start() {  # start NAME COMMAND...: detached, log and exit code in $DIR
     echo "$name started: $*"
 }
 
-case ${1:-} in
-launch)
-    start gpu-early   $PY -m utils.runner --profile gpu --only 01 02 03
-    start gpu         $PY -m utils.runner --profile gpu --only 04 05
-    start gpu-tuned   $PY -m utils.runner --profile gpu-tuned --only 04 05
-    start gpu-off-s42 $PY -m utils.runner --profile gpu --only 04 05 --run-name gpu-off-s42 \
-        --set 04.fast_path=off --set 05.baselines=[] --set 05.export_gguf=false
-    start gpu-auto-s43 $PY -m utils.runner --profile gpu --only 04 05 --run-name gpu-auto-s43 \
-        --set 04.seed=43 --set 05.baselines=[] --set 05.export_gguf=false
-    start gpu-off-s43 $PY -m utils.runner --profile gpu --only 04 05 --run-name gpu-off-s43 \
-        --set 04.fast_path=off --set 04.seed=43 --set 05.baselines=[] --set 05.export_gguf=false
-    start turing      $PY tools/turing_path.py --steps 300
+launch_one() {  # launch_one JOB: one job of the list above
+    case $1 in
+    gpu-early)    start gpu-early $PY -m utils.runner --profile gpu --only 01 02 03 ;;
+    gpu)          start gpu $PY -m utils.runner --profile gpu --only 04 05 ;;
+    gpu-tuned)    start gpu-tuned $PY -m utils.runner --profile gpu-tuned --only 04 05 ;;
+    gpu-off-s42)  start gpu-off-s42 $PY -m utils.runner --profile gpu --only 04 05 --run-name gpu-off-s42 \
+                      --set 04.fast_path=off --set 05.baselines=[] --set 05.export_gguf=false ;;
+    gpu-auto-s43) start gpu-auto-s43 $PY -m utils.runner --profile gpu --only 04 05 --run-name gpu-auto-s43 \
+                      --set 04.seed=43 --set 05.baselines=[] --set 05.export_gguf=false ;;
+    gpu-off-s43)  start gpu-off-s43 $PY -m utils.runner --profile gpu --only 04 05 --run-name gpu-off-s43 \
+                      --set 04.fast_path=off --set 04.seed=43 --set 05.baselines=[] --set 05.export_gguf=false ;;
+    turing)       start turing $PY tools/turing_path.py --steps 300 ;;
+    turing-off)   start turing-off $PY tools/turing_path.py --steps 300 --only off_s42,off_s43 ;;
     # the twin's random weights are written once (150 s, 6.4 GB) before its two halves start together
-    start thesis-twin bash -c "$PY -c 'from utils.modeling import materialize_twin; materialize_twin()' && \
-        { $PY -m utils.runner --profile thesis-twin --only 02 03 & p=\$!; \
-          $PY -m utils.runner --profile thesis-twin --only 04 05; s=\$?; wait \$p && exit \$s; }"
+    thesis-twin)  start thesis-twin bash -c "$PY -c 'from utils.modeling import materialize_twin; materialize_twin()' \
+                      && { $PY -m utils.runner --profile thesis-twin --only 02 03 & p=\$!; \
+                      $PY -m utils.runner --profile thesis-twin --only 04 05; s=\$?; wait \$p && exit \$s; }" ;;
+    thesis-twin-late) start thesis-twin-late bash -c "$PY -c 'from utils.modeling import materialize_twin; \
+                      materialize_twin()' && $PY -m utils.runner --profile thesis-twin --only 04 05" ;;
+    *) echo "unknown job $1; the jobs: $ALL_JOBS thesis-twin-late turing-off" >&2; return 2 ;;
+    esac
+}
+ALL_JOBS="gpu-early gpu gpu-tuned gpu-off-s42 gpu-auto-s43 gpu-off-s43 turing thesis-twin"
+
+case ${1:-} in
+launch)  # launch [JOB...]: the named jobs (default all of ALL_JOBS)
+    shift
+    for job in ${@:-$ALL_JOBS}; do launch_one "$job" || exit 2; done
     ;;
 status)
     for log in "$DIR"/*.log; do
@@ -62,7 +75,7 @@ from utils.paths import run_dir
 from utils.runner import publish_run
 
 for profile, run in [("gpu", "gpu"), ("gpu-tuned", "gpu-tuned"), ("gpu", "gpu-off-s42"), ("gpu", "gpu-auto-s43"),
-                     ("gpu", "gpu-off-s43"), ("thesis-twin", "thesis-twin")]:
+                     ("gpu", "gpu-off-s43"), ("thesis-twin", "thesis-twin")]:  # a publication adds to the earlier one
     if not any(run_dir(run).glob("[0-9][0-9]_run.json")):
         print(f"{run}: no notebook finished, nothing published")
         continue
