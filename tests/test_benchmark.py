@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -216,3 +217,195 @@ def test_readme_quotes_the_committed_measurements():
         assert f"{correctness[key]:.4f}" in readme, key
     ddp = json.loads((RESULTS_DIR / "04_ddp_scaling.json").read_text())
     assert f"{ddp['speedup']:.2f}×" in readme
+
+
+# The strict 8 GB budget (run --budget strict8)
+
+def _strict_row(name, seconds, repeat=0, alloc="expandable_segments:True", in_budget=True, tokens=1000.0, **kw):
+    config = config_by_name(name)
+    use = {"in_budget": in_budget, "device_gib": 7.0, "pinned_host_gib": 3.0}
+    return {"name": name, "impl": config.impl, "dtype": config.dtype, "workload": config.workload,
+            "micro_batch": config.micro_batch, "accumulation": config.accumulation, "ok": True, "repeat": repeat,
+            "seconds_per_step": seconds, "tokens_per_second": tokens, "alloc_conf": alloc, "budget": use, **kw}
+
+
+def test_strict_run_gives_every_row_one_allocator_setting_and_the_thesis_dropout(monkeypatch, tmp_path):
+    from utils.speed.benchmark import run as run_module
+
+    tasks = []
+
+    def fake_child(task, timeout, env):
+        tasks.append((task, env))
+        return {**task["config"], "ok": False, "error": "not run"}
+
+    monkeypatch.setattr(run_module, "default_device", lambda: "cuda:0")  # keeps the Unsloth rows in the list
+    monkeypatch.setattr(run_module, "save_twin", lambda folder, tiny, device: {"folder": str(folder)})
+    monkeypatch.setattr(run_module, "run_child", fake_child)
+    report = run_benchmark(tmp_path / "strict.json", ["original_fp16", "fast_2x1_fp16", "unsloth_mb32_bf16"],
+                           repeat=2, repeat_only=["original_fp16", "fast_2x1_fp16"], budget="strict8",
+                           twin_folder=str(tmp_path / "twin"), alloc_conf="expandable_segments:False")
+    names = [task["config"]["name"] for task, _ in tasks]
+    assert names == ["original_fp16", "fast_2x1_fp16", "unsloth_mb32_bf16", "original_fp16", "fast_2x1_fp16"]
+    assert all(env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"} for _, env in tasks)
+    assert all(task["config"]["lora_dropout"] == 0.05 for task, _ in tasks)  # Unsloth's row too (it had 0)
+    assert all(task["budget"] == {"card_gib": 8.0, "display_reserve_gib": 0.5, "pinned_limit_gib": 4.0}
+               for task, _ in tasks)
+    assert report["budget"]["alloc_conf"] == "expandable_segments:False" and report["budget"]["device_limit_gib"] == 7.5
+    assert "Strict budget (strict8)" in report["method"] and report["strict"]["in_budget"] == []
+
+
+def test_strict_run_refuses_a_second_cap_a_fixed_dropout_and_an_unknown_budget():
+    with pytest.raises(SystemExit, match="drop --memory-cap-gib"):
+        run_benchmark(Path("unused.json"), ["original_fp16"], memory_cap_gib=7.5, budget="strict8")
+    with pytest.raises(SystemExit, match="fast_mb32_dropout0_bf16 fix it at 0"):
+        run_benchmark(Path("unused.json"), ["fast_mb32_dropout0_bf16"], budget="strict8")
+    with pytest.raises(SystemExit, match="--budget strict16"):
+        run_benchmark(Path("unused.json"), ["original_fp16"], budget="strict16")
+
+
+def test_strict_summary_takes_no_ratio_across_allocator_settings():
+    from utils.speed.benchmark.strict import strict_summary
+
+    rows = [_strict_row("fast_mb32_keep_input_bf16", 0.6, tokens=26000.0),
+            _strict_row("unsloth_mb32_bf16", 0.8, tokens=20000.0)]
+    same = strict_summary(rows)
+    assert same["same_allocator"] and same["fast_best_bf16"]["x_unsloth_best"] == 1.3
+    rows[1]["alloc_conf"] = None  # the peer ran without expandable segments
+    mixed = strict_summary(rows)
+    assert not mixed["same_allocator"] and "fast_best_bf16" not in mixed and "PYTORCH_CUDA_ALLOC_CONF" in mixed["error"]
+
+
+def test_strict_summary_compares_only_rows_within_the_budget():
+    from utils.speed.benchmark.strict import strict_summary
+
+    rows = [_strict_row("fast_mb32_bf16", 0.55, tokens=29000.0, in_budget=False),  # 10 GB pinned: out
+            _strict_row("fast_mb32_keep_input_bf16", 0.6, tokens=26000.0),
+            _strict_row("unsloth_mb40_bf16", 0.9, tokens=23000.0, repeat=0),
+            _strict_row("unsloth_mb40_bf16", 0.9, tokens=23000.0, repeat=1, in_budget=False),  # out once: out
+            _strict_row("unsloth_mb32_bf16", 0.8, tokens=20000.0)]
+    summary = strict_summary(rows)
+    assert summary["fast_best_bf16"]["name"] == "fast_mb32_keep_input_bf16"
+    assert summary["unsloth_best_bf16"]["name"] == "unsloth_mb32_bf16"
+    assert summary["out_of_budget"] == ["fast_mb32_bf16", "unsloth_mb40_bf16"]
+
+
+def test_strict_recipe_ratio_is_the_ratio_of_medians_with_the_paired_spread():
+    from utils.speed.benchmark.strict import strict_summary
+
+    originals = [1.0, 1.2, 0.9, 1.1, 1.05]
+    fasts = [0.25, 0.3, 0.2, 0.25, 0.3]
+    rows = [row for i, (o, f) in enumerate(zip(originals, fasts))
+            for row in (_strict_row("original_corpus_fp16", o, repeat=i), _strict_row("fast_2x1_corpus_fp16", f,
+                                                                                        repeat=i))]
+    recipe = strict_summary(rows)["recipe_corpus"]
+    assert recipe["repeats"] == 5 and recipe["original_seconds_per_step"] == 1.05
+    assert recipe["fast_seconds_per_step"] == 0.25 and recipe["x_fewer_seconds"] == 4.2
+    assert recipe["paired_ratios"] == [4.0, 4.0, 4.5, 4.4, 3.5]
+    assert (recipe["paired_min"], recipe["paired_max"]) == (3.5, 4.5)
+
+
+def test_pinned_memory_over_the_limit_stops_the_row_after_its_first_step():
+    from utils.memory.budget import PinnedMemoryOverBudget
+    from utils.speed.benchmark.measure import _budget_hook
+
+    seen = []
+    readings = iter([0.0, 4.6])  # nothing pinned before the first step; its checkpoint buffers after it
+    hook = _budget_hook(lambda: {"pinned_host_gib": next(readings), "pinned_limit_gib": 4.0}, seen.append)
+    hook(0)
+    with pytest.raises(PinnedMemoryOverBudget, match="4.60 GiB of pinned host memory"):
+        hook(1)
+    assert seen == [0]  # the caller's own hook (a profiler) still runs, but not past the refusal
+    within = _budget_hook(lambda: {"pinned_host_gib": 3.4, "pinned_limit_gib": 4.0})
+    within(0), within(1), within(2)
+
+
+def test_strict_table_shows_each_part_of_the_budget():
+    from utils.speed.benchmark.strict import strict_table
+
+    row = _strict_row("fast_mb32_keep_input_bf16", 0.6, tokens=26000.0)
+    row["budget"] = {"in_budget": True, "peak_reserved_gib": 6.5, "outside_allocator_gib": 0.2,
+                     "paged_optimizer_gib": 0.09, "cuda_context_gib": 0.51, "device_gib": 7.21,
+                     "device_headroom_gib": 0.29, "pinned_host_gib": 3.38}
+    stopped = {**_strict_row("fast_mb32_bf16", None), "ok": False, "error": "out of budget: 9.40 GiB of pinned host "
+               "memory", "budget": {"in_budget": False, "over": ["pinned host memory 9.40 GiB > 4 GiB"],
+                                    "pinned_host_gib": 9.4}}
+    table = strict_table({"rows": [row, _strict_row("unsloth_mb32_bf16", 0.8, in_budget=False), stopped]})
+    assert table.loc["fast_mb32_keep_input_bf16", "GiB GPU en total"] == 7.21
+    assert table["dentro del presupuesto"].tolist() == [True, False, False]
+    assert table.loc["fast_mb32_bf16", "GiB fijados en la CPU"] == 9.4  # stopped: its use shown, no speed
+    assert table.loc["fast_mb32_bf16", "motivo"] == "pinned host memory 9.40 GiB > 4 GiB"
+    assert pd.isna(table.loc["fast_mb32_bf16", "tokens/s"])
+
+
+def test_cli_passes_the_budget_and_the_allocator_setting(monkeypatch, tmp_path):
+    from utils.speed.benchmark import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "run_benchmark", lambda *args, **kw: calls.append(kw))
+    assert main(["run", "--tiny", "--no-figure", "--budget", "strict8", "--out", str(tmp_path / "s.json")]) == 0
+    assert calls[-1]["budget"] == "strict8" and calls[-1]["alloc_conf"] == "expandable_segments:True"
+    main(["run", "--tiny", "--no-figure", "--budget", "strict8", "--alloc-conf", "expandable_segments:False",
+          "--out", str(tmp_path / "s.json")])
+    assert calls[-1]["alloc_conf"] == "expandable_segments:False"
+    with pytest.raises(SystemExit):
+        main(["run", "--tiny", "--budget", "strict16"])
+
+
+def test_each_row_prints_its_budget_use_and_verdict(capsys):
+    from utils.speed.benchmark.run import _print_row
+
+    use = {"peak_reserved_gib": 6.9, "outside_allocator_gib": 0.2, "paged_optimizer_gib": 0.09,
+           "cuda_context_gib": 0.51, "device_gib": 7.61, "device_limit_gib": 7.5, "pinned_host_gib": 3.4,
+           "pinned_limit_gib": 4.0, "in_budget": False, "over": ["GPU 7.61 GiB > 7.5 GiB"]}
+    row = {**_strict_row("fast_mb32_keep_input_bf16", 0.6), "peak_allocated_gib": 5.0, "peak_reserved_gib": 6.9,
+           "first_loss": 12.0, "last_loss": 11.0, "budget": use}
+    _print_row(config_by_name("fast_mb32_keep_input_bf16"), row)
+    out = capsys.readouterr().out
+    assert "= 7.61 of 7.5 GiB; pinned 3.4 of 4.0 GiB: OUT: GPU 7.61 GiB > 7.5 GiB" in out
+
+
+def test_strict_cap_leaves_out_the_memory_found_outside_the_allocator_after_the_first_step():
+    from utils.speed.benchmark.measure import _budget_hook, tightened_cap_gib
+
+    current = {"device_limit_gib": 7.5, "cuda_context_gib": 0.51, "outside_allocator_gib": 0.25,
+               "paged_optimizer_gib": 0.09, "pinned_host_gib": 3.4, "pinned_limit_gib": 4.0}
+    assert tightened_cap_gib(current) == pytest.approx(6.74)
+    # a reading that missed the unified memory: the paged states counted stand in
+    assert tightened_cap_gib({**current, "outside_allocator_gib": 0.0}) == pytest.approx(6.9)
+    tightened = []
+    hook = _budget_hook(lambda: current, tighten=tightened.append)
+    for step in range(4):
+        hook(step)
+    assert tightened == [current]  # once, after the first step
+
+
+def test_a_stopped_run_resumes_with_the_rows_it_lacks_in_the_same_order(monkeypatch, tmp_path):
+    from utils.files import read_json, save_json
+    from utils.speed.benchmark import run as run_module
+
+    tasks = []
+
+    def fake_child(task, timeout, env):
+        tasks.append(task["config"]["name"])
+        return {**task["config"], "ok": False, "error": "not run"}
+
+    monkeypatch.setattr(run_module, "save_twin", lambda folder, tiny, device: {"folder": str(folder)})
+    monkeypatch.setattr(run_module, "run_child", fake_child)
+    out = tmp_path / "strict.json"
+    options = dict(names=["original_fp16", "fast_2x1_fp16", "fast_mb32_keep_input_bf16"], repeat=3,
+                   repeat_only=["original_fp16", "fast_2x1_fp16"], budget="strict8", twin_folder=str(tmp_path))
+    full = run_benchmark(out, **options)
+    plan = [name for _, name in full["plan"]]
+    assert plan == tasks and len(plan) == 7
+    stopped = read_json(out)
+    stopped["rows"] = stopped["rows"][:4]  # stopped by a time limit after four rows
+    save_json(stopped, out)
+    tasks.clear()
+    resumed = run_benchmark(out, **options, resume=True)
+    assert tasks == plan[4:] and [r["name"] for r in resumed["rows"]] == plan
+    assert [r["repeat"] for r in resumed["rows"]] == [0, 0, 0, 1, 1, 2, 2]
+    assert len(resumed["resumed"]) == 1 and resumed["date"] == stopped["date"]
+    with pytest.raises(SystemExit, match="written by another run"):
+        run_benchmark(out, **options, resume=True, alloc_conf="expandable_segments:False")
+    with pytest.raises(SystemExit, match="does not exist"):
+        run_benchmark(tmp_path / "none.json", **options, resume=True)

@@ -17,7 +17,7 @@ from utils.modeling import build_tiny_twin, build_twin, tiny_twin_config, twin_c
 from utils.paths import REPO_ROOT
 from utils.numbers import fmt_num
 from utils.reports import memory as memory_report
-from utils.units import MIB
+from utils.units import GIB, MIB
 
 GPU_REPORT = REPO_ROOT / "results" / "02_twin_gpu_memory.json"
 TWIN_PARAMETERS = 3_212_749_824
@@ -266,3 +266,75 @@ def test_findings_without_live_measurements_use_the_analytic_sizes():
     assert "gemelo, medido en GPU" in text  # the committed measurements still reach the conclusions
     # the seed's "~6 GB" whole model: the twin's 16-bit weights, 6,43 GB = 5,98 GiB
     assert "= 6,43\xa0GB = 5,98\xa0GiB" in text and "3.212.749.824 parámetros" in text
+
+
+# The strict 8 GB budget's accounting (utils.memory.budget; the benchmark's --budget strict8)
+
+def test_strict_budget_counts_context_and_memory_outside_the_allocator():
+    from utils.memory.budget import strict_budget_use
+
+    # under the 6.99 GiB allocator cap, yet over the card once the context and the paged states are added
+    over = strict_budget_use(peak_reserved_gib=6.9, outside_allocator_gib=0.15, cuda_context_gib=0.51,
+                             pinned_host_gib=3.0)
+    assert over["device_gib"] == pytest.approx(7.56) and over["device_limit_gib"] == 7.5
+    assert not over["in_budget"] and over["over"] == ["GPU 7.56 GiB > 7.5 GiB"]
+    fits = strict_budget_use(peak_reserved_gib=6.7, outside_allocator_gib=0.15, cuda_context_gib=0.51,
+                             pinned_host_gib=3.0)
+    assert fits["in_budget"] and fits["device_headroom_gib"] == pytest.approx(0.14)
+    # a measurement that misses unified memory: the paged states counted stand in for it
+    missed = strict_budget_use(peak_reserved_gib=6.7, outside_allocator_gib=0.0, cuda_context_gib=0.51,
+                               pinned_host_gib=0.0, paged_optimizer_gib=0.4)
+    assert missed["device_gib"] == pytest.approx(7.61) and not missed["in_budget"]
+
+
+def test_strict_budget_refuses_more_than_four_gib_of_pinned_host_memory():
+    from utils.memory.budget import strict_budget_use
+
+    use = dict(peak_reserved_gib=5.0, outside_allocator_gib=0.1, cuda_context_gib=0.5)
+    assert strict_budget_use(**use, pinned_host_gib=4.0)["in_budget"]
+    over = strict_budget_use(**use, pinned_host_gib=4.01)
+    assert not over["in_budget"] and over["over"] == ["pinned host memory 4.01 GiB > 4 GiB"]
+
+
+def test_outside_allocator_tracker_subtracts_the_baseline_and_the_allocator():
+    from utils.memory.budget import OutsideAllocatorTracker
+
+    other = 3 * GIB  # another process on the GPU (the parent that saved the twin): constant, cancels out
+    readings = iter([
+        (other + 600 * MIB, 2 * MIB),  # baseline: context + a 2 MiB block
+        (other + 600 * MIB + 5 * GIB + 200 * MIB, 5 * GIB + 2 * MIB),  # model + 200 MiB outside
+        (other + 600 * MIB + 6 * GIB + 350 * MIB, 6 * GIB + 2 * MIB),  # + paged states: 350 MiB outside
+        (other + 600 * MIB + 4 * GIB + 350 * MIB, 4 * GIB + 2 * MIB),  # the allocator gave blocks back
+    ])
+    tracker = OutsideAllocatorTracker(read=lambda: next(readings))
+    assert [tracker.sample() for _ in range(3)] == [200 * MIB, 350 * MIB, 350 * MIB]
+    assert tracker.peak == 350 * MIB
+
+
+def test_paged_optimizer_states_are_counted_through_a_wrapped_optimizer():
+    from utils.memory.budget import paged_state_bytes
+
+    def paged(n):
+        t = torch.zeros(n, dtype=torch.uint8)
+        t.is_paged = True  # what bitsandbytes' get_paged marks on its cudaMallocManaged tensors
+        return t
+
+    class Inner:
+        state = {"p": {"state1": paged(1000), "state2": paged(1000), "absmax1": torch.zeros(4)}}
+
+    class Flat:  # like utils.speed.optim.FlatOptimizer: its own state empty, the inner one's paged
+        state = {"q": {"step": 3}}
+        inner = Inner()
+
+    assert paged_state_bytes(Flat()) == 2000
+    assert paged_state_bytes(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])) == 0
+
+
+def test_pinned_host_memory_is_the_larger_of_the_counted_buffers_and_the_allocator():
+    from utils.memory.budget import pinned_host_bytes
+
+    buffers = [torch.zeros(96, dtype=torch.bfloat16), torch.zeros(32, dtype=torch.float32)]
+    assert pinned_host_bytes(buffers) == 96 * 2 + 32 * 4
+    # the pinned allocator rounds each block up to a power of two: what it owns is what the host gives up
+    assert pinned_host_bytes(buffers, {"allocated_bytes.peak": 512}) == 512
+    assert pinned_host_bytes(buffers, {"allocated_bytes.peak": 100}) == 320

@@ -7,7 +7,10 @@ then raises out of memory, as on the small card. The cap is also written to ``QL
 child processes (notebook 02's measurements) apply the same one (``apply_gpu_memory_cap_from_env``).
 
 What the cap does not bound: the CUDA context itself, and bitsandbytes' paged optimizer states (CUDA unified
-memory, outside PyTorch's allocator), which on the small card would page to host memory instead.
+memory, outside PyTorch's allocator), which on the small card would page to host memory instead. The strict budget
+(``strict_budget_use``, the speed benchmark's ``--budget strict8``) counts them: the memory a process uses outside
+the allocator (``OutsideAllocatorTracker``, at least ``paged_state_bytes``), its context, and its pinned host
+memory (``pinned_host_bytes``, at most ``PINNED_HOST_LIMIT_GIB``).
 """
 
 from __future__ import annotations
@@ -167,3 +170,104 @@ def peak_gpu_memory(device: str | torch.device | None = None) -> dict[str, float
     device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
     return {"peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 3),
             "peak_gpu_allocated_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 3)}
+
+
+# The strict 8 GB budget (``python -m utils.speed.benchmark run --budget strict8``): what a row may use on the
+# student's card and PC, every part counted, the same for every row
+STRICT_CARD_GIB = 8.0
+PINNED_HOST_LIMIT_GIB = 4.0  # pinned (page-locked) host memory a 16 GB student PC can spare for checkpoints
+
+
+class PinnedMemoryOverBudget(RuntimeError):
+    """A row pinned more host memory than the strict budget allows (it is stopped after its first step)."""
+
+
+def paged_state_bytes(optimizer: Any) -> int:
+    """Bytes of optimizer state in CUDA unified memory (bitsandbytes' paged states, ``is_paged``), counted.
+
+    bitsandbytes allocates them with cudaMallocManaged, outside PyTorch's caching allocator: neither its cap nor
+    its peaks see them. Walks ``optimizer.state`` and that of a wrapped optimizer (``inner``, ``FlatOptimizer``).
+    """
+    total, seen = 0, set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        for state in getattr(optimizer, "state", {}).values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and getattr(value, "is_paged", False):
+                    total += value.numel() * value.element_size()
+        optimizer = getattr(optimizer, "inner", None)
+    return total
+
+
+def pinned_host_bytes(buffers: Any = (), host_stats: dict | None = None) -> int:
+    """Pinned host memory of a run: the larger of the buffers counted (e.g. the fast path's checkpoint buffers)
+    and the peak of pinned blocks PyTorch's pinned-memory allocator owned (``torch.cuda.host_memory_stats()``
+    ``allocated_bytes.peak``: it also sees other libraries' pinned copies, e.g. Unsloth's offloaded checkpoints,
+    and it rounds each block up to a power of two, which is what the host really gives up)."""
+    counted = sum(t.numel() * t.element_size() for t in buffers)
+    owned = (host_stats or {}).get("allocated_bytes.peak") or 0
+    return max(counted, int(owned))
+
+
+def host_memory_stats() -> dict:
+    """PyTorch's pinned host allocator counters ({} where this PyTorch or machine has none)."""
+    try:
+        return dict(torch.cuda.host_memory_stats())
+    except (AttributeError, RuntimeError):
+        return {}
+
+
+class OutsideAllocatorTracker:
+    """GPU memory this process uses outside PyTorch's caching allocator, at its largest since the baseline.
+
+    The baseline is read when the tracker is made (after CUDA starts, before the model): the device's used memory
+    and PyTorch's reserved memory. Each ``sample`` reads both again; what the device gained beyond what PyTorch's
+    allocator reserved is memory outside it: bitsandbytes' paged optimizer states (cudaMallocManaged), kernel
+    modules loaded lazily, cuBLAS/cuDNN handles. Other processes on the GPU (the parent that saved the twin) cancel
+    out as long as they stay idle. ``read`` gives (device used bytes, reserved bytes); by default
+    ``torch.cuda.mem_get_info`` and ``torch.cuda.memory_reserved``.
+    """
+
+    def __init__(self, device: str | torch.device | None = None, read=None):
+        self.read = read or (lambda: _used_and_reserved(device))
+        self.used0, self.reserved0 = self.read()
+        self.peak = 0
+
+    def sample(self) -> int:
+        used, reserved = self.read()
+        outside = (used - self.used0) - (reserved - self.reserved0)
+        self.peak = max(self.peak, outside)
+        return outside
+
+
+def _used_and_reserved(device: str | torch.device | None) -> tuple[int, int]:
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free, torch.cuda.memory_reserved(device)
+
+
+def strict_budget_use(peak_reserved_gib: float, outside_allocator_gib: float, cuda_context_gib: float,
+                      pinned_host_gib: float, paged_optimizer_gib: float = 0.0, card_gib: float = STRICT_CARD_GIB,
+                      display_reserve_gib: float = WINDOWS_DISPLAY_RESERVE_GIB,
+                      pinned_limit_gib: float = PINNED_HOST_LIMIT_GIB) -> dict[str, Any]:
+    """A row's use of the strict budget, part by part, and whether it fits (``in_budget``; ``over`` says why not).
+
+    On the card: PyTorch's peak reserved memory + memory outside its allocator (measured; at least the paged
+    optimizer states counted, in case the measurement misses unified memory) + the CUDA context must not exceed
+    ``card_gib`` − ``display_reserve_gib``. On the host: pinned memory must not exceed ``pinned_limit_gib``.
+    """
+    outside = max(outside_allocator_gib, paged_optimizer_gib)
+    device_gib = peak_reserved_gib + outside + cuda_context_gib
+    device_limit = card_gib - display_reserve_gib
+    over = []
+    if device_gib > device_limit:
+        over.append(f"GPU {device_gib:.2f} GiB > {device_limit:g} GiB")
+    if pinned_host_gib > pinned_limit_gib:
+        over.append(f"pinned host memory {pinned_host_gib:.2f} GiB > {pinned_limit_gib:g} GiB")
+    return {
+        "card_gib": card_gib, "display_reserve_gib": display_reserve_gib, "device_limit_gib": device_limit,
+        "cuda_context_gib": round(cuda_context_gib, 3), "peak_reserved_gib": round(peak_reserved_gib, 3),
+        "outside_allocator_gib": round(outside_allocator_gib, 3), "paged_optimizer_gib": round(paged_optimizer_gib, 3),
+        "device_gib": round(device_gib, 3), "device_headroom_gib": round(device_limit - device_gib, 3),
+        "pinned_host_gib": round(pinned_host_gib, 3), "pinned_limit_gib": pinned_limit_gib,
+        "in_budget": not over, "over": over,
+    }

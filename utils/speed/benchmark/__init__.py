@@ -4,6 +4,8 @@ Command line::
 
     python -m utils.speed.benchmark run --out results/04_speed_benchmark.json      # all configurations (GPU)
     python -m utils.speed.benchmark run --only original_fp16,fast_mb32_bf16 --out /tmp/b.json
+    python -m utils.speed.benchmark run --budget strict8 --repeat 5 \
+        --repeat-only original_fp16,fast_2x1_fp16,original_corpus_fp16,fast_2x1_corpus_fp16 --out /tmp/s.json
     python -m utils.speed.benchmark correctness --out results/04_fast_path_correctness.json  # embedded model
     python -m utils.speed.benchmark figure results/04_speed_benchmark.json         # redraw the figures
     python -m utils.speed.benchmark list                                           # the configurations
@@ -15,10 +17,15 @@ configuration's optimizer), ``--warmup`` steps, then the median of ``--steps`` o
 real (non-padding) tokens. The JSON is rewritten after every configuration, so a run stopped by a time limit keeps
 what it measured. ``--tiny`` runs a 2-layer twin on the CPU to test the logic (not a result).
 
+``--budget strict8`` runs every row, Unsloth's too, under the same 8 GB rules (``strict``): the cap left by the
+measured CUDA context and the display reserve, the memory outside the allocator counted, ≤ 4 GiB pinned host
+memory, LoRA dropout 0.05, one ``PYTORCH_CUDA_ALLOC_CONF``; each row records its budget use. ``--resume`` continues a run
+that a time limit stopped (same options, same ``--out``): only the rows it lacks, in the same order.
+
 Modules: ``configs`` (the measured configurations), ``workloads`` (their batches), ``measure`` (one configuration
-in a child process), ``run`` (the whole benchmark, correctness, multi-GPU), ``cli`` (the command line), ``peer``
-(Unsloth's import order). Reading the saved reports is ``utils.speed.results``; their figures,
-``utils.plotting.speed``; their prose, ``utils.reports.speed``.
+in a child process), ``run`` (the whole benchmark, correctness, multi-GPU), ``strict`` (the strict budget's rules,
+ratios and table), ``cli`` (the command line), ``peer`` (Unsloth's import order). Reading the saved reports is
+``utils.speed.results``; their figures, ``utils.plotting.speed``; their prose, ``utils.reports.speed``.
 
 Only the configurations are exported here: ``python -m utils.speed.benchmark`` imports this package before
 ``__main__``, and a child process that measures Unsloth must import it before transformers, peft and trl, which

@@ -14,6 +14,7 @@ from utils.plotting.speed import draw_figures
 from utils.speed.benchmark.configs import CONFIGS, config_by_name
 from utils.speed.benchmark.measure import child, run_child
 from utils.speed.benchmark.run import EXPANDABLE, run_benchmark, run_correctness, run_ddp
+from utils.speed.benchmark.strict import BUDGETS, DEFAULT_ALLOC_CONF, STRICT8_ROWS
 
 DEFAULT_OUT = "results/04_speed_benchmark.json"
 DEFAULT_CORRECTNESS_OUT = "results/04_fast_path_correctness.json"
@@ -41,6 +42,14 @@ def _add_run(sub) -> None:
                      "round (default: all)")
     run.add_argument("--memory-cap-gib", type=float, help="cap the GPU allocator of every row (e.g. 7.5: an 8 GB "
                      "card less its CUDA context)")
+    run.add_argument("--budget", choices=tuple(BUDGETS), help="strict8: every row under the same 8 GB rules (cap = 8 "
+                     "GiB - measured CUDA context - 0.5 GiB display reserve; paged optimizer and context counted; "
+                     "<= 4 GiB pinned host memory; LoRA dropout 0.05; one --alloc-conf); default rows: "
+                     + ",".join(STRICT8_ROWS))
+    run.add_argument("--resume", action="store_true", help="--out holds this same run, stopped by a time limit: "
+                     "measure only the rows it lacks, in the same order")
+    run.add_argument("--alloc-conf", default=DEFAULT_ALLOC_CONF, help="with --budget: the PYTORCH_CUDA_ALLOC_CONF of "
+                     f"every row (default {DEFAULT_ALLOC_CONF})")
 
 
 def _add_others(sub) -> None:
@@ -118,7 +127,8 @@ def _run(args) -> int:
         return _needs_gpu("the benchmark", " Run it on a GPU machine, or pass --tiny to test the logic on this CPU.")
     out = resolve_path(args.out)
     run_benchmark(out, _names(args.only), args.steps, args.warmup, args.tiny, args.twin_folder,
-                  memory_cap_gib=args.memory_cap_gib, repeat=args.repeat, repeat_only=_names(args.repeat_only))
+                  memory_cap_gib=args.memory_cap_gib, repeat=args.repeat, repeat_only=_names(args.repeat_only),
+                  budget=args.budget, alloc_conf=args.alloc_conf, resume=args.resume)
     if not args.no_figure:
         _print_figures(out)
     return 0

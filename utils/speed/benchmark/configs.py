@@ -128,12 +128,29 @@ CONFIGS: list[BenchConfig] = [
     _c("fast_mb32_corpus_bf16", "fast", "bf16", micro_batch=32, workload="corpus", **FAST, group="corpus",
        prediction="padding-free packing keeps the synthetic throughput (-5 % for shorter attention rows)"),
     _c("fast_mb32_corpus_fp16", "fast", "fp16", micro_batch=32, workload="corpus", **FAST, group="corpus"),
+    # Within the strict 8 GB budget (``run --budget strict8``): at most 4 GiB of pinned host memory, so fewer
+    # offloaded checkpoints per token than mid+qkv (~594 KiB per token counted, more as pinned blocks round up to
+    # powers of two), or checkpoints on the GPU
+    _c("fast_mb32_keep_input_bf16", "fast", "bf16", micro_batch=32, **{**FAST, "fast": _fast(checkpoint_keep="input")},
+       group="throughput", prediction="only the layer input offloaded: 27 x 96 MiB counted (3.4 GiB pinned as "
+       "128 MiB blocks), within 4 GiB; ~7 % slower than mid+qkv"),
+    _c("fast_mb32_keep_input_fp16", "fast", "fp16", micro_batch=32,
+       **{**FAST, "fast": _fast(checkpoint_keep="input")}, group="throughput"),
+    _c("fast_mb40_keep_input_bf16", "fast", "bf16", micro_batch=40, **{**FAST, "fast": _fast(checkpoint_keep="input")},
+       group="throughput", prediction="27 x 120 MiB counted, the same 128 MiB blocks as micro-batch 32: within 4 GiB "
+       "pinned if the GPU side fits"),
+    _c("fast_mb20_keep_mid_bf16", "fast", "bf16", micro_batch=20, **{**FAST, "fast": _fast(checkpoint_keep="mid")},
+       group="throughput", prediction="input and residual: 54 x 60 MiB counted (3.4 GiB as 64 MiB blocks)"),
+    _c("fast_mb16_no_offload_bf16", "fast", "bf16", micro_batch=16,
+       **{**FAST, "fast": _fast(offload_checkpoints=False, checkpoint_keep="input")}, group="throughput",
+       prediction="no pinned memory: 28 x 48 MiB of checkpoints on the GPU"),
     # The peer, where it is installed next to the benchmark
     _c("unsloth_2x1_bf16", "unsloth", "bf16", micro_batch=2, lora_dropout=0.0, group="peer"),
     _c("unsloth_mb32_bf16", "unsloth", "bf16", micro_batch=32, lora_dropout=0.0, group="peer"),
     _c("unsloth_mb40_bf16", "unsloth", "bf16", micro_batch=40, lora_dropout=0.0, group="peer"),
     _c("unsloth_mb48_bf16", "unsloth", "bf16", micro_batch=48, lora_dropout=0.0, group="peer"),
     _c("unsloth_mb32_fp16", "unsloth", "fp16", micro_batch=32, lora_dropout=0.0, group="peer"),
+    _c("unsloth_mb40_fp16", "unsloth", "fp16", micro_batch=40, lora_dropout=0.0, group="peer"),
 ]
 
 

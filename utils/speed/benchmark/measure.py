@@ -28,6 +28,15 @@ from transformers import get_cosine_schedule_with_warmup
 from utils.childproc import ChildProcessFailed, run_module_child
 from utils.config import THESIS
 from utils.device import DTYPES, default_device
+from utils.memory.budget import (
+    OutsideAllocatorTracker,
+    PinnedMemoryOverBudget,
+    cap_gpu_memory,
+    host_memory_stats,
+    paged_state_bytes,
+    pinned_host_bytes,
+    strict_budget_use,
+)
 from utils.modeling import build_lora_config, load_model
 from utils.speed.benchmark.configs import BenchConfig
 from utils.speed.benchmark.workloads import corpus_examples, corpus_steps, synthetic_batches
@@ -166,7 +175,8 @@ def _measured_row(config: BenchConfig, device: str, details: dict, load_seconds:
 
 def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: str | None = None,
             lr_schedule: bool = False, seed: int = 0, examples: list[dict] | None = None,
-            step_hook: Any = None, memory_cap_gib: float | None = None) -> dict[str, Any]:
+            step_hook: Any = None, memory_cap_gib: float | None = None,
+            budget: dict | None = None) -> dict[str, Any]:
     """Train ``config`` for ``warmup + steps`` optimizer steps; times, peaks and losses.
 
     ``seed`` sets the LoRA initialisation and dropout; the data (fixed random rows, or the corpus in one
@@ -174,11 +184,22 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
     what PyTorch's caching allocator may reserve on the GPU, as a smaller card would: past it the allocator
     returns cached blocks to the driver and retries (counted in ``allocator.num_alloc_retries``), or the row
     fails out of memory.
+
+    ``budget`` (the strict budget, ``strict.STRICT8``: card, display reserve, pinned limit): the first step's cap
+    is the card less this process's CUDA context (measured) and the display reserve
+    (``utils.memory.budget.cap_gpu_memory``); after it, the cap also leaves out the GPU memory found outside the
+    allocator (``tightened_cap_gib``) and the peaks restart. The row records each part of its use (``budget``);
+    one that pins more host memory than allowed stops after its first step (``ok`` False, its use so far).
     """
     device = device or str(default_device())
     cuda = device.startswith("cuda")
     torch.manual_seed(seed)
-    if cuda:
+    limits = tracker = None
+    if cuda and budget:
+        limits = cap_gpu_memory(budget["card_gib"], budget["display_reserve_gib"], device=device)
+        limits["first_step_cap_gib"] = limits["allocator_budget_gib"]
+        tracker = OutsideAllocatorTracker(device)  # the baseline: CUDA started, no model yet
+    elif cuda:
         _cap_gpu_memory(device, memory_cap_gib)
     started = time.perf_counter()
     if config.impl == "unsloth":
@@ -196,14 +217,84 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    log = run_optimizer_steps(plan, loss_fn, params, optimizer, device, scaler=scaler, scheduler=scheduler,
-                              warmup=warmup, step_hook=step_hook)
+        # pinned memory that loading staged is not training's
+        getattr(torch.cuda, "reset_peak_host_memory_stats", lambda: None)()
+    use = (lambda: _budget_use(budget, limits, tracker, optimizer, peft_model, config)) if limits else None
+    hook = _budget_hook(use, step_hook, lambda current: _tighten_cap(limits, current, device)) if use else step_hook
+    try:
+        log = run_optimizer_steps(plan, loss_fn, params, optimizer, device, scaler=scaler, scheduler=scheduler,
+                                  warmup=warmup, step_hook=hook)
+    except PinnedMemoryOverBudget as exc:
+        return {**asdict(config), "ok": False, "error": f"out of budget: {exc}", "budget": use(),
+                "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), **_gpu_peaks()}
     out = _measured_row(config, device, details, load_seconds, log, steps, params)
+    out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     if config.impl == "fast":
         out["details"]["fast_path"] = peft_model.get_base_model().model._fast_path.describe()
     if cuda:
         out.update(_gpu_peaks())
+    if use:
+        out["budget"] = use()
     return out
+
+
+def _pinned_buffers(peft_model, config: BenchConfig) -> list[torch.Tensor]:
+    """The fast path's pinned checkpoint buffers (``CheckpointStore.buffers``); none for the other paths."""
+    if config.impl != "fast":
+        return []
+    return list(peft_model.get_base_model().model._fast_path.store.buffers.values())
+
+
+def _budget_use(budget: dict, limits: dict, tracker: OutsideAllocatorTracker, optimizer, peft_model,
+                config: BenchConfig) -> dict[str, Any]:
+    """The row's use of the strict budget so far (``utils.memory.budget.strict_budget_use``) and how it was read."""
+    tracker.sample()
+    pinned = pinned_host_bytes(_pinned_buffers(peft_model, config), host_memory_stats())
+    use = strict_budget_use(
+        peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB, outside_allocator_gib=tracker.peak / GIB,
+        cuda_context_gib=limits["cuda_context_gib"], pinned_host_gib=pinned / GIB,
+        paged_optimizer_gib=paged_state_bytes(optimizer) / GIB, card_gib=budget["card_gib"],
+        display_reserve_gib=budget["display_reserve_gib"], pinned_limit_gib=budget["pinned_limit_gib"])
+    return {**use, "allocator_budget_gib": limits["allocator_budget_gib"],
+            "allocator_budget_first_step_gib": limits["first_step_cap_gib"],
+            "first_step_peak_reserved_gib": limits.get("first_step_peak_reserved_gib"),
+            "cuda_context_method": limits["cuda_context_method"]}
+
+
+def _tighten_cap(limits: dict, current: dict, device: str) -> None:
+    """After the first step: lower the allocator's cap by the memory found outside it (paged optimizer states,
+    kernels loaded since), as the small card would, and restart the peaks (they now cover the later steps)."""
+    cap_gib = tightened_cap_gib(current)
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, cap_gib * GIB / total)), device)
+    limits["first_step_peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
+    limits["allocator_budget_gib"] = round(cap_gib, 3)
+    torch.cuda.reset_peak_memory_stats()
+
+
+def tightened_cap_gib(current: dict) -> float:
+    """What the allocator may reserve once the memory outside it is known: the card's usable memory less the
+    context and that memory (at least the paged optimizer states counted)."""
+    outside = max(current["outside_allocator_gib"], current["paged_optimizer_gib"])
+    return current["device_limit_gib"] - current["cuda_context_gib"] - outside
+
+
+def _budget_hook(use: Callable[[], dict], step_hook: Any = None,
+                 tighten: Callable[[dict], None] | None = None) -> Callable[[int], None]:
+    """Before each step (and after the last): sample the memory outside the allocator. After the first step, stop
+    a row whose pinned host memory is over the limit (its checkpoint buffers exist by then), else ``tighten``."""
+    def hook(step: int) -> None:
+        current = use()  # samples the tracker
+        if step == 1:
+            if current["pinned_host_gib"] > current["pinned_limit_gib"]:
+                raise PinnedMemoryOverBudget(f"{current['pinned_host_gib']:.2f} GiB of pinned host memory after the "
+                                             f"first step, over the {current['pinned_limit_gib']:g} GiB limit")
+            if tighten is not None:
+                tighten(current)
+        if step_hook is not None:
+            step_hook(step)
+
+    return hook
 
 
 def profile_step(config: BenchConfig, model: str, warmup: int = 2, rows: int = 30,
@@ -250,7 +341,7 @@ def child(task: dict) -> dict:
         return profile_step(config, task["model"], **task["profile"])
     try:
         return measure(config, task["model"], task["steps"], task["warmup"], lr_schedule=task.get("lr_schedule", False),
-                       memory_cap_gib=task.get("memory_cap_gib"),
+                       memory_cap_gib=task.get("memory_cap_gib"), budget=task.get("budget"),
                        seed=task.get("seed", 0))
     except torch.cuda.OutOfMemoryError as exc:
         return {**asdict(config), "ok": False, "error": f"out of memory: {str(exc).splitlines()[0]}"}

@@ -26,6 +26,15 @@ from utils.paths import REPO_ROOT
 from utils.provenance import result_provenance
 from utils.speed.benchmark.configs import CONFIGS, CONFIGS_BY_NAME, BenchConfig, config_by_name
 from utils.speed.benchmark.measure import run_child
+from utils.speed.benchmark.strict import (
+    BUDGETS,
+    DEFAULT_ALLOC_CONF,
+    STRICT8_ROWS,
+    strict_configs,
+    strict_method,
+    strict_rules,
+    strict_summary,
+)
 from utils.speed.results import compare_losses, summarize
 
 TWIN_LABEL = "llama-3.2-3b-twin (random weights, exact Llama-3.2-3B architecture)"
@@ -45,6 +54,8 @@ def save_twin(folder: Path, tiny: bool, device: str) -> dict:
     if not tiny:  # a complete local model: `python -m utils.training --model <folder>` finds its tokenizer
         load_tokenizer("llama-3.2").save_pretrained(folder)
     del model
+    if device.startswith("cuda"):  # the children measure the GPU: leave them only this process's context on it
+        torch.cuda.empty_cache()
     return {"folder": str(folder), "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -67,7 +78,7 @@ def _benchmark_method(steps: int, warmup: int, repeat: int, repeat_only: Sequenc
 
 
 def _print_row(config: BenchConfig, row: dict) -> None:
-    """One line per measured row: tokens/s, s/step, peaks, first and last loss (or the error)."""
+    """One line per measured row: tokens/s, s/step, peaks, first and last loss (or the error); the budget's use."""
     if row.get("ok"):
         print(f"[benchmark] {config.name:>30}: {row['tokens_per_second']:>9,.0f} tokens/s  "
               f"{row['seconds_per_step']:.4f} s/step  peak {row.get('peak_allocated_gib')} GiB alloc / "
@@ -76,6 +87,13 @@ def _print_row(config: BenchConfig, row: dict) -> None:
               flush=True)
     else:
         print(f"[benchmark] {config.name:>30}: {row.get('error')}", flush=True)
+    use = row.get("budget")
+    if use:
+        print(f"[benchmark] {'':>30}  budget: {use['peak_reserved_gib']} reserved + {use['outside_allocator_gib']} "
+              f"outside the allocator (paged optimizer {use['paged_optimizer_gib']}) + {use['cuda_context_gib']} "
+              f"context = {use['device_gib']} of {use['device_limit_gib']} GiB; pinned {use['pinned_host_gib']} of "
+              f"{use['pinned_limit_gib']} GiB: " + ("within" if use["in_budget"] else "OUT: " + "; ".join(use["over"])),
+              flush=True)
 
 
 def _configs_to_run(names: Sequence[str] | None, device: str) -> list[BenchConfig]:
@@ -90,7 +108,8 @@ def _configs_to_run(names: Sequence[str] | None, device: str) -> list[BenchConfi
 def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8, warmup: int = 3,
                   tiny: bool = False, twin_folder: str | None = None, timeout: float = 900,
                   memory_cap_gib: float | None = None, repeat: int = 1,
-                  repeat_only: Sequence[str] | None = None) -> dict:
+                  repeat_only: Sequence[str] | None = None, budget: str | None = None,
+                  alloc_conf: str = DEFAULT_ALLOC_CONF, resume: bool = False) -> dict:
     """Measure every configuration (or ``names``) in its own process; write the JSON after every row.
 
     ``memory_cap_gib``: every row runs with the GPU allocator capped there (see ``measure``), like an 8 GB card.
@@ -98,14 +117,29 @@ def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8,
     every configuration alike; the summary takes each configuration's median (``merged_rows``).
     ``repeat_only``: only these configurations run again after the first round (the host-bound ones, whose
     time moves with the host's load; the GPU-bound rows are steady within ±1 %).
+    ``budget="strict8"``: every row under the strict 8 GB rules (``strict``; ``names`` default to ``STRICT8_ROWS``),
+    all under ``PYTORCH_CUDA_ALLOC_CONF=alloc_conf``; the report adds ``budget`` (the rules) and ``strict``.
+    ``resume``: ``out`` holds the rows of this same run stopped by a time limit; measure only the rows it lacks, in
+    the same order (each start is listed in ``resumed``).
     """
     if repeat < 1:
         raise SystemExit(f"--repeat {repeat}: use 1 or more.")
+    if budget is not None and budget not in BUDGETS:
+        raise SystemExit(f"--budget {budget}: use one of {', '.join(BUDGETS)}.")
+    if budget and memory_cap_gib:
+        raise SystemExit(f"--memory-cap-gib {memory_cap_gib} and --budget {budget}: the budget sets each row's cap "
+                         "itself (the card less the measured CUDA context and the display reserve); drop "
+                         "--memory-cap-gib.")
+    if budget and not names:
+        names = list(STRICT8_ROWS)
     unknown = sorted(set(repeat_only or ()) - set(names or CONFIGS_BY_NAME))
     if unknown:
         raise SystemExit(f"--repeat-only {','.join(unknown)}: not in the list of configurations to run.")
     device = str(default_device())
     configs = _configs_to_run(names, device)
+    rules = strict_rules(alloc_conf) if budget else None
+    if budget:
+        configs = strict_configs(configs, alloc_conf)
     folder = Path(twin_folder or tempfile.mkdtemp(prefix="twin-"))
     started = time.perf_counter()
     print(f"[benchmark] device {device}; twin in {folder}; {len(configs)} configurations", flush=True)
@@ -113,26 +147,62 @@ def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8,
     report: dict[str, Any] = {
         "label": TWIN_LABEL if not tiny else "tiny twin (logic test, not a result)",
         **result_provenance(), "twin": twin,
-        "method": _benchmark_method(steps, warmup, repeat, repeat_only, memory_cap_gib),
+        "method": _benchmark_method(steps, warmup, repeat, repeat_only, memory_cap_gib)
+        + (strict_method(rules) if rules else ""),
         "memory_cap_gib": memory_cap_gib,
+        **({"budget": rules} if rules else {}),
         "repeat": repeat,
         "rows": [],
     }
-    rounds = ((i, c) for i in range(repeat) for c in configs
-              if i == 0 or not repeat_only or c.name in repeat_only)
+    rounds = [(i, c) for i in range(repeat) for c in configs if i == 0 or not repeat_only or c.name in repeat_only]
+    report["plan"] = [[i, c.name] for i, c in rounds]
+    earlier = 0.0
+    if resume:
+        earlier = _resume(report, out)
+        rounds = rounds[len(report["rows"]):]
+        report["summary"] = summarize(report["rows"])
+        if rules:
+            report["strict"] = strict_summary(report["rows"])
+        print(f"[benchmark] resuming {out}: {len(report['rows'])} rows there, {len(rounds)} to go", flush=True)
     for round_index, config in rounds:
-        env = EXPANDABLE if config.expandable_segments else {}
-        row = run_child({"config": asdict(config), "model": str(folder), "steps": steps, "warmup": warmup,
-                         "memory_cap_gib": memory_cap_gib}, timeout, env)
+        # strict: one allocator setting for every row (set explicitly, so the parent's own cannot leak into some)
+        env = {"PYTORCH_CUDA_ALLOC_CONF": alloc_conf} if rules else EXPANDABLE if config.expandable_segments else {}
+        task = {"config": asdict(config), "model": str(folder), "steps": steps, "warmup": warmup,
+                "memory_cap_gib": memory_cap_gib}
+        if rules:
+            task["budget"] = BUDGETS[budget]
+        row = run_child(task, timeout, env)
         if repeat > 1:
             row["repeat"] = round_index
         report["rows"].append(row)
         _print_row(config, row)
         report["summary"] = summarize(report["rows"])
-        report["wall_seconds"] = round(time.perf_counter() - started, 1)
+        if rules:
+            report["strict"] = strict_summary(report["rows"])
+        report["wall_seconds"] = round(earlier + time.perf_counter() - started, 1)
         save_json(report, out)
-    print("[benchmark] summary " + json.dumps(report["summary"], indent=1), flush=True)
+    print("[benchmark] summary " + json.dumps(report.get("summary"), indent=1), flush=True)
+    if rules:
+        print("[benchmark] strict budget " + json.dumps(report["strict"], indent=1), flush=True)
     return report
+
+
+def _resume(report: dict, out: Path) -> float:
+    """Take the rows of ``out`` (the same run, stopped) into ``report``; its wall seconds so far."""
+    if not out.exists():
+        raise SystemExit(f"--resume: {out} does not exist; run without --resume to start it.")
+    earlier = read_json(out)
+    for key in ("plan", "method", "budget"):
+        if earlier.get(key) != report.get(key):
+            raise SystemExit(f"--resume: {out} was written by another run (its {key} differs); give the same options "
+                             "as the run that wrote it, or a new --out without --resume.")
+    report["rows"] = earlier["rows"]
+    report["resumed"] = [*earlier.get("resumed", []),
+                         {k: report[k] for k in ("date", "commit", "command") if k in report}]
+    for key in ("date", "commit", "command", "twin"):  # the first start's provenance stays the report's
+        if key in earlier:
+            report[key] = earlier[key]
+    return float(earlier.get("wall_seconds", 0.0))
 
 
 def run_correctness(out: Path, model: str = "embedded", steps: int = 50, seeds: Sequence[int] = (0, 1),
