@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -16,7 +14,7 @@ import torch
 
 from utils import evaluation as ev
 from utils.inference import generate_answers
-from utils.paths import REPO_ROOT, RUNS_DIR, TEST_FILE, TRAIN_FILE
+from utils.paths import RUNS_DIR, TEST_FILE, TRAIN_FILE
 
 REFERENCE = ("Según la Ord. 1549, art. 1.2, la Facultad Regional tiene 30 días hábiles para informar sus "
              "normas complementarias al Consejo Superior.")
@@ -322,13 +320,11 @@ def test_notebook_declares_the_recorded_parameters():
 
 
 @pytest.mark.slow
-def test_notebook_05_runs_on_smoke():
+def test_notebook_05_runs_on_smoke(smoke_run):
     import nbformat
 
     run = RUNS_DIR / "smoke"
-    only = ["05"] if (run / "04_adapter" / "adapter_model.safetensors").is_file() else ["04", "05"]
-    out = subprocess.run([sys.executable, "-m", "utils.runner", "--profile", "smoke", "--only", *only],
-                         cwd=REPO_ROOT, capture_output=True, text=True)
+    out = smoke_run  # every notebook, 04 and 05 included, run once per session (conftest.py)
     assert out.returncode == 0, out.stdout + out.stderr
     executed = nbformat.read(run / "05_evaluation.ipynb", as_version=4)
     html_outputs = "".join(o.get("data", {}).get("text/html", "") for c in executed.cells if c.cell_type == "code"
@@ -351,3 +347,12 @@ def test_notebook_05_runs_on_smoke():
         assert (figures / f"{name}.tex").is_file(), name
     record = json.loads((run / "05_run.json").read_text())
     assert record["profile"] == "smoke" and record["n_test_records"] == len(predictions)
+    # the Q8_0 GGUF of the merged embedded model loads back within its tolerance, read both ways (what
+    # tests/test_gguf.py::test_roundtrip_within_tolerance checks for f16)
+    from utils.evaluation.export import ROUNDTRIP_TOLERANCES
+
+    report = record["gguf"]["roundtrip"]["q8_0"]
+    assert report["passed"] and report["type"] == "q8_0" and report["tolerance"] == ROUNDTRIP_TOLERANCES["q8_0"]
+    assert report["tokenizer_agreement"] == 1.0 and report["n_prompts"] >= 1
+    assert report["llama_cpp_pre_tokenizer_hash_ok"] and report["transformers_gguf_reader"].startswith("counted")
+    assert report["tokenizer_agreement_llama_cpp"] == report["tokenizer_agreement_transformers"] == 1.0

@@ -157,24 +157,26 @@ def test_resume_true_continues_a_finished_run_in_place(tmp_path):
     assert plan.resume_from.endswith("checkpoint-4") and plan.previous_run is None
 
 
-def _train_cli(out: Path) -> subprocess.CompletedProcess:
-    """One step of the smoke run through ``python -m utils.training`` (as ``make run`` trains, OMP passive)."""
+def _train_cli(out: Path, capsys) -> str:
+    """One step of the smoke run through the entry point of ``python -m utils.training``, in this process (the
+    command itself runs in its own process in test_resume.py); returns what it printed."""
     args = ["--profile", "smoke", "--max-steps", "1", "--warmup-steps", "0", "--save-steps", "1", "--train-limit", "2",
             "--eval-limit", "1", "--eval-steps", "100", "--no-eval-on-start", "--output-dir", str(out)]
-    done = subprocess.run([sys.executable, "-m", "utils.training", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+    capsys.readouterr()
+    code = training.main(args)
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-3000:] + printed.err[-3000:]
+    return printed.out
 
 
 @pytest.mark.slow
-def test_training_twice_into_one_folder_keeps_the_first_run(tmp_path):
-    _train_cli(tmp_path)
+def test_training_twice_into_one_folder_keeps_the_first_run(tmp_path, capsys):
+    _train_cli(tmp_path, capsys)
     first = (tmp_path / ADAPTER_DIR / "adapter_model.safetensors").read_bytes()
     first_config = (tmp_path / CONFIG_FILE).read_bytes()
-    second = _train_cli(tmp_path)
+    second = _train_cli(tmp_path, capsys)
     (moved,) = (tmp_path / training.PREVIOUS_DIR).iterdir()
-    assert f"ahora está en {moved}" in second.stdout and "TRAINING OK" in second.stdout
+    assert f"ahora está en {moved}" in second and "TRAINING OK" in second
     assert (moved / ADAPTER_DIR / "adapter_model.safetensors").read_bytes() == first
     assert (moved / CONFIG_FILE).read_bytes() == first_config
     assert (moved / CHECKPOINTS_DIR / "checkpoint-1" / "trainer_state.json").is_file()

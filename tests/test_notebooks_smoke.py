@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import nbformat
 import pytest
 
-from utils.paths import REPO_ROOT, RUNS_DIR
+from utils.paths import RUNS_DIR
 from utils.runner import list_notebooks
 
 
 @pytest.mark.slow
-def test_all_notebooks_run_on_smoke():
-    out = subprocess.run(
-        [sys.executable, "-m", "utils.runner", "--profile", "smoke"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-    )
+def test_all_notebooks_run_on_smoke(smoke_run):
+    out = smoke_run  # python -m utils.runner --profile smoke, once per session (conftest.py)
     assert out.returncode == 0, out.stdout + out.stderr
     run = RUNS_DIR / "smoke"
     for source in list_notebooks():
