@@ -88,3 +88,31 @@ def test_ends_with_conclusions_appendix_and_references(notebook):
     headers = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines()
                if line.startswith("## ")]
     assert headers[-3:] == ["## Conclusiones para la tesis", "## Apéndice técnico", "## Referencias"], headers[-4:]
+
+
+def test_demo_profile_keeps_each_story_inside_its_budget():
+    """The demo (`make run`, 20 minutes on 2 cores) cuts sizes, never the comparisons the chapters make."""
+    from utils.config import load_profile
+    from utils.data import load_records
+    from utils.evaluation.loading import select_records
+    from utils.modeling import load_tokenizer
+
+    blocks = load_profile("demo")["notebooks"]
+    nb02, nb04, nb05 = blocks["02"], blocks["04"], blocks["05"]
+    # 02: the memory story needs the fp32 and bf16 references and the NF4 pair; quality needs fp32 against 4 bits.
+    assert {"fp32", "bf16", "nf4", "nf4_dq"} <= set(nb02["formats"])
+    assert "fp32" in nb02["eval_formats"] and set(nb02["eval_formats"]) <= set(nb02["formats"])
+    assert {"nf4", "nf4_dq", "fp4"} & set(nb02["eval_formats"])
+    assert {"prepare", "no_prepare"} <= set(nb02["train_variants"])
+    # 04: evaluations at the start (eval_on_start), the middle and the very end of training.
+    assert nb04["max_steps"] % nb04["eval_steps"] == 0 and nb04["max_steps"] // nb04["eval_steps"] >= 2
+    # 04: the stop-rate budget is above every validation reference answer, so a cut answer is the model's fault.
+    tokenizer = load_tokenizer()
+    longest = max(len(tokenizer(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"])
+                  for r in load_records("dataset/utn_sample_validation.jsonl"))
+    assert nb04["stop_max_new_tokens"] > longest, (nb04["stop_max_new_tokens"], longest)
+    # 05: equal numbers of each kind of test question, and tuning against retrieval (the thesis's question).
+    kinds = [r["kind"] for r in select_records(load_records("dataset/utn_sample_test.jsonl"), nb05["max_test_records"])]
+    assert len(kinds) == nb05["max_test_records"] and len(set(kinds)) == 3
+    assert len({kinds.count(k) for k in set(kinds)}) == 1, kinds
+    assert "base_rag" in nb05["baselines"]
