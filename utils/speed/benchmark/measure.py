@@ -173,6 +173,17 @@ def _measured_row(config: BenchConfig, device: str, details: dict, load_seconds:
     }
 
 
+def _start_budget(device: str, budget: dict | None, memory_cap_gib: float | None) -> tuple[Any, Any]:
+    """Cap the allocator before the model loads: the strict budget's first-step cap and its outside-allocator
+    tracker (baseline: CUDA started, no model yet), or the plain ``memory_cap_gib``; ``(limits, tracker)``."""
+    if not budget:
+        _cap_gpu_memory(device, memory_cap_gib)
+        return None, None
+    limits = cap_gpu_memory(budget["card_gib"], budget["display_reserve_gib"], device=device)
+    limits["first_step_cap_gib"] = limits["allocator_budget_gib"]
+    return limits, OutsideAllocatorTracker(device)
+
+
 def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: str | None = None,
             lr_schedule: bool = False, seed: int = 0, examples: list[dict] | None = None,
             step_hook: Any = None, memory_cap_gib: float | None = None,
@@ -194,13 +205,7 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
     device = device or str(default_device())
     cuda = device.startswith("cuda")
     torch.manual_seed(seed)
-    limits = tracker = None
-    if cuda and budget:
-        limits = cap_gpu_memory(budget["card_gib"], budget["display_reserve_gib"], device=device)
-        limits["first_step_cap_gib"] = limits["allocator_budget_gib"]
-        tracker = OutsideAllocatorTracker(device)  # the baseline: CUDA started, no model yet
-    elif cuda:
-        _cap_gpu_memory(device, memory_cap_gib)
+    limits, tracker = _start_budget(device, budget, memory_cap_gib) if cuda else (None, None)
     started = time.perf_counter()
     if config.impl == "unsloth":
         peft_model, loss_fn, details = load_unsloth_for(config, model)

@@ -105,6 +105,26 @@ def _configs_to_run(names: Sequence[str] | None, device: str) -> list[BenchConfi
     return configs
 
 
+def _checked_names(names: Sequence[str] | None, repeat: int, repeat_only: Sequence[str] | None,
+                   budget: str | None, memory_cap_gib: float | None) -> Sequence[str] | None:
+    """The configurations to run (``STRICT8_ROWS`` by default under the strict budget), after one clear error for
+    an impossible combination of options."""
+    if repeat < 1:
+        raise SystemExit(f"--repeat {repeat}: use 1 or more.")
+    if budget is not None and budget not in BUDGETS:
+        raise SystemExit(f"--budget {budget}: use one of {', '.join(BUDGETS)}.")
+    if budget and memory_cap_gib:
+        raise SystemExit(f"--memory-cap-gib {memory_cap_gib} and --budget {budget}: the budget sets each row's cap "
+                         "itself (the card less the measured CUDA context and the display reserve); drop "
+                         "--memory-cap-gib.")
+    if budget and not names:
+        names = list(STRICT8_ROWS)
+    unknown = sorted(set(repeat_only or ()) - set(names or CONFIGS_BY_NAME))
+    if unknown:
+        raise SystemExit(f"--repeat-only {','.join(unknown)}: not in the list of configurations to run.")
+    return names
+
+
 def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8, warmup: int = 3,
                   tiny: bool = False, twin_folder: str | None = None, timeout: float = 900,
                   memory_cap_gib: float | None = None, repeat: int = 1,
@@ -122,19 +142,7 @@ def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8,
     ``resume``: ``out`` holds the rows of this same run stopped by a time limit; measure only the rows it lacks, in
     the same order (each start is listed in ``resumed``).
     """
-    if repeat < 1:
-        raise SystemExit(f"--repeat {repeat}: use 1 or more.")
-    if budget is not None and budget not in BUDGETS:
-        raise SystemExit(f"--budget {budget}: use one of {', '.join(BUDGETS)}.")
-    if budget and memory_cap_gib:
-        raise SystemExit(f"--memory-cap-gib {memory_cap_gib} and --budget {budget}: the budget sets each row's cap "
-                         "itself (the card less the measured CUDA context and the display reserve); drop "
-                         "--memory-cap-gib.")
-    if budget and not names:
-        names = list(STRICT8_ROWS)
-    unknown = sorted(set(repeat_only or ()) - set(names or CONFIGS_BY_NAME))
-    if unknown:
-        raise SystemExit(f"--repeat-only {','.join(unknown)}: not in the list of configurations to run.")
+    names = _checked_names(names, repeat, repeat_only, budget, memory_cap_gib)
     device = str(default_device())
     configs = _configs_to_run(names, device)
     rules = strict_rules(alloc_conf) if budget else None
@@ -160,31 +168,36 @@ def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8,
     if resume:
         earlier = _resume(report, out)
         rounds = rounds[len(report["rows"]):]
-        report["summary"] = summarize(report["rows"])
-        if rules:
-            report["strict"] = strict_summary(report["rows"])
+        _summarize_into(report, rules)
         print(f"[benchmark] resuming {out}: {len(report['rows'])} rows there, {len(rounds)} to go", flush=True)
     for round_index, config in rounds:
         # strict: one allocator setting for every row (set explicitly, so the parent's own cannot leak into some)
         env = {"PYTORCH_CUDA_ALLOC_CONF": alloc_conf} if rules else EXPANDABLE if config.expandable_segments else {}
         task = {"config": asdict(config), "model": str(folder), "steps": steps, "warmup": warmup,
-                "memory_cap_gib": memory_cap_gib}
-        if rules:
-            task["budget"] = BUDGETS[budget]
+                "memory_cap_gib": memory_cap_gib, **({"budget": BUDGETS[budget]} if rules else {})}
         row = run_child(task, timeout, env)
         if repeat > 1:
             row["repeat"] = round_index
         report["rows"].append(row)
         _print_row(config, row)
-        report["summary"] = summarize(report["rows"])
-        if rules:
-            report["strict"] = strict_summary(report["rows"])
+        _summarize_into(report, rules)
         report["wall_seconds"] = round(earlier + time.perf_counter() - started, 1)
         save_json(report, out)
-    print("[benchmark] summary " + json.dumps(report.get("summary"), indent=1), flush=True)
-    if rules:
-        print("[benchmark] strict budget " + json.dumps(report["strict"], indent=1), flush=True)
+    _print_summaries(report)
     return report
+
+
+def _summarize_into(report: dict, rules: dict | None) -> None:
+    """The report's summary of its rows so far (and, under the strict budget, the strict comparison)."""
+    report["summary"] = summarize(report["rows"])
+    if rules:
+        report["strict"] = strict_summary(report["rows"])
+
+
+def _print_summaries(report: dict) -> None:
+    print("[benchmark] summary " + json.dumps(report.get("summary"), indent=1), flush=True)
+    if "strict" in report:
+        print("[benchmark] strict budget " + json.dumps(report["strict"], indent=1), flush=True)
 
 
 def _resume(report: dict, out: Path) -> float:
