@@ -405,6 +405,21 @@ def run_with_progress(notebook: Path, out_dir: Path, params: dict[str, Any], des
     return seconds
 
 
+def plan_profile(profile_name: str, only: list[str] | None, run_name: str | None,
+                 overrides: list[str]) -> tuple[dict[str, Any], list[Path], str]:
+    """The checked profile (``--set`` applied), the notebooks to run and the run's name; nothing runs.
+
+    Every mistake a run would meet before its first notebook (an unknown profile, notebook, key or value, a bad
+    run name) is one ``ProfileError`` here.
+    """
+    profile = check_profile_keys(profile_name, load_profile(profile_name))
+    notebooks = select_notebooks(only)
+    run_name = check_run_name(run_name or profile_name)
+    profile = apply_overrides(profile, overrides)
+    profile["common"]["profile"] = run_name
+    return profile, notebooks, run_name
+
+
 def run_profile(profile_name: str, only: list[str] | None = None, log_output: bool = False,
                 run_name: str | None = None, overrides: list[str] | None = None) -> Path:
     """Run the selected notebooks on a profile; return the run folder.
@@ -413,13 +428,8 @@ def run_profile(profile_name: str, only: list[str] | None = None, log_output: bo
     parameter every notebook gets, so notebook 05 finds the adapter notebook 04 trained under that name.
     ``overrides``: ``--set`` items (``"04.fast_path=off"``, ``"seed=43"``).
     """
-    profile = load_profile(profile_name)
-    notebooks = select_notebooks(only)
-    profile = check_profile_keys(profile_name, profile)
     overrides = list(overrides or [])
-    run_name = check_run_name(run_name or profile_name)
-    profile = apply_overrides(profile, overrides)
-    profile["common"]["profile"] = run_name
+    profile, notebooks, run_name = plan_profile(profile_name, only, run_name, overrides)
     out_dir = run_dir(run_name)
     os.environ["QLORA_PROFILE"] = run_name
     # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads slowed
@@ -545,8 +555,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish", action="store_true",
                         help="after the run, copy its figures to the committed figures/<run>/ (and, for a profile "
                              "with publish_results: true, its data files to results/<run>/)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the profile, notebooks and --set overrides, print what would run, run nothing")
     args = parser.parse_args(argv)
     try:
+        if args.dry_run:
+            _, notebooks, run_name = plan_profile(args.profile, args.only, args.run_name, args.overrides)
+            print(f"would run {', '.join(nb.stem for nb in notebooks)} into {run_dir(run_name)}: "
+                  f"{runner_command(args.profile, args.only, args.run_name, args.overrides)}")
+            return 0
         if args.publish and args.only and not load_profile(args.profile).get("publish_results"):
             parser.error("--publish needs a complete run: leave out --only (a profile with publish_results: true "
                          "publishes the notebooks it ran)")

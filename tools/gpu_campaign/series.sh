@@ -44,8 +44,8 @@ launch_one() {  # launch_one JOB: one job of the list above
                       --set 04.seed=43 --set 05.baselines=[] --set 05.export_gguf=false ;;
     gpu-off-s43)  start gpu-off-s43 $PY -m utils.runner --profile gpu --only 04 05 --run-name gpu-off-s43 \
                       --set 04.fast_path=off --set 04.seed=43 --set 05.baselines=[] --set 05.export_gguf=false ;;
-    turing)       start turing $PY tools/turing_path.py --steps 300 ;;
-    turing-off)   start turing-off $PY tools/turing_path.py --steps 300 --only off_s42,off_s43 ;;
+    turing)       start turing $PY tools/turing_path.py ;;
+    turing-off)   start turing-off $PY tools/turing_path.py --only off_s42,off_s43 ;;
     # the twin's random weights are written once (150 s, 6.4 GB) before its two halves start together
     thesis-twin)  start thesis-twin bash -c "$PY -c 'from utils.modeling import materialize_twin; materialize_twin()' \
                       && { $PY -m utils.runner --profile thesis-twin --only 02 03 & p=\$!; \
