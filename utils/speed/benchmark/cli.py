@@ -1,4 +1,5 @@
-"""The command line of ``python -m utils.speed.benchmark``: run, correctness, ddp, profile, figure, list (and child)."""
+"""The command line of ``python -m utils.speed.benchmark``: run, correctness, correctness-large, ddp, profile, figure,
+list (and child)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from utils.childproc import serve_child
 from utils.paths import resolve_path
 from utils.plotting.speed import draw_figures
 from utils.speed.benchmark.configs import CONFIGS, config_by_name
+from utils.speed.benchmark.large_pass import LARGE_PASS_TASK, large_pass_child, run_large_pass_correctness
 from utils.speed.benchmark.measure import child, run_child
 from utils.speed.benchmark.run import EXPANDABLE, run_benchmark, run_correctness, run_ddp
 from utils.speed.benchmark.strict import BUDGETS, DEFAULT_ALLOC_CONF, STRICT8_ROWS
+from utils.speed.fastpath import KERNEL_CHOICES
 
 DEFAULT_OUT = "results/04_speed_benchmark.json"
 DEFAULT_CORRECTNESS_OUT = "results/04_fast_path_correctness.json"
 DEFAULT_DDP_OUT = "results/04_ddp_scaling.json"
+DEFAULT_LARGE_OUT = "results/04_large_pass_correctness.json"
 PROG = "python -m utils.speed.benchmark"
 
 
@@ -59,6 +63,7 @@ def _add_others(sub) -> None:
     cor.add_argument("--steps", type=int, default=50)
     cor.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     cor.add_argument("--no-figure", action="store_true")
+    _add_correctness_large(sub)
     ddp = sub.add_parser("ddp", help="training tokens/s on 1 GPU and on N GPUs (accelerate launch, DDP)")
     ddp.add_argument("--model", required=True, help="model folder or name (e.g. the saved twin)")
     ddp.add_argument("--gpus", type=int, default=2)
@@ -77,6 +82,28 @@ def _add_others(sub) -> None:
                       help="ops by GPU time, or by CPU time followed by a cProfile of Python functions")
     child_parser = sub.add_parser("child", help="internal: measure one configuration given as JSON")
     child_parser.add_argument("task")
+
+
+def _seeds(text: str) -> list[int]:
+    """``--seeds 0,1`` as a list of whole numbers (argparse turns the ValueError into a usage error)."""
+    return [int(seed) for seed in text.split(",") if seed.strip()]
+
+
+def _add_correctness_large(sub) -> None:
+    """``correctness-large``: the large-pass check of issue #20 (``large_pass``)."""
+    large = sub.add_parser("correctness-large", help="fast path with Triton/Liger kernels forced and offloaded "
+                           "checkpoints vs PEFT, at a large micro-batch, on the embedded model (GPU)")
+    large.add_argument("--out", default=DEFAULT_LARGE_OUT, help=f"JSON to write (default {DEFAULT_LARGE_OUT})")
+    large.add_argument("--model", default="embedded", help="model folder or name (default: embedded)")
+    large.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
+    large.add_argument("--micro-batch", type=int, default=16, help="examples per optimizer step, one pass "
+                       "(default 16)")
+    large.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    large.add_argument("--kernels", default="liger", choices=KERNEL_CHOICES, help="the fast path's kernel set "
+                       "(default liger: Triton RoPE, Liger RMSNorm/SwiGLU on every pass)")
+    large.add_argument("--no-offload", action="store_true", help="keep the fast path's checkpoints on the GPU")
+    large.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated seeds (default 0,1)")
+    large.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +169,18 @@ def _correctness(args) -> int:
     return 0
 
 
+def _correctness_large(args) -> int:
+    """Both paths per seed in child processes; one clear error (``SystemExit``) for a request it cannot answer."""
+    run_large_pass_correctness(resolve_path(args.out), args.model, args.steps, args.micro_batch, args.seeds,
+                               args.dtype, args.kernels, not args.no_offload, args.timeout)
+    return 0
+
+
+def _child(task: dict) -> dict:
+    """One child task: a large-pass correctness run (``large_pass``) or a benchmark measurement."""
+    return large_pass_child(task) if task.get("kind") == LARGE_PASS_TASK else child(task)
+
+
 def _ddp(args) -> int:
     run_ddp(resolve_path(args.out), args.model, args.gpus, args.steps, args.batch)
     return 0
@@ -152,11 +191,13 @@ def _figure(args) -> int:
     return 0
 
 
-COMMANDS = {"list": _list, "profile": _profile, "run": _run, "correctness": _correctness, "ddp": _ddp,
-            "figure": _figure, "child": lambda args: serve_child(args.task, child)}
+COMMANDS = {"list": _list, "profile": _profile, "run": _run, "correctness": _correctness,
+            "correctness-large": _correctness_large, "ddp": _ddp, "figure": _figure,
+            "child": lambda args: serve_child(args.task, _child)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``run``, ``correctness``, ``ddp``, ``profile``, ``figure``, ``list`` (and the internal ``child``)."""
+    """``run``, ``correctness``, ``correctness-large``, ``ddp``, ``profile``, ``figure``, ``list`` (and the internal
+    ``child``)."""
     args = build_parser().parse_args(argv)
     return COMMANDS[args.command](args)

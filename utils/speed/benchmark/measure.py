@@ -40,7 +40,8 @@ from utils.memory.budget import (
 from utils.modeling import build_lora_config, load_model
 from utils.speed.benchmark.configs import BenchConfig
 from utils.speed.benchmark.workloads import corpus_examples, corpus_steps, synthetic_batches
-from utils.speed.fastpath import causal_lm_loss, enable_fast_path
+from utils.speed.fastpath import FastPathError, causal_lm_loss, enable_fast_path
+from utils.speed.graphs import GraphedStep
 from utils.train_step import Batch, StepLog, build_optimizer, run_optimizer_steps
 from utils.units import GIB
 
@@ -144,6 +145,25 @@ def _step_plan(config: BenchConfig, vocab: int, total: int, seed: int,
     return [fixed] * total
 
 
+def _graphed(config: BenchConfig, peft_model, loss_fn: LossFn, params: list, scaler,
+             plan: list[list[Batch]]) -> LossFn:
+    """The fast path's step replayed from CUDA graphs where the configuration asks for it (``fast.cuda_graphs``),
+    every shape the plan needs captured now, before the timed steps; else ``loss_fn`` itself."""
+    if config.impl != "fast" or not config.fast.cuda_graphs:
+        return loss_fn
+    step = GraphedStep(peft_model, params, scaler, max_tokens=config.micro_batch * config.max_seq_length)
+    step.prepare([batch for micro in plan for batch in micro])
+    return step
+
+
+def _fast_details(peft_model, loss_fn: LossFn) -> dict[str, Any]:
+    """The fast path's resolved choices and, for a graphed step, its graphs (shapes, capture time, pool memory)."""
+    details = {"fast_path": peft_model.get_base_model().model._fast_path.describe()}
+    if hasattr(loss_fn, "describe"):
+        details["cuda_graphs"] = loss_fn.describe()
+    return details
+
+
 def _gpu_peaks() -> dict[str, Any]:
     """The allocator's counters and the peaks of allocated and reserved memory since the last reset."""
     stats = torch.cuda.memory_stats()
@@ -219,6 +239,7 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
     scaler = torch.amp.GradScaler("cuda") if (cuda and config.dtype == "fp16") else None
     plan = _step_plan(config, peft_model.config.vocab_size, total, seed, examples)
     peft_model.train()
+    loss_fn = _graphed(config, peft_model, loss_fn, params, scaler, plan)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -235,7 +256,7 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
     out = _measured_row(config, device, details, load_seconds, log, steps, params)
     out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     if config.impl == "fast":
-        out["details"]["fast_path"] = peft_model.get_base_model().model._fast_path.describe()
+        out["details"].update(_fast_details(peft_model, loss_fn))
     if cuda:
         out.update(_gpu_peaks())
     if use:
@@ -350,6 +371,8 @@ def child(task: dict) -> dict:
                        seed=task.get("seed", 0))
     except torch.cuda.OutOfMemoryError as exc:
         return {**asdict(config), "ok": False, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+    except FastPathError as exc:  # a setting this machine cannot run (e.g. CUDA graphs on a CPU): the row's error
+        return {**asdict(config), "ok": False, "error": f"fast path: {exc}"}
     except ImportError as exc:
         if config.impl == "unsloth":
             return {**asdict(config), "ok": False, "skipped": True, "error": f"unsloth not installed ({exc})"}

@@ -39,12 +39,20 @@ BUDGETS = {"strict8": STRICT8}
 DEFAULT_ALLOC_CONF = "expandable_segments:True"  # the fast rows' setting until now; now every row's
 
 # The default rows of a strict run: the fast path where its pinned memory fits 4 GiB and Unsloth (GPU-bound: once
-# is enough), then the original recipe on the twin and on the corpus (host-bound: repeat these)
-RECIPE_PAIRS = (("original_fp16", "fast_2x1_fp16"), ("original_corpus_fp16", "fast_2x1_corpus_fp16"))
+# is enough), then the original recipe on the twin and on the corpus, each as the original, the fast path and the
+# fast path from CUDA graphs (host-bound: repeat these, ``--repeat-only`` + ``RECIPE_ROWS``)
+# (summary key, original, fast): the fast path as it runs, and its step replayed from CUDA graphs (utils.speed.graphs)
+RECIPE_PAIRS = (
+    ("recipe_twin", "original_fp16", "fast_2x1_fp16"),
+    ("recipe_corpus", "original_corpus_fp16", "fast_2x1_corpus_fp16"),
+    ("recipe_twin_graphs", "original_fp16", "fast_2x1_graphs_fp16"),
+    ("recipe_corpus_graphs", "original_corpus_fp16", "fast_2x1_graphs_corpus_fp16"),
+)
+RECIPE_ROWS = ("original_fp16", "fast_2x1_fp16", "fast_2x1_graphs_fp16",
+               "original_corpus_fp16", "fast_2x1_corpus_fp16", "fast_2x1_graphs_corpus_fp16")
 STRICT8_ROWS = (
     "fast_mb32_keep_input_bf16", "fast_mb32_keep_input_fp16", "fast_mb20_keep_mid_bf16",
-    "unsloth_mb32_bf16", "unsloth_mb40_bf16", "unsloth_mb32_fp16",
-    "original_fp16", "fast_2x1_fp16", "original_corpus_fp16", "fast_2x1_corpus_fp16",
+    "unsloth_mb32_bf16", "unsloth_mb40_bf16", "unsloth_mb32_fp16", *RECIPE_ROWS,
 )
 
 
@@ -152,10 +160,10 @@ def strict_summary(rows: Sequence[dict]) -> dict[str, Any]:
         if fast and peer:
             out[f"fast_best_{dtype}"]["x_unsloth_best"] = round(fast["tokens_per_second"] /
                                                                 peer["tokens_per_second"], 3)
-    for original, fast in RECIPE_PAIRS:
+    for key, original, fast in RECIPE_PAIRS:
         ratio = recipe_ratio(rows, original, fast)
         if ratio:
-            out["recipe_corpus" if "corpus" in original else "recipe_twin"] = ratio
+            out[key] = ratio
     return out
 
 

@@ -37,6 +37,12 @@ class FastPathOptions:
     mlp_chunk_tokens: int = 0
     attention: str = "auto"  # "varlen" (FlashAttention), "sdpa" (one padded row per sequence), or "auto"
     fp32_residual: bool = False  # keep the residual stream in fp32 (costs memory; for activations beyond fp16)
+    # Opt-in, CUDA only (``utils.speed.graphs.GraphedStep``): each micro-batch's forward and backward pass replayed
+    # from a CUDA graph, one per length bucket (tokens padded up to a multiple of ``graph_bucket_tokens``, labels
+    # -100), so a launch-bound step costs one graph launch instead of thousands of kernel launches. The checkpoints
+    # stay on the GPU (offloading copies through pinned memory on side streams that a graph cannot capture)
+    cuda_graphs: bool = False
+    graph_bucket_tokens: int = 128
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_CHOICES:
@@ -51,3 +57,16 @@ class FastPathOptions:
         if not isinstance(self.small_pass_tokens, int) or self.small_pass_tokens < 0:
             raise FastPathError(f"small_pass_tokens={self.small_pass_tokens!r}: use a whole number of tokens, 0 or "
                                 "more (0: Liger's kernels for every pass where they can run).")
+        self._check_graphs()
+
+    def _check_graphs(self) -> None:
+        """The CUDA-graph settings: a positive bucket, and checkpoints kept on the GPU when graphs are on."""
+        if not isinstance(self.cuda_graphs, bool):
+            raise FastPathError(f"cuda_graphs={self.cuda_graphs!r}: use True or False.")
+        if not isinstance(self.graph_bucket_tokens, int) or self.graph_bucket_tokens < 1:
+            raise FastPathError(f"graph_bucket_tokens={self.graph_bucket_tokens!r}: use a whole number of tokens, 1 "
+                                "or more (e.g. 128: lengths are padded up to multiples of it).")
+        if self.cuda_graphs and self.offload_checkpoints:
+            raise FastPathError("cuda_graphs=True with offload_checkpoints=True: offloaded checkpoints are copied "
+                                "through pinned host memory on side streams, which a CUDA graph cannot capture; set "
+                                "offload_checkpoints=False (checkpoints on the GPU) or cuda_graphs=False.")
