@@ -356,3 +356,18 @@ def test_notebook_05_runs_on_smoke(smoke_run):
     assert report["tokenizer_agreement"] == 1.0 and report["n_prompts"] >= 1
     assert report["llama_cpp_pre_tokenizer_hash_ok"] and report["transformers_gguf_reader"].startswith("counted")
     assert report["tokenizer_agreement_llama_cpp"] == report["tokenizer_agreement_transformers"] == 1.0
+
+
+@pytest.mark.parametrize("n_systems", [1, 2, 5])
+def test_group_figure_fits_the_page_with_few_systems(n_systems):
+    """A run without baselines (base and tuned only) drew the kind row too short for its title (GPU run 43)."""
+    from utils.plotting import check_print_standard
+    from utils.plotting.evaluation import plot_metrics_by_group
+
+    systems = ["base", "tuned", "rag", "few_shot", "tuned_rag"][:n_systems]
+    groups = {"kind": ["fact", "combined", "out_of_scope"], "topic": [f"tema {i}" for i in range(11)]}
+    rows = [{"model": s, "metric": m, "value": 0.5, "low": 0.4, "high": 0.6, "n": 10, "group_by": by, "group": g}
+            for by, names in groups.items() for g in names for s in systems
+            for m in ("keyword_recall", "citation_accuracy")]
+    fig = plot_metrics_by_group(pd.DataFrame(rows), systems)
+    assert check_print_standard(fig, "05_metricas_por_tipo_y_tema") >= 8

@@ -169,6 +169,37 @@ def test_a_partial_rerun_keeps_the_earlier_notebooks_provenance(folders):
     assert "01_run.json" in provenance["files"] and "PROVENANCE.json" not in provenance["files"]
 
 
+def test_a_notebook_stopped_half_way_publishes_nothing_and_the_overrides_come_from_the_records(folders):
+    # the GPU machine went back while 05 ran: 05 wrote its metrics and a table, but no 05_run.json; the runner had
+    # not yet written runner.json, so the --set items come from 04's own command
+    run = fabricate_run(folders / "runs" / "gpu-auto-s43", "gpu-auto-s43", seed=43)
+    (run / "05_run.json").unlink()
+    (run / "figures" / "05_subconjuntos.tex").write_text("x")
+    record = json.loads((run / "04_run.json").read_text())
+    record["command"] = ("python -m utils.runner --profile gpu --only 04 --run-name gpu-auto-s43 --set 04.seed=43 "
+                         "--set '05.baselines=[]'")
+    (run / "04_run.json").write_text(json.dumps(record))
+    runner.publish_run("gpu", "gpu-auto-s43")
+    results, figures = folders / "results" / "gpu-auto-s43", folders / "figures" / "gpu-auto-s43"
+    assert sorted(p.name for p in results.iterdir()) == ["04_log_history.csv", "04_run.json", "PROVENANCE.json"]
+    assert sorted(p.name for p in figures.iterdir()) == ["04_loss_curve.pdf"]
+    provenance = json.loads((results / "PROVENANCE.json").read_text())
+    assert provenance["overrides"] == ["04.seed=43", "05.baselines=[]"]
+    assert provenance["command"] == ("python -m utils.runner --profile gpu --run-name gpu-auto-s43 --set 04.seed=43 "
+                                     "--set '05.baselines=[]'")
+    assert list(provenance["notebooks"]) == ["04"]
+
+
+def test_the_runner_records_how_it_was_started_before_the_first_notebook(folders, monkeypatch):
+    def stop(nb, out, params, desc, log):
+        assert json.loads((out / "runner.json").read_text())["overrides"] == ["04.seed=43"]
+        raise runner.NotebookFailed("stopped")
+
+    monkeypatch.setattr(runner, "run_with_progress", stop)
+    with pytest.raises(runner.NotebookFailed):
+        runner.run_profile("gpu", ["04"], run_name="gpu-auto-s43", overrides=["04.seed=43"])
+
+
 def test_publish_results_needs_a_finished_notebook(folders):
     (folders / "runs" / "gpu").mkdir(parents=True)
     with pytest.raises(config.ProfileError, match="no NN_run.json"):

@@ -26,6 +26,9 @@ def test_cli_parses_the_options_and_keeps_the_other_commands():
                                           "torch", "--no-offload", "--seeds", "3,7", "--steps", "5"])
     assert (args.micro_batch, args.dtype, args.kernels, args.no_offload, args.seeds, args.steps) == \
         (32, "fp16", "torch", True, [3, 7], 5)
+    assert (args.lora_dropout, args.peft_noprep) == (0.05, False)
+    args = cli.build_parser().parse_args(["correctness-large", "--lora-dropout", "0", "--peft-noprep"])
+    assert (args.lora_dropout, args.peft_noprep) == (0.0, True)
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["correctness-large", "--kernels", "triton"])
     assert cli.build_parser().parse_args(["correctness", "--steps", "7"]).steps == 7
@@ -208,3 +211,13 @@ def test_gpu_large_pass_rows_run_with_the_forced_kernels(tmp_path):
     assert all(not any((r["kernel_calls"] or {}).values()) for r in report["runs"] if r["impl"] == "hf")
     assert report["comparison"]["same_batches"] is True
     assert json.loads((tmp_path / "large.json").read_text())["comparison"]["missing"] == []
+
+
+def test_the_diagnostic_variants_change_both_paths_or_only_peft():
+    """--lora-dropout sets both paths' dropout; --peft-noprep drops PEFT's fp32 upcast and leaves the fast path."""
+    peft, fast = lp.large_pass_configs(0, lora_dropout=0.0, peft_prepare=False)
+    assert (peft.lora_dropout, fast.lora_dropout, peft.prepare) == (0.0, 0.0, False)
+    default_peft, default_fast = lp.large_pass_configs(0)
+    assert default_peft.prepare is True and default_fast == fast.__class__(**{**fast.__dict__, "lora_dropout": 0.05})
+    method = lp._method(30, 16, "liger", True, 0.0, False)
+    assert "without prepare_model_for_kbit_training" in method and "dropout 0.0" in method

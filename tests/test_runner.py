@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -103,9 +104,17 @@ def test_figures_go_to_the_run_and_publish_copies_them(tmp_path, monkeypatch):
         runner.publish_figures("demo")
     (tmp_path / "runs" / "demo" / "figures").mkdir(parents=True)
     (tmp_path / "runs" / "demo" / "figures" / "01_x.pdf").write_bytes(b"%PDF")
+    (tmp_path / "runs" / "demo" / "figures" / "02_y.pdf").write_bytes(b"%PDF")  # notebook 02 did not finish
+    (tmp_path / "runs" / "demo" / "01_run.json").write_text("{}")
+    entry = {"caption": "x", "sources": [], "width_cm": 16.0, "model": "embedded", "profile": "demo", "date": "d"}
+    (tmp_path / "runs" / "demo" / "figures" / "figuras.json").write_text(json.dumps({"01_x": entry, "02_y": entry}))
+    (tmp_path / "figures" / "demo").mkdir(parents=True)  # an earlier publication listed notebook 00's figure
+    (tmp_path / "figures" / "demo" / "figuras.json").write_text(json.dumps({"00_z": entry}))
     target = runner.publish_figures("demo")
     assert (target / "01_x.pdf").read_bytes() == b"%PDF"
-    assert sorted(p.name for p in target.iterdir()) == ["01_x.pdf"]
+    assert sorted(p.name for p in target.iterdir()) == ["01_x.pdf", "figuras.json", "figuras.tex"]
+    assert list(json.loads((target / "figuras.json").read_text())) == ["00_z", "01_x"]
+    assert "01_x" in (target / "figuras.tex").read_text() and "02_y" not in (target / "figuras.tex").read_text()
 
 
 def test_publish_needs_a_complete_run():

@@ -46,7 +46,7 @@ from traitlets.config import Config
 from utils.config import (
     ProfileError, coerce_value, list_profiles, load_profile, notebook_parameters, profile_file,
 )
-from utils.files import read_json, save_json
+from utils.files import atomic_write_text, read_json, save_json
 from utils.paths import NOTEBOOKS_DIR, published_figures_dir, published_results_dir, run_dir
 
 
@@ -437,14 +437,16 @@ def run_profile(profile_name: str, only: list[str] | None = None, log_output: bo
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["QLORA_FIGURES_DIR"] = str(out_dir / "figures")
     timings: dict[str, float] = {}
+    # written before the first notebook and after each: a run stopped half-way still says how it was started
+    summary = {"profile": profile_name, "run": run_name, "overrides": overrides,
+               "command": runner_command(profile_name, only, run_name, overrides), "seconds": timings}
+    save_json(summary, out_dir / "runner.json")
     for i, nb in enumerate(notebooks, 1):
         params = resolve_parameters(nb, notebook_parameters(profile, nb.name[:2]))
         os.environ["QLORA_COMMAND"] = runner_command(profile_name, [nb.name[:2]], run_name, overrides)
         desc = f"[{i}/{len(notebooks)}] {nb.stem} ({run_name})"
         timings[nb.stem] = run_with_progress(nb, out_dir, params, desc, log_output)
-    summary = out_dir / "runner.json"
-    save_json({"profile": profile_name, "run": run_name, "overrides": overrides,
-               "command": runner_command(profile_name, only, run_name, overrides), "seconds": timings}, summary)
+        save_json(summary, out_dir / "runner.json")
     return out_dir
 
 
@@ -458,14 +460,43 @@ def copy_files(files: list[Path], target: Path) -> Path:
     return target
 
 
+def finished_notebooks(run: Path) -> set[str]:
+    """The numbers ("04", "05") of the notebooks that finished in ``run``: those that wrote their ``NN_run.json``."""
+    return {p.name[:2] for p in run.glob("[0-9][0-9]_run.json")}
+
+
+def from_finished_notebooks(files: list[Path], run: Path) -> list[Path]:
+    """``files`` less those of a notebook that did not finish (``NN_…`` without ``NN_run.json``): a notebook stopped
+    half-way (a failed cell, the machine taken back) leaves files that no finished run stands behind."""
+    finished = finished_notebooks(run)
+    return [p for p in files if not (re.match(r"\d\d_", p.name) and p.name[:2] not in finished)]
+
+
 def publish_figures(profile_name: str) -> Path:
-    """Copy ``runs/<profile>/figures/*`` to the committed ``figures/<profile>/`` (each file written atomically)."""
-    source = run_dir(profile_name) / "figures"
-    files = sorted(p for p in source.glob("*") if p.is_file())
+    """Copy ``runs/<profile>/figures/*`` of its finished notebooks to the committed ``figures/<profile>/`` (each
+    file written atomically)."""
+    run = run_dir(profile_name)
+    source = run / "figures"
+    files = from_finished_notebooks(sorted(p for p in source.glob("*") if p.is_file()), run)
     if not files:
         raise ProfileError(f"{source} holds no figures: run the profile first "
                            f"(python -m utils.runner --profile {profile_name}).")
-    return copy_files(files, published_figures_dir(profile_name))
+    target = copy_files([p for p in files if p.name not in FIGURE_INDEX], published_figures_dir(profile_name))
+    merge_figure_index(source / FIGURE_INDEX[0], target, finished_notebooks(run))
+    return target
+
+
+def merge_figure_index(index: Path, target: Path, finished: set[str]) -> None:
+    """Add the run's ``figuras.json`` entries of finished notebooks to ``target``'s (an earlier publication's
+    figures stay listed) and write ``figuras.tex`` from the union."""
+    from utils.plotting import figures_tex  # matplotlib: only when publishing
+
+    if not index.is_file():
+        return
+    merged = read_json(target / FIGURE_INDEX[0]) if (target / FIGURE_INDEX[0]).is_file() else {}
+    merged.update({name: entry for name, entry in read_json(index).items() if name[:2] in finished})
+    save_json(dict(sorted(merged.items())), target / FIGURE_INDEX[0])
+    atomic_write_text(target / FIGURE_INDEX[1], figures_tex(merged))
 
 
 # A published run's data: the small files at the top of runs/<run>/ (records, metrics, histories, tables), never
@@ -473,12 +504,22 @@ def publish_figures(profile_name: str) -> Path:
 PUBLISHED_PATTERNS = ("*.json", "*.csv")
 UNPUBLISHED = re.compile(r"\d\d_progress\.json")
 PROVENANCE_FILE = "PROVENANCE.json"
+FIGURE_INDEX = ("figuras.json", "figuras.tex")  # a figure folder's index, and the LaTeX written from it
 
 
 def published_data_files(run: Path) -> list[Path]:
     """The files of ``run`` that ``publish_results`` copies (``PUBLISHED_PATTERNS``, top level only)."""
     files = {p for pattern in PUBLISHED_PATTERNS for p in run.glob(pattern) if p.is_file()}
-    return sorted(p for p in files if not UNPUBLISHED.fullmatch(p.name))
+    return from_finished_notebooks(sorted(p for p in files if not UNPUBLISHED.fullmatch(p.name)), run)
+
+
+def recorded_overrides(records: dict[str, dict[str, Any]]) -> list[str]:
+    """The ``--set`` items of the notebooks' own commands (``NN_run.json``), for a run without ``runner.json``."""
+    items: list[str] = []
+    for record in records.values():
+        words = shlex.split(record.get("command") or "")
+        items += [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--set" and words[i + 1] not in items]
+    return items
 
 
 def run_provenance(run: Path, profile_name: str, run_name: str) -> dict[str, Any]:
@@ -489,6 +530,7 @@ def run_provenance(run: Path, profile_name: str, run_name: str) -> dict[str, Any
         raise ProfileError(f"{run} holds no NN_run.json: no notebook finished there, nothing to publish. Run it "
                            f"first (python -m utils.runner --profile {profile_name} --run-name {run_name}).")
     summary = read_json(run / "runner.json") if (run / "runner.json").is_file() else {}
+    overrides = summary["overrides"] if "overrides" in summary else recorded_overrides(records)
     first = records[min(records)]
     notebooks = {number: {"wall_time_s": r.get("wall_time_s"), "started_at": r.get("started_at"),
                           "command": r.get("command"), "commit": r.get("commit"), "device": r.get("device")}
@@ -498,8 +540,8 @@ def run_provenance(run: Path, profile_name: str, run_name: str) -> dict[str, Any
         "date": first.get("started_at"), "device": first.get("device"),
         "compute_capability": first.get("compute_capability"), "gpu_memory_gib": first.get("gpu_memory_gib"),
         "commit": first.get("commit"),
-        "command": summary.get("command") or runner_command(profile_name, None, run_name, []),
-        "overrides": summary.get("overrides", []),
+        "command": summary.get("command") or runner_command(profile_name, None, run_name, overrides),
+        "overrides": overrides,
         "versions": first.get("versions"),
         "wall_time_s": round(sum(n["wall_time_s"] or 0 for n in notebooks.values()), 1),
         "notebooks": notebooks,

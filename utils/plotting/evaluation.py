@@ -79,11 +79,13 @@ def plot_metrics_by_group(by_group: pd.DataFrame, systems: Sequence[str],
     """Rows = kind / topic, columns = metrics: each group's value per system with its interval."""
     groupings = [g for g in groupings if g in set(by_group.get("group_by", []))]
     sizes = [by_group.loc[by_group["group_by"] == g, "group"].nunique() for g in groupings]
+    # Each group holds one dot per system: about 0,12 in per system keeps the markers apart at print size; a row
+    # is at least 1,1 in tall so that its (wrapped) title fits beside it with few systems or groups.
+    heights = [max(0.12 * max(len(systems), 2) * size, 1.1) for size in sizes]
     fig, axes = new_figure("full", nrows=len(groupings), ncols=len(metrics), squeeze=False, sharex="col",
-                           gridspec_kw={"height_ratios": sizes})
-    # Each group holds one dot per system: about 0,12 in per system keeps the markers apart at print size.
-    fig.set_figheight(0.12 * max(len(systems), 2) * sum(sizes) + 1.3)
-    titles = {"kind": "Por tipo de pregunta", "topic": "Por tema"}
+                           gridspec_kw={"height_ratios": heights})
+    fig.set_figheight(sum(heights) + 1.3)
+    titles = {"kind": "Por tipo\nde pregunta", "topic": "Por tema"}
     for row, grouping in enumerate(groupings):
         data = by_group[by_group["group_by"] == grouping]
         groups = sorted(data["group"].unique(), key=lambda g: (KIND_ORDER.index(g) if g in KIND_ORDER else 99, str(g)))

@@ -10,6 +10,7 @@ from dataclasses import asdict
 import torch
 
 from utils.childproc import serve_child
+from utils.config import THESIS
 from utils.paths import resolve_path
 from utils.plotting.speed import draw_figures
 from utils.speed.benchmark.configs import CONFIGS, config_by_name
@@ -102,6 +103,10 @@ def _add_correctness_large(sub) -> None:
     large.add_argument("--kernels", default="liger", choices=KERNEL_CHOICES, help="the fast path's kernel set "
                        "(default liger: Triton RoPE, Liger RMSNorm/SwiGLU on every pass)")
     large.add_argument("--no-offload", action="store_true", help="keep the fast path's checkpoints on the GPU")
+    large.add_argument("--lora-dropout", type=float, default=THESIS.lora_dropout,
+                       help=f"LoRA dropout of both paths (default {THESIS.lora_dropout}, the thesis's)")
+    large.add_argument("--peft-noprep", action="store_true", help="PEFT without prepare_model_for_kbit_training "
+                       "(no fp32 upcast: the residual stream in the compute dtype, as on the fast path)")
     large.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated seeds (default 0,1)")
     large.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")
 
@@ -172,7 +177,8 @@ def _correctness(args) -> int:
 def _correctness_large(args) -> int:
     """Both paths per seed in child processes; one clear error (``SystemExit``) for a request it cannot answer."""
     run_large_pass_correctness(resolve_path(args.out), args.model, args.steps, args.micro_batch, args.seeds,
-                               args.dtype, args.kernels, not args.no_offload, args.timeout)
+                               args.dtype, args.kernels, not args.no_offload, args.timeout, args.lora_dropout,
+                               not args.peft_noprep)
     return 0
 
 

@@ -83,12 +83,18 @@ def check_large_pass_request(micro_batch: int, seeds: Sequence[int], steps: int,
 
 
 def large_pass_configs(seed: int, micro_batch: int = 16, dtype: str = "bf16", kernels: str = "liger",
-                       offload: bool = True) -> tuple[BenchConfig, BenchConfig]:
-    """The PEFT and fast-path configurations of one seed: the corpus rows of ``correctness`` at ``micro_batch``."""
+                       offload: bool = True, lora_dropout: float = THESIS.lora_dropout,
+                       peft_prepare: bool = True) -> tuple[BenchConfig, BenchConfig]:
+    """The PEFT and fast-path configurations of one seed: the corpus rows of ``correctness`` at ``micro_batch``.
+
+    ``peft_prepare=False``: PEFT without ``prepare_model_for_kbit_training``, whose fp32 upcast of the embeddings
+    and norms keeps the residual stream in fp32; the fast path keeps it in the compute dtype, as PEFT does without
+    the upcast, so that comparison isolates the fast path's own numerics from the upcast's.
+    """
     peft_base, fast_base = config_by_name(PEFT_BASE), config_by_name(FAST_BASE)
-    common = dict(dtype=dtype, micro_batch=micro_batch, accumulation=1, lora_dropout=THESIS.lora_dropout,
+    common = dict(dtype=dtype, micro_batch=micro_batch, accumulation=1, lora_dropout=lora_dropout,
                   group="large_pass")
-    peft = replace(peft_base, name=f"peft_seed{seed}", prediction="the reference", **common)
+    peft = replace(peft_base, name=f"peft_seed{seed}", prediction="the reference", prepare=peft_prepare, **common)
     fast = replace(fast_base, name=f"fast_seed{seed}", **common,
                    fast=replace(fast_base.fast, kernels=kernels, offload_checkpoints=offload),
                    prediction="per-step loss within the seed-to-seed gap of the PEFT path")
@@ -253,15 +259,18 @@ def compare_large_pass(runs: Sequence[dict]) -> dict[str, Any]:
     return out
 
 
-def _method(steps: int, micro_batch: int, kernels: str, offload: bool) -> str:
+def _method(steps: int, micro_batch: int, kernels: str, offload: bool, lora_dropout: float = THESIS.lora_dropout,
+            peft_prepare: bool = True) -> str:
     """How the runs were made, in one paragraph (the report's ``method``)."""
+    prepare = ("prepare_model_for_kbit_training (fp32 embeddings and norms)" if peft_prepare else
+               "without prepare_model_for_kbit_training (residual stream in the compute dtype, as the fast path)")
     return (f"Both paths see the same {micro_batch} examples of the shipped corpus per optimizer step, in the same "
-            f"order, for {steps} steps: PEFT (transformers' forward, prepare_model_for_kbit_training, gradient "
+            f"order, for {steps} steps: PEFT (transformers' forward, {prepare}, gradient "
             "checkpointing, autocast, per-tensor paged AdamW 8-bit) as one right-padded micro-batch, the fast path "
             f"(kernels={kernels!r}, checkpoints {'offloaded to pinned host memory' if offload else 'on the GPU'}, "
             "flat paged AdamW 8-bit) as one padding-free row. Same cosine schedule (10 % warm-up, lr "
             f"{THESIS.learning_rate}), LoRA r={THESIS.lora_r}, alpha={THESIS.lora_alpha}, dropout "
-            f"{THESIS.lora_dropout}, clip {THESIS.max_grad_norm}; the seed sets LoRA init and dropout. Loss = mean "
+            f"{lora_dropout}, clip {THESIS.max_grad_norm}; the seed sets LoRA init and dropout. Loss = mean "
             "over the step's completion tokens. Gaps = mean over steps of |loss difference|; the paths agree when "
             "every seed's fast-vs-PEFT gap is under both paths' seed-to-seed gaps. Fast rows count the calls of the "
             "Triton RoPE and Liger RMSNorm/SwiGLU/cross-entropy autograd functions (kernel_calls).")
@@ -282,16 +291,18 @@ def _print_run(row: dict) -> None:
 
 def run_large_pass_correctness(out: Path, model: str = "embedded", steps: int = 30, micro_batch: int = 16,
                                seeds: Sequence[int] = (0, 1), dtype: str = "bf16", kernels: str = "liger",
-                               offload: bool = True, timeout: float = 900) -> dict:
+                               offload: bool = True, timeout: float = 900,
+                               lora_dropout: float = THESIS.lora_dropout, peft_prepare: bool = True) -> dict:
     """Train both paths per seed, each in its own process; write the JSON after every run; the report."""
     check_large_pass_request(micro_batch, seeds, steps, kernels)
     report: dict[str, Any] = {
         "model": model, "steps": steps, "micro_batch": micro_batch, "dtype": dtype, "kernels": kernels,
-        "offload_checkpoints": offload, **result_provenance(),
-        "method": _method(steps, micro_batch, kernels, offload), "runs": [],
+        "offload_checkpoints": offload, "lora_dropout": lora_dropout, "peft_prepare": peft_prepare,
+        **result_provenance(),
+        "method": _method(steps, micro_batch, kernels, offload, lora_dropout, peft_prepare), "runs": [],
     }
     for seed in seeds:
-        for config in large_pass_configs(seed, micro_batch, dtype, kernels, offload):
+        for config in large_pass_configs(seed, micro_batch, dtype, kernels, offload, lora_dropout, peft_prepare):
             task = {"kind": LARGE_PASS_TASK, "config": asdict(config), "model": model, "steps": steps, "seed": seed}
             row = run_child(task, timeout, EXPANDABLE if config.expandable_segments else {})
             _print_run(row)
