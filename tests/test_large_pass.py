@@ -54,6 +54,20 @@ def test_without_cuda_one_clear_error_and_no_file(monkeypatch, tmp_path):
     assert not out.exists()
 
 
+def test_without_cuda_the_logic_check_runs_in_fp32(monkeypatch, tmp_path):
+    """--kernels torch --no-offload is the CPU's check: accepted, its report says fp32 and compares both paths."""
+    from utils.modeling import build_tiny_twin
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    build_tiny_twin("cpu").save_pretrained(tmp_path / "twin")
+    monkeypatch.setattr(lp, "run_child", lambda task, timeout, env: lp.large_pass_child(task))
+    report = lp.run_large_pass_correctness(tmp_path / "large.json", str(tmp_path / "twin"), steps=2, micro_batch=2,
+                                           kernels="torch", offload=False)
+    assert report["dtype"] == "fp32" and [r["name"] for r in report["runs"]] == [
+        "peft_seed0", "fast_seed0", "peft_seed1", "fast_seed1"]
+    assert report["comparison"]["same_batches"] is True and report["comparison"]["missing"] == []
+
+
 def test_forced_liger_without_its_packages_says_how_to_fix_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(lp, "missing_kernel_packages", lambda: ["triton", "liger-kernel"])

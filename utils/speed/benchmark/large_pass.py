@@ -62,8 +62,12 @@ def missing_kernel_packages() -> list[str]:
             if importlib.util.find_spec(module) is None]
 
 
-def check_large_pass_request(micro_batch: int, seeds: Sequence[int], steps: int, kernels: str) -> None:
-    """One clear error (the option and the fix) for a request this check cannot answer; nothing otherwise."""
+def check_large_pass_request(micro_batch: int, seeds: Sequence[int], steps: int, kernels: str,
+                             offload: bool = True) -> None:
+    """One clear error (the option and the fix) for a request this check cannot answer; nothing otherwise.
+
+    Without a GPU only the check of the logic runs: PyTorch's ops, checkpoints kept, fp32 (``--kernels torch
+    --no-offload``)."""
     if micro_batch < 2:
         raise SystemExit(f"--micro-batch {micro_batch}: use 2 or more (16 for issue #20); one example per pass is "
                          "what `correctness` already covers.")
@@ -72,10 +76,10 @@ def check_large_pass_request(micro_batch: int, seeds: Sequence[int], steps: int,
                          "seed-to-seed gap is the noise the paths' gap is measured against.")
     if steps < 2:
         raise SystemExit(f"--steps {steps}: use 2 or more (e.g. 30).")
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and (kernels != "torch" or offload):
         raise SystemExit("correctness-large needs a CUDA GPU (torch.cuda.is_available() is False here): the fast "
-                         "path's Triton/Liger kernels and bitsandbytes' 4-bit weights run there. Run it on the GPU "
-                         "machine.")
+                         "path's Triton/Liger kernels and offloaded checkpoints run there. Run it on the GPU "
+                         "machine, or pass --kernels torch --no-offload to check the logic on the CPU (fp32).")
     missing = missing_kernel_packages() if kernels == "liger" else []
     if missing:
         raise SystemExit(f"--kernels liger needs {' and '.join(missing)} (pip install liger-kernel, which brings "
@@ -294,9 +298,10 @@ def run_large_pass_correctness(out: Path, model: str = "embedded", steps: int = 
                                offload: bool = True, timeout: float = 900,
                                lora_dropout: float = THESIS.lora_dropout, peft_prepare: bool = True) -> dict:
     """Train both paths per seed, each in its own process; write the JSON after every run; the report."""
-    check_large_pass_request(micro_batch, seeds, steps, kernels)
+    check_large_pass_request(micro_batch, seeds, steps, kernels, offload)
+    ran_in = dtype if torch.cuda.is_available() else "fp32"  # the CPU check runs in fp32 (``measure``)
     report: dict[str, Any] = {
-        "model": model, "steps": steps, "micro_batch": micro_batch, "dtype": dtype, "kernels": kernels,
+        "model": model, "steps": steps, "micro_batch": micro_batch, "dtype": ran_in, "kernels": kernels,
         "offload_checkpoints": offload, "lora_dropout": lora_dropout, "peft_prepare": peft_prepare,
         **result_provenance(),
         "method": _method(steps, micro_batch, kernels, offload, lora_dropout, peft_prepare), "runs": [],
