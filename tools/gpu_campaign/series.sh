@@ -12,8 +12,8 @@
 #   gpu-off-s42, gpu-auto-s43, gpu-off-s43
 #                notebooks 04-05 of `gpu` with fast_path off/auto and seeds 42/43 (05 without the baselines, which
 #                do not depend on the adapter): the fast path against PEFT's own forward, within seed noise?
-#   gpu-05, gpu-auto-s43-05
-#                notebook 05 alone for `gpu` / `gpu-auto-s43`, whose notebook 04 finished in an earlier session
+#   gpu-05, gpu-auto-s43-05, gpu-off-s42-05, gpu-off-s43-05
+#                notebook 05 alone for that run, whose notebook 04 finished in an earlier session
 #                (runs/<run>/ with its 04_adapter carried to this machine)
 #   turing       tools/turing_path.py: a compute-7.5 card emulated, fast path on / off / PyTorch kernels
 #   turing-off   its two fast-path-off runs alone (the summary keeps the earlier runs of results/gpu/)
@@ -51,6 +51,10 @@ launch_one() {  # launch_one JOB: one job of the list above
     gpu-05)       start gpu-05 $PY -m utils.runner --profile gpu --only 05 ;;
     gpu-auto-s43-05) start gpu-auto-s43-05 $PY -m utils.runner --profile gpu --only 05 --run-name gpu-auto-s43 \
                       --set 04.seed=43 --set 05.baselines=[] --set 05.export_gguf=false ;;
+    gpu-off-s42-05) start gpu-off-s42-05 $PY -m utils.runner --profile gpu --only 05 --run-name gpu-off-s42 \
+                      --set 04.fast_path=off --set 05.baselines=[] --set 05.export_gguf=false ;;
+    gpu-off-s43-05) start gpu-off-s43-05 $PY -m utils.runner --profile gpu --only 05 --run-name gpu-off-s43 \
+                      --set 04.fast_path=off --set 04.seed=43 --set 05.baselines=[] --set 05.export_gguf=false ;;
     turing)       start turing $PY tools/turing_path.py ;;
     turing-off)   start turing-off $PY tools/turing_path.py --only off_s42,off_s43 ;;
     # the twin's random weights are written once (150 s, 6.4 GB) before its two halves start together
@@ -59,7 +63,8 @@ launch_one() {  # launch_one JOB: one job of the list above
                       $PY -m utils.runner --profile thesis-twin --only 04 05; s=\$?; wait \$p && exit \$s; }" ;;
     thesis-twin-late) start thesis-twin-late bash -c "$PY -c 'from utils.modeling import materialize_twin; \
                       materialize_twin()' && $PY -m utils.runner --profile thesis-twin --only 04 05" ;;
-    *) echo "unknown job $1; the jobs: $ALL_JOBS thesis-twin-late turing-off gpu-05 gpu-auto-s43-05" >&2; return 2 ;;
+    *) echo "unknown job $1; the jobs: $ALL_JOBS thesis-twin-late turing-off, and RUN-05 (notebook 05" \
+            "alone) for gpu, gpu-auto-s43, gpu-off-s42, gpu-off-s43" >&2; return 2 ;;
     esac
 }
 ALL_JOBS="gpu-early gpu gpu-tuned gpu-off-s42 gpu-auto-s43 gpu-off-s43 turing thesis-twin"
