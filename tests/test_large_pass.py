@@ -27,8 +27,9 @@ def test_cli_parses_the_options_and_keeps_the_other_commands():
     assert (args.micro_batch, args.dtype, args.kernels, args.no_offload, args.seeds, args.steps) == \
         (32, "fp16", "torch", True, [3, 7], 5)
     assert (args.lora_dropout, args.peft_noprep) == (0.05, False)
-    args = cli.build_parser().parse_args(["correctness-large", "--lora-dropout", "0", "--peft-noprep"])
-    assert (args.lora_dropout, args.peft_noprep) == (0.0, True)
+    args = cli.build_parser().parse_args(["correctness-large", "--lora-dropout", "0", "--peft-noprep",
+                                          "--fp32-residual"])
+    assert (args.lora_dropout, args.peft_noprep, args.fp32_residual) == (0.0, True, True)
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["correctness-large", "--kernels", "triton"])
     assert cli.build_parser().parse_args(["correctness", "--steps", "7"]).steps == 7
@@ -233,5 +234,7 @@ def test_the_diagnostic_variants_change_both_paths_or_only_peft():
     assert (peft.lora_dropout, fast.lora_dropout, peft.prepare) == (0.0, 0.0, False)
     default_peft, default_fast = lp.large_pass_configs(0)
     assert default_peft.prepare is True and default_fast == fast.__class__(**{**fast.__dict__, "lora_dropout": 0.05})
+    assert lp.large_pass_configs(0, fp32_residual=True)[1].fast.fp32_residual is True
+    assert default_fast.fast.fp32_residual is False
     method = lp._method(30, 16, "liger", True, 0.0, False)
     assert "without prepare_model_for_kbit_training" in method and "dropout 0.0" in method

@@ -107,6 +107,8 @@ def _add_correctness_large(sub) -> None:
                        help=f"LoRA dropout of both paths (default {THESIS.lora_dropout}, the thesis's)")
     large.add_argument("--peft-noprep", action="store_true", help="PEFT without prepare_model_for_kbit_training "
                        "(no fp32 upcast: the residual stream in the compute dtype, as on the fast path)")
+    large.add_argument("--fp32-residual", action="store_true", help="the fast path keeps its residual stream in "
+                       "fp32, as PEFT after prepare_model_for_kbit_training's upcast")
     large.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated seeds (default 0,1)")
     large.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")
 
@@ -178,7 +180,7 @@ def _correctness_large(args) -> int:
     """Both paths per seed in child processes; one clear error (``SystemExit``) for a request it cannot answer."""
     run_large_pass_correctness(resolve_path(args.out), args.model, args.steps, args.micro_batch, args.seeds,
                                args.dtype, args.kernels, not args.no_offload, args.timeout, args.lora_dropout,
-                               not args.peft_noprep)
+                               not args.peft_noprep, args.fp32_residual)
     return 0
 
 

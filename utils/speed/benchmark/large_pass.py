@@ -88,19 +88,21 @@ def check_large_pass_request(micro_batch: int, seeds: Sequence[int], steps: int,
 
 def large_pass_configs(seed: int, micro_batch: int = 16, dtype: str = "bf16", kernels: str = "liger",
                        offload: bool = True, lora_dropout: float = THESIS.lora_dropout,
-                       peft_prepare: bool = True) -> tuple[BenchConfig, BenchConfig]:
+                       peft_prepare: bool = True, fp32_residual: bool = False) -> tuple[BenchConfig, BenchConfig]:
     """The PEFT and fast-path configurations of one seed: the corpus rows of ``correctness`` at ``micro_batch``.
 
     ``peft_prepare=False``: PEFT without ``prepare_model_for_kbit_training``, whose fp32 upcast of the embeddings
     and norms keeps the residual stream in fp32; the fast path keeps it in the compute dtype, as PEFT does without
-    the upcast, so that comparison isolates the fast path's own numerics from the upcast's.
+    the upcast, so that comparison isolates the fast path's own numerics from the upcast's. ``fp32_residual=True``
+    does the converse: the fast path keeps its residual stream in fp32, as PEFT after the upcast.
     """
     peft_base, fast_base = config_by_name(PEFT_BASE), config_by_name(FAST_BASE)
     common = dict(dtype=dtype, micro_batch=micro_batch, accumulation=1, lora_dropout=lora_dropout,
                   group="large_pass")
     peft = replace(peft_base, name=f"peft_seed{seed}", prediction="the reference", prepare=peft_prepare, **common)
     fast = replace(fast_base, name=f"fast_seed{seed}", **common,
-                   fast=replace(fast_base.fast, kernels=kernels, offload_checkpoints=offload),
+                   fast=replace(fast_base.fast, kernels=kernels, offload_checkpoints=offload,
+                                fp32_residual=fp32_residual),
                    prediction="per-step loss within the seed-to-seed gap of the PEFT path")
     return peft, fast
 
@@ -264,7 +266,7 @@ def compare_large_pass(runs: Sequence[dict]) -> dict[str, Any]:
 
 
 def _method(steps: int, micro_batch: int, kernels: str, offload: bool, lora_dropout: float = THESIS.lora_dropout,
-            peft_prepare: bool = True) -> str:
+            peft_prepare: bool = True, fp32_residual: bool = False) -> str:
     """How the runs were made, in one paragraph (the report's ``method``)."""
     prepare = ("prepare_model_for_kbit_training (fp32 embeddings and norms)" if peft_prepare else
                "without prepare_model_for_kbit_training (residual stream in the compute dtype, as the fast path)")
@@ -272,6 +274,7 @@ def _method(steps: int, micro_batch: int, kernels: str, offload: bool, lora_drop
             f"order, for {steps} steps: PEFT (transformers' forward, {prepare}, gradient "
             "checkpointing, autocast, per-tensor paged AdamW 8-bit) as one right-padded micro-batch, the fast path "
             f"(kernels={kernels!r}, checkpoints {'offloaded to pinned host memory' if offload else 'on the GPU'}, "
+            f"residual stream in {'fp32' if fp32_residual else 'the compute dtype'}, "
             "flat paged AdamW 8-bit) as one padding-free row. Same cosine schedule (10 % warm-up, lr "
             f"{THESIS.learning_rate}), LoRA r={THESIS.lora_r}, alpha={THESIS.lora_alpha}, dropout "
             f"{lora_dropout}, clip {THESIS.max_grad_norm}; the seed sets LoRA init and dropout. Loss = mean "
@@ -296,18 +299,21 @@ def _print_run(row: dict) -> None:
 def run_large_pass_correctness(out: Path, model: str = "embedded", steps: int = 30, micro_batch: int = 16,
                                seeds: Sequence[int] = (0, 1), dtype: str = "bf16", kernels: str = "liger",
                                offload: bool = True, timeout: float = 900,
-                               lora_dropout: float = THESIS.lora_dropout, peft_prepare: bool = True) -> dict:
+                               lora_dropout: float = THESIS.lora_dropout, peft_prepare: bool = True,
+                               fp32_residual: bool = False) -> dict:
     """Train both paths per seed, each in its own process; write the JSON after every run; the report."""
     check_large_pass_request(micro_batch, seeds, steps, kernels, offload)
     ran_in = dtype if torch.cuda.is_available() else "fp32"  # the CPU check runs in fp32 (``measure``)
     report: dict[str, Any] = {
         "model": model, "steps": steps, "micro_batch": micro_batch, "dtype": ran_in, "kernels": kernels,
         "offload_checkpoints": offload, "lora_dropout": lora_dropout, "peft_prepare": peft_prepare,
-        **result_provenance(),
-        "method": _method(steps, micro_batch, kernels, offload, lora_dropout, peft_prepare), "runs": [],
+        "fp32_residual": fp32_residual, **result_provenance(),
+        "method": _method(steps, micro_batch, kernels, offload, lora_dropout, peft_prepare, fp32_residual),
+        "runs": [],
     }
     for seed in seeds:
-        for config in large_pass_configs(seed, micro_batch, dtype, kernels, offload, lora_dropout, peft_prepare):
+        for config in large_pass_configs(seed, micro_batch, dtype, kernels, offload, lora_dropout, peft_prepare,
+                                         fp32_residual):
             task = {"kind": LARGE_PASS_TASK, "config": asdict(config), "model": model, "steps": steps, "seed": seed}
             row = run_child(task, timeout, EXPANDABLE if config.expandable_segments else {})
             _print_run(row)
