@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from utils import config, runner
+from utils import config, publishing, runner
 from utils.evaluation import runs as gpu
 from utils.paths import PARAMS_DIR, RESULTS_DIR
 from utils.plotting import check_print_standard, set_figure_context
@@ -60,9 +60,10 @@ def fabricate_run(folder, run: str, fast_path: str = "auto", seed: int = 42, eva
 @pytest.fixture
 def folders(tmp_path, monkeypatch):
     """runs/, results/ and figures/ in tmp_path, for the runner's publishing."""
-    monkeypatch.setattr(runner, "run_dir", lambda name: tmp_path / "runs" / name)
-    monkeypatch.setattr(runner, "published_results_dir", lambda name: tmp_path / "results" / name)
-    monkeypatch.setattr(runner, "published_figures_dir", lambda name: tmp_path / "figures" / name)
+    for module in (runner, publishing):
+        monkeypatch.setattr(module, "run_dir", lambda name: tmp_path / "runs" / name)
+    monkeypatch.setattr(publishing, "published_results_dir", lambda name: tmp_path / "results" / name)
+    monkeypatch.setattr(publishing, "published_figures_dir", lambda name: tmp_path / "figures" / name)
     return tmp_path
 
 
@@ -139,7 +140,7 @@ def test_publish_copies_data_files_and_writes_provenance(folders):
     run = fabricate_run(folders / "runs" / "gpu-off-s42", "gpu-off-s42", fast_path="off")
     (run / "runner.json").write_text(json.dumps({"command": "python -m utils.runner --profile gpu --run-name "
                                                             "gpu-off-s42", "overrides": ["04.fast_path=off"]}))
-    published = runner.publish_run("gpu", "gpu-off-s42")
+    published = publishing.publish_run("gpu", "gpu-off-s42")
     results, figures = folders / "results" / "gpu-off-s42", folders / "figures" / "gpu-off-s42"
     assert published == [figures, results]
     assert sorted(p.name for p in results.iterdir()) == sorted(
@@ -161,7 +162,7 @@ def test_a_partial_rerun_keeps_the_earlier_notebooks_provenance(folders):
                                                                                "commit": "old"}}}
     (results / "PROVENANCE.json").write_text(json.dumps(earlier))
     fabricate_run(folders / "runs" / "gpu", "gpu")
-    runner.publish_results("gpu")
+    publishing.publish_results("gpu")
     provenance = json.loads((results / "PROVENANCE.json").read_text())
     assert provenance["notebooks"]["01"] == {"wall_time_s": 10.0, "commit": "old"}
     assert provenance["notebooks"]["04"]["commit"] == "0123456789abcdef"  # the rerun replaces the earlier 04
@@ -179,7 +180,7 @@ def test_a_notebook_stopped_half_way_publishes_nothing_and_the_overrides_come_fr
     record["command"] = ("python -m utils.runner --profile gpu --only 04 --run-name gpu-auto-s43 --set 04.seed=43 "
                          "--set '05.baselines=[]'")
     (run / "04_run.json").write_text(json.dumps(record))
-    runner.publish_run("gpu", "gpu-auto-s43")
+    publishing.publish_run("gpu", "gpu-auto-s43")
     results, figures = folders / "results" / "gpu-auto-s43", folders / "figures" / "gpu-auto-s43"
     assert sorted(p.name for p in results.iterdir()) == ["04_log_history.csv", "04_run.json", "PROVENANCE.json"]
     assert sorted(p.name for p in figures.iterdir()) == ["04_loss_curve.pdf"]
@@ -203,12 +204,12 @@ def test_the_runner_records_how_it_was_started_before_the_first_notebook(folders
 def test_publish_results_needs_a_finished_notebook(folders):
     (folders / "runs" / "gpu").mkdir(parents=True)
     with pytest.raises(config.ProfileError, match="no NN_run.json"):
-        runner.publish_results("gpu")
+        publishing.publish_results("gpu")
 
 
 def test_a_figures_only_profile_publishes_no_data(folders):
     fabricate_run(folders / "runs" / "demo", "demo")
-    assert runner.publish_run("demo") == [folders / "figures" / "demo"]
+    assert publishing.publish_run("demo") == [folders / "figures" / "demo"]
     assert not (folders / "results").exists()
 
 

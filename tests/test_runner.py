@@ -15,7 +15,7 @@ import nbformat
 import pytest
 from tqdm import TqdmWarning
 
-from utils import config, quiet, runner
+from utils import config, publishing, quiet, runner
 from utils.files import save_json
 from utils.modeling import load_tokenizer
 from utils.paths import PARAMS_DIR, PROGRESS_FILE
@@ -98,10 +98,10 @@ def test_profile_yaml_errors_are_clear(tmp_path, monkeypatch):
 
 
 def test_figures_go_to_the_run_and_publish_copies_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "run_dir", lambda name: tmp_path / "runs" / name)
-    monkeypatch.setattr(runner, "published_figures_dir", lambda name: tmp_path / "figures" / name)
+    monkeypatch.setattr(publishing, "run_dir", lambda name: tmp_path / "runs" / name)
+    monkeypatch.setattr(publishing, "published_figures_dir", lambda name: tmp_path / "figures" / name)
     with pytest.raises(config.ProfileError, match="holds no figures"):
-        runner.publish_figures("demo")
+        publishing.publish_figures("demo")
     (tmp_path / "runs" / "demo" / "figures").mkdir(parents=True)
     (tmp_path / "runs" / "demo" / "figures" / "01_x.pdf").write_bytes(b"%PDF")
     (tmp_path / "runs" / "demo" / "figures" / "02_y.pdf").write_bytes(b"%PDF")  # notebook 02 did not finish
@@ -110,7 +110,7 @@ def test_figures_go_to_the_run_and_publish_copies_them(tmp_path, monkeypatch):
     (tmp_path / "runs" / "demo" / "figures" / "figuras.json").write_text(json.dumps({"01_x": entry, "02_y": entry}))
     (tmp_path / "figures" / "demo").mkdir(parents=True)  # an earlier publication listed notebook 00's figure
     (tmp_path / "figures" / "demo" / "figuras.json").write_text(json.dumps({"00_z": entry}))
-    target = runner.publish_figures("demo")
+    target = publishing.publish_figures("demo")
     assert (target / "01_x.pdf").read_bytes() == b"%PDF"
     assert sorted(p.name for p in target.iterdir()) == ["01_x.pdf", "figuras.json", "figuras.tex"]
     assert list(json.loads((target / "figuras.json").read_text())) == ["00_z", "01_x"]

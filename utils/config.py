@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -165,3 +167,26 @@ def _coerce_number(value: Any, integer: bool) -> int | float:
             raise ValueError(expected)
         return int(number)
     return float(number)
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_run_name(name: str) -> str:
+    """A run name usable as a folder name on every system (``gpu-off-s42``), or one ``ProfileError``."""
+    if not RUN_NAME.fullmatch(name) or name in {".", ".."}:
+        raise ProfileError(f"--run-name {name!r}: use letters, digits, '.', '_' and '-' only, starting with a letter "
+                           "or digit (it names the folder runs/<name>/), e.g. --run-name gpu-off-s42.")
+    return name
+
+
+def runner_command(profile_name: str, only: list[str] | None, run_name: str | None, overrides: list[str]) -> str:
+    """The runner's command line as a shell would type it (recorded in each notebook's ``NN_run.json``)."""
+    words = ["python", "-m", "utils.runner", "--profile", profile_name]
+    if only:
+        words += ["--only", *only]
+    if run_name and run_name != profile_name:
+        words += ["--run-name", run_name]
+    for item in overrides:
+        words += ["--set", item]
+    return shlex.join(words)

@@ -84,7 +84,7 @@ status)
 publish)
     $PY - <<'EOF'
 from utils.paths import run_dir
-from utils.runner import publish_run
+from utils.publishing import publish_run
 
 for profile, run in [("gpu", "gpu"), ("gpu-tuned", "gpu-tuned"), ("gpu", "gpu-off-s42"), ("gpu", "gpu-auto-s43"),
                      ("gpu", "gpu-off-s43"), ("thesis-twin", "thesis-twin")]:  # a publication adds to the earlier one

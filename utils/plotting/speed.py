@@ -2,17 +2,21 @@
 
 ``plot_benchmark``: tokens/s and peak reserved memory side by side, one bar per configuration
 (``04_speed_benchmark``); ``plot_correctness``: the per-step loss of both paths and their differences
-(``04_fast_path_loss_match``). ``benchmark_caption`` and ``correctness_caption`` say what each shows, with the
-device and the date of the measurement, for ``save_figure``.
+(``04_fast_path_loss_match``); ``plot_strict``: the run under the strict 8 GB budget (``run --budget strict8``),
+tokens/s of each row within it and its GPU memory, part by part, against the 8 GiB card (``04_speed_strict8``).
+``benchmark_caption``, ``correctness_caption`` and ``strict_caption`` say what each shows, with the device and the
+date of the measurement, for ``save_figure``.
 """
 
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Patch
 
 from utils.numbers import fmt_num, tick_formatter
 from utils.plotting import COLORS, PALETTE, draw_budget, figure_context, label, legend_outside, new_figure
@@ -24,6 +28,12 @@ from utils.units import CARD_GIB
 
 FIGURE = "04_speed_benchmark"
 CORRECTNESS_FIGURE = "04_fast_path_loss_match"
+STRICT_FIGURE = "04_speed_strict8"
+DTYPE_COLORS = {"bf16": PALETTE[5], "fp16": PALETTE[1]}
+# The parts of a row's GPU memory under the strict budget (its ``budget`` record), stacked in this order
+BUDGET_PARTS = (("peak_reserved_gib", "pico reservado por PyTorch", PALETTE[2]),
+                ("outside_gib", "fuera del asignador de PyTorch", PALETTE[3]),
+                ("cuda_context_gib", "contexto CUDA", PALETTE[7]))
 GROUP_COLORS = {"original": COLORS["original"], "recipe": PALETTE[1], "throughput": PALETTE[5],
                 "ablation": PALETTE[0], "corpus": PALETTE[3], "peer": PALETTE[7]}
 PATH_STYLE = {"original": (COLORS["original"], "-"), "fast": (COLORS["tuned"], "--")}
@@ -101,6 +111,78 @@ def benchmark_caption(report: dict) -> str:
             + ". Cada barra es la mediana de los pasos medidos de una configuración.")
 
 
+def _strict_rows(report: dict) -> list[dict]:
+    """The strict run's rows within the budget (repeats merged), each with its use's outside-allocator part as the
+    budget counts it (the larger of the measured and the paged optimizer's states)."""
+    fits = set(report["strict"].get("in_budget", []))
+    rows = []
+    for row in merged_rows(report["rows"]):
+        use = row.get("budget") or {}
+        if row["name"] in fits and use:
+            outside = max(use.get("outside_allocator_gib") or 0.0, use.get("paged_optimizer_gib") or 0.0)
+            rows.append({**row, "use": {**use, "outside_gib": outside}})
+    return rows
+
+
+def plot_strict(report: dict) -> plt.Figure:
+    """Tokens/s of each row within the strict budget (left; bf16 and fp16 apart, Unsloth hatched) and its GPU memory
+    (right): peak reserved + outside the allocator + CUDA context, against the card and the budget's limit."""
+    rows = _strict_rows(report)
+    if not rows:
+        raise ValueError("plot_strict: no row of this strict run is within the budget (report['strict']['in_budget'] "
+                         "is empty); strict_table(report) and its 'motivo' column say why.")
+    fig, (speed, memory) = new_figure(ncols=2, sharey=True, gridspec_kw={"width_ratios": [1.2, 1]})
+    for i, row in enumerate(rows):
+        peer = row["impl"] == "unsloth"
+        speed.barh(i, row["tokens_per_second"], height=0.62, color=DTYPE_COLORS[row["dtype"]],
+                   hatch="//" if peer else None, edgecolor="white" if peer else None)
+        speed.annotate(fmt_num(row["tokens_per_second"]), (row["tokens_per_second"], i), xytext=(3, 0),
+                       textcoords="offset points", va="center", fontsize=8)
+        left = 0.0
+        for key, text, color in BUDGET_PARTS:
+            memory.barh(i, row["use"][key] or 0.0, left=left, height=0.62, color=color, label=text)
+            left += row["use"][key] or 0.0
+        # inside the bar's end: the card's lines sit just past the largest bars
+        memory.annotate(fmt_num(row["use"]["device_gib"], 2), (left, i), xytext=(-3, 0), textcoords="offset points",
+                        va="center", ha="right", fontsize=8)
+    # the compute type is the bar's colour: the label leaves it out
+    names = [config_label(r["name"]).removesuffix(f", {r['dtype']}") for r in rows]
+    speed.set_yticks(np.arange(len(rows)), [textwrap.fill(n, 36) for n in names])
+    speed.invert_yaxis()
+    speed.set_xlabel("tokens reales por segundo")
+    speed.set_xlim(0, max(r["tokens_per_second"] for r in rows) * 1.22)
+    memory.set_xlabel("memoria de la GPU (GiB)")
+    draw_budget(memory, CARD_GIB, axis="x")
+    limit = report["budget"]["device_limit_gib"]
+    memory.axvline(limit, color=COLORS["budget"], linestyle=":", linewidth=1.0,
+                   label=f"límite del presupuesto ({fmt_num(limit, 1)} GiB)")
+    memory.set_xlim(0, max([CARD_GIB] + [r["use"]["device_gib"] for r in rows]) * 1.1)
+    for ax in (speed, memory):
+        ax.grid(axis="y", visible=False)
+        ax.xaxis.set_major_formatter(tick_formatter())
+    handles = [Patch(color=DTYPE_COLORS[d], label=d) for d in DTYPE_COLORS if any(r["dtype"] == d for r in rows)]
+    if any(r["impl"] == "unsloth" for r in rows):
+        handles.append(Patch(facecolor="white", edgecolor=PALETTE[0], hatch="//", label="Unsloth (rayado)"))
+    parts, texts = memory.get_legend_handles_labels()
+    handles += list(dict(zip(texts, parts)).values())  # each memory part and line once (labelled artists)
+    # about 0,75 cm a bar (two lines of label), 2,6 cm for the axes' labels, 0,5 cm a line of the legend (two a line)
+    fig.set_figheight((0.75 * len(rows) + 2.6 + 0.5 * -(-len(handles) // 2)) / 2.54)
+    legend_outside(fig, ncol=2, handles=handles)
+    return fig
+
+
+def strict_caption(report: dict) -> str:
+    """The Spanish caption of ``plot_strict``."""
+    rules = report["budget"]
+    return ("Filas dentro del presupuesto estricto de 8 GB, todas de una sola invocación: velocidad de un paso de "
+            "entrenamiento QLoRA del gemelo de Llama-3.2-3B (pesos aleatorios) y su memoria de GPU, medido en una "
+            f"{report.get('device', 'GPU')} el {str(report.get('date', ''))[:10]} con las mismas reglas para todas "
+            f"las filas: asignador limitado a {fmt_num(rules['card_gib'], 0)} GiB menos el contexto CUDA y "
+            f"{fmt_num(rules['display_reserve_gib'], 1)} GiB de la pantalla, el optimizador paginado contado, "
+            f"hasta {fmt_num(rules['pinned_limit_gib'], 0)} GiB de memoria fijada en la CPU, dropout de LoRA "
+            f"{fmt_num(rules['lora_dropout'], 2)}. Las filas repetidas muestran su mediana.")
+
+
 def plot_correctness(report: dict) -> plt.Figure:
     """Per-step loss of the original and the fast path on the embedded model; their differences below."""
     runs = {r["name"]: r["losses"] for r in report["runs"] if r.get("ok")}
@@ -140,7 +222,8 @@ def correctness_caption(report: dict) -> str:
 
 
 def draw_figures(path: Path) -> list[Path]:
-    """Redraw the figure of a benchmark or correctness JSON with ``save_figure`` (a tiny test run: next to it)."""
+    """Redraw the figure of a benchmark or correctness JSON with ``save_figure`` (a tiny test run: next to it); a
+    strict run with rows within its budget gets ``plot_strict`` (its rows out of the budget are in its table)."""
     report = load_report(path)
     if "tiny" in report.get("label", "") or report.get("model") not in (None, "embedded"):
         os.environ["QLORA_FIGURES_DIR"] = str(path.parent)
@@ -153,5 +236,8 @@ def draw_figures(path: Path) -> list[Path]:
     if "runs" in report:
         return [save_figure(plot_correctness(report), CORRECTNESS_FIGURE, caption=correctness_caption(report),
                             source=source, show=False, model=model)]
+    if "strict" in report and _strict_rows(report):  # a strict run with rows within its budget (not a CPU test)
+        return [save_figure(plot_strict(report), STRICT_FIGURE, caption=strict_caption(report), source=source,
+                            show=False, model=model)]
     return [save_figure(plot_benchmark(report), FIGURE, caption=benchmark_caption(report), source=source,
                         show=False, model=model)]

@@ -1,13 +1,25 @@
-"""Notebook 04's speed prose: what the committed GPU measurements show (Spanish Markdown, numbers read from them)."""
+"""Notebook 04's speed prose: what the committed GPU measurements show (Spanish Markdown, numbers read from them).
+
+``describe_speed``: the round-5 headline run (allocator capped at 7.5 GiB). ``describe_strict``: the run under the
+strict 8 GB budget (``run --budget strict8``), led by the ratios that hold on any host, and the ratio to the
+original with its spread across the committed invocations (``utils.speed.results.original_spread``);
+``strict_missing`` says which command writes that run while it is not committed. ``strict_table`` (re-exported from
+``utils.speed.benchmark.strict``) is its table.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from utils.numbers import fmt_num, fmt_ratio, fmt_unit
 from utils.plotting import label
 from utils.plotting.speed import config_label
 from utils.speed import FastPathOptions
-from utils.speed.results import merged_rows
+from utils.speed.benchmark.strict import RECIPE_PAIRS, RECIPE_ROWS, strict_table
+from utils.speed.results import STRICT8_REPORT, merged_rows, original_spread
 from utils.units import BUDGET_GIB
+
+__all__ = ["describe_speed", "describe_strict", "strict_command", "strict_missing", "strict_table"]
 
 
 def _measured_on(speed: dict) -> str:
@@ -119,4 +131,149 @@ def describe_speed(speed: dict, correctness: dict, ddp: dict, corpus: dict | Non
     orig = rows["original_fp16"]
     lines = [_measured_on(speed), *_best_lines(s, orig), *_recipe_lines(s, rows), *_corpus_lines(speed, corpus),
              *_correctness_lines(speed, correctness), *_ddp_lines(ddp), _variability_line()]
+    return "\n".join(lines)
+
+
+# The strict 8 GB run (issue #20): the ratios that hold on any host first, then the one that moves with the host
+
+def strict_command(out: str = STRICT8_REPORT) -> str:
+    """The command that writes the strict run: every default row, the original recipe's rows repeated 5 times."""
+    return (f"python -m utils.speed.benchmark run --budget strict8 --repeat 5 --repeat-only {','.join(RECIPE_ROWS)} "
+            f"--out {out}")
+
+
+def strict_missing(out: str = STRICT8_REPORT) -> str:
+    """One Markdown line for a notebook run before the strict run is committed: which command writes it."""
+    return (f"La corrida con el presupuesto estricto de 8 GB (`{out}`) todavía no está en el repositorio; la escribe, "
+            f"en una GPU, `{strict_command(out)}`. Abajo, la corrida de la ronda 5.")
+
+
+def _recipe_name(key: str) -> str:
+    """A ``RECIPE_PAIRS`` key in words: which examples, and whether the fast step replays CUDA graphs."""
+    examples = "ejemplos reales del corpus" if "corpus" in key else "gemelo, 512 tokens por secuencia"
+    return examples + (", paso rápido repetido desde grafos CUDA" if "graphs" in key else "")
+
+
+def _strict_recipe_lines(s: dict) -> list[str]:
+    """The original recipe (2 sequences per step, fp16): medians of the interleaved repeats and the paired spread."""
+    lines = []
+    for key, _, _ in RECIPE_PAIRS:
+        r = s.get(key)
+        if not r:
+            continue
+        rounds = (f"medianas de {r['repeats']} rondas intercaladas" if r["repeats"] > 1
+                  else "una sola ronda con las dos filas")
+        lines.append(f"- Receta original (2 secuencias por paso, fp16; {_recipe_name(key)}): "
+                     f"{fmt_num(r['original_seconds_per_step'], 3)} → {fmt_num(r['fast_seconds_per_step'], 3)} s por "
+                     f"paso, {rounds}: **{fmt_ratio(r['x_fewer_seconds'])} menos** ({config_label(r['fast'])}); "
+                     f"ronda por ronda, de {fmt_ratio(r['paired_min'])} a {fmt_ratio(r['paired_max'])}.")
+    return lines
+
+
+def _strict_peer_lines(s: dict, limit: float) -> list[str]:
+    """The best fast row against Unsloth's best, per compute type, both within the same budget."""
+    lines = []
+    for dtype in ("bf16", "fp16"):
+        fast, peer = s.get(f"fast_best_{dtype}"), s.get(f"unsloth_best_{dtype}")
+        if fast and peer:
+            lines.append(f"- Frente a Unsloth, en {dtype} y dentro de los mismos {fmt_unit(limit, 'GiB', 1)}: "
+                         f"{config_label(fast['name'])}, {fmt_num(fast['tokens_per_second'])} tokens/s, contra "
+                         f"{config_label(peer['name'])}, {fmt_num(peer['tokens_per_second'])} tokens/s: "
+                         f"**{fmt_ratio(fast['x_unsloth_best'])}**.")
+        elif fast or peer:
+            missing = "Unsloth" if fast else "el camino rápido"
+            lines.append(f"- En {dtype}, {missing} no tuvo ninguna fila dentro del presupuesto: no hay cociente.")
+    return lines
+
+
+def _strict_use_line(s: dict, rules: dict) -> str:
+    """Where each row's budget use is: the table; the best rows' use in words."""
+    line = (f"- Uso del presupuesto, fila por fila, en la tabla de abajo: pico reservado + memoria fuera del "
+            f"asignador (el optimizador paginado, como mínimo) + contexto CUDA ≤ "
+            f"{fmt_unit(rules['device_limit_gib'], 'GiB', 1)} en la GPU, y ≤ "
+            f"{fmt_unit(rules['pinned_limit_gib'], 'GiB', 0)} de memoria fijada en la CPU.")
+    best = {dtype: s[f"fast_best_{dtype}"] for dtype in ("bf16", "fp16") if s.get(f"fast_best_{dtype}")}
+    if best:
+        line += " Las mejores filas rápidas usan " + "; ".join(
+            f"{fmt_unit(b['device_gib'], 'GiB', 2)} de GPU y {fmt_unit(b['pinned_host_gib'], 'GiB', 2)} fijados "
+            f"({dtype})" for dtype, b in best.items()) + "."
+    return line
+
+
+def _original_line(report: dict, spread: dict) -> list[str]:
+    """The ratio to the original in this run, then the original's spread across the committed invocations."""
+    s = report["strict"]
+    rows = {r["name"]: r for r in merged_rows(report["rows"])}
+    original, fast = rows.get("original_fp16"), s.get("fast_best_bf16")
+    lines = []
+    if original and fast:
+        repeats = original.get("tokens_per_second_repeats") or [original["tokens_per_second"]]
+        lines.append(f"- Contra la configuración original (fp16), en esta corrida: "
+                     f"{fmt_num(fast['tokens_per_second'])} / {fmt_num(original['tokens_per_second'])} tokens/s (mediana; sus repeticiones, de "
+                     f"{fmt_num(min(repeats))} a {fmt_num(max(repeats))}) = "
+                     f"**{fmt_ratio(fast['tokens_per_second'] / original['tokens_per_second'], 1)}**.")
+    lines += _spread_lines(spread, fast)
+    return lines
+
+
+def _spread_lines(spread: dict, fast: dict | None) -> list[str]:
+    """The original's tokens/s over the committed invocations, and the ratio's range that follows from it."""
+    o, x = spread["original_tokens_per_second"], spread["x_original"]
+    if not o["n"]:
+        return []
+    line = (f"- Ese cociente depende de la máquina: el paso original está limitado por la CPU. En {o['n']} "
+            f"invocaciones guardadas en `results/` ({', '.join(spread['devices'])}) el original corrió a "
+            f"{fmt_num(o['min'])}–{fmt_num(o['median'])}–{fmt_num(o['max'])} tokens/s (mínimo–mediana–máximo)")
+    if x["n"]:
+        line += (f", y la mejor fila rápida de cada una dentro de {fmt_unit(BUDGET_GIB, 'GiB', 1)} reservados hizo "
+                 f"{fmt_ratio(x['min'], 1)}–{fmt_ratio(x['median'], 1)}–{fmt_ratio(x['max'], 1)} el original "
+                 f"({x['n']} invocaciones con esa fila)")
+    line += "."
+    if fast:
+        tps = fast["tokens_per_second"]
+        line += (f" Con la mejor fila de esta corrida, el cociente iría de {fmt_ratio(tps / o['max'], 1)} (el "
+                 f"original más rápido) a {fmt_ratio(tps / o['min'], 1)} (el más lento); "
+                 f"{fmt_ratio(tps / o['median'], 1)} contra la mediana.")
+    return [line]
+
+
+def _strict_excluded_lines(report: dict) -> list[str]:
+    """Each row that failed, ran out of the budget or was not measured against it, with its reason."""
+    table = strict_table(report)
+    s = report["strict"]
+    lines = []
+    for name in [*s.get("out_of_budget", []), *s.get("unmeasured", [])]:
+        reason = table.loc[name, "motivo"] if name in table.index else ""
+        if not reason:
+            reason = ("sin medición del presupuesto (corrida sin GPU)" if name in s.get("unmeasured", [])
+                      else "fuera del presupuesto en alguna repetición")
+        lines.append(f"- Fuera de la comparación: {config_label(name)} (`{name}`): {reason}.")
+    return lines
+
+
+def _strict_rules_line(report: dict) -> str:
+    """Where and when, and the rules every row ran under."""
+    rules = report["budget"]
+    return (f"Reglas ({report.get('device', 'GPU')}, {str(report.get('date', ''))[:10]}; las mismas para todas las "
+            f"filas, Unsloth incluido): asignador de PyTorch limitado a {fmt_unit(rules['card_gib'], 'GiB', 0)} − el "
+            f"contexto CUDA medido − {fmt_unit(rules['display_reserve_gib'], 'GiB', 1)} que Windows reserva para la "
+            f"pantalla ({rules['display_reserve_source']}); dropout de LoRA {fmt_num(rules['lora_dropout'], 2)}; "
+            f"`PYTORCH_CUDA_ALLOC_CONF={rules['alloc_conf']}` en todas.")
+
+
+def describe_strict(report: dict, spread: dict[str, Any] | None = None) -> str:
+    """The strict 8 GB run in words (Markdown, Spanish), every number read from ``report`` and ``spread``.
+
+    First the ratios that hold on any host (the original recipe's speed-up, the fast path against Unsloth), then the
+    budget use, then the ratio to the original with its spread across invocations (``spread``: default
+    ``original_spread()`` over the committed files), then the rows left out and why, then the rules.
+    """
+    s = report["strict"]
+    if s.get("error"):
+        return f"**Corrida estricta sin cocientes:** {s['error']}\n\n{_strict_rules_line(report)}"
+    spread = original_spread() if spread is None else spread
+    lines = ["Con el presupuesto estricto de 8 GB (issue #20), en una sola invocación:",
+             *_strict_recipe_lines(s), *_strict_peer_lines(s, report["budget"]["device_limit_gib"]),
+             _strict_use_line(s, report["budget"]), *_original_line(report, spread),
+             *_strict_excluded_lines(report), "", _strict_rules_line(report)]
     return "\n".join(lines)

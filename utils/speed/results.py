@@ -2,6 +2,8 @@
 
 A report is the JSON that ``python -m utils.speed.benchmark run`` (rows of configurations), ``correctness`` (runs
 of the two paths) or ``ddp`` (runs on 1 and N GPUs) writes. Everything here reads data; nothing measures or draws.
+``original_spread`` gathers, from every committed report, the original configuration's speed per invocation: the
+spread of the host-bound original, and with it of every ratio taken against it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,14 @@ from typing import Any, Sequence
 import pandas as pd
 
 from utils.files import read_json
-from utils.paths import resolve_path
+from utils.paths import REPO_ROOT, RESULTS_DIR, resolve_path
 from utils.units import BUDGET_GIB
+
+# The committed reports that can hold the original configuration and the fast path measured in one invocation
+# (relative to results/; a pattern may match none, e.g. before the strict run is committed)
+STRICT8_REPORT = "results/04_speed_strict8.json"  # the strict 8 GB run (``run --budget strict8``), once committed
+SPREAD_SOURCES = ("04_speed_benchmark.json", "04_speed_runs_h200.json", "04_renovation_check_h200.json",
+                  Path(STRICT8_REPORT).name, "history/04_speed_*.json")
 
 # Rows written before ``BenchConfig`` nested ``FastPathOptions``: their flat fast-path knobs and the option each named.
 OLD_FAST_KEYS = {
@@ -177,3 +185,89 @@ def speed_table(report: dict) -> pd.DataFrame:
         "reintentos del asignador": (r.get("allocator") or {}).get("num_alloc_retries"),
     } for r in merged_rows(report["rows"])]
     return pd.DataFrame(rows).set_index("configuración")
+
+
+def _invocations(report: dict, source: str) -> list[dict]:
+    """A report's invocations, each ``{"source", "invocation", "device", "date", "rows"}``.
+
+    A report either is one invocation, or lists several under ``invocations`` (each with its own rows), or carries
+    rows of several invocations marked by the rows' own ``invocation`` field (its ``invocations`` then list their
+    dates and commands only).
+    """
+    if not report.get("rows") and isinstance(report.get("invocations"), list):
+        return [inv for run in report["invocations"] for inv in _invocations(run, source)]
+    meta = {run.get("invocation"): run for run in report.get("invocations") or [] if isinstance(run, dict)}
+    groups: dict[Any, list[dict]] = {}
+    for row in report.get("rows") or []:
+        groups.setdefault(row.get("invocation", report.get("invocation")), []).append(row)
+    return [{"source": source, "invocation": key, "device": report.get("device"),
+             "date": (meta.get(key) or {}).get("date") or report.get("date"), "rows": rows}
+            for key, rows in groups.items()]
+
+
+def _best_large_fast(ok: dict[str, dict]) -> dict | None:
+    """The invocation's fastest fast-path row of a large pass (micro-batch > 2, synthetic, bf16) within
+    ``BUDGET_GIB`` reserved: the row each headline ratio to the original is taken from."""
+    fits = [r for r in ok.values() if r["impl"] == "fast" and r["dtype"] == "bf16" and r["workload"] == "synthetic"
+            and r["micro_batch"] > 2 and r.get("peak_reserved_gib") is not None
+            and r["peak_reserved_gib"] <= BUDGET_GIB]
+    return max(fits, key=lambda r: r["tokens_per_second"], default=None)
+
+
+def _spread_entry(invocation: dict) -> dict | None:
+    """The original's tokens/s in one invocation (median of its repeats), and its best large fast row's ratio."""
+    ok = {r["name"]: r for r in merged_rows(invocation["rows"])}
+    original = ok.get("original_fp16")
+    if original is None or not any(r["impl"] == "fast" for r in ok.values()):
+        return None
+    fast = _best_large_fast(ok)
+    return {**{k: invocation[k] for k in ("source", "invocation", "device", "date")},
+            "original_tokens_per_second": original["tokens_per_second"],
+            "original_repeats": original.get("repeats", 1),
+            "fast": fast["name"] if fast else None,
+            "fast_tokens_per_second": fast["tokens_per_second"] if fast else None,
+            "x_original": round(fast["tokens_per_second"] / original["tokens_per_second"], 2) if fast else None}
+
+
+def _range(values: Sequence[float]) -> dict[str, Any]:
+    """``{"n", "min", "median", "max"}`` of ``values`` (None for each but ``n`` when there are none)."""
+    if not values:
+        return {"n": 0, "min": None, "median": None, "max": None}
+    return {"n": len(values), "min": min(values), "median": round(statistics.median(values), 2),
+            "max": max(values)}
+
+
+def spread_paths(patterns: Sequence[str] = SPREAD_SOURCES, folder: Path = RESULTS_DIR) -> list[Path]:
+    """The committed files ``patterns`` name under ``folder`` (results/), in the patterns' order."""
+    return [path for pattern in patterns for path in sorted(folder.glob(pattern))]
+
+
+def original_spread(paths: Sequence[str | Path] | None = None) -> dict[str, Any]:
+    """The original configuration (``original_fp16``) across hosts and invocations, from the committed reports.
+
+    Each invocation that measured the original and a fast-path row counts once (a file committed twice, e.g. an
+    invocation also kept in ``04_speed_runs_h200.json``, is the same device and date): the original's tokens/s
+    (median of its repeats) and, where the invocation has one, its best large fast row within ``BUDGET_GIB``
+    reserved and their ratio (``x_original``). Returns the invocations, ``original_tokens_per_second`` and
+    ``x_original`` as ``{"n", "min", "median", "max"}``, the devices and the files read. ``paths``: the reports
+    (default ``spread_paths()``: ``SPREAD_SOURCES``).
+    """
+    paths = [resolve_path(p) for p in (spread_paths() if paths is None else paths)]
+    entries, seen = [], set()
+    for path in paths:
+        try:
+            source = path.relative_to(REPO_ROOT).as_posix()
+        except ValueError:
+            source = str(path)
+        for invocation in _invocations(load_report(path), source):
+            entry = _spread_entry(invocation)
+            key = (invocation["device"], invocation["date"])
+            if entry is None or key in seen:
+                continue
+            seen.add(key)
+            entries.append(entry)
+    return {"invocations": entries,
+            "original_tokens_per_second": _range([e["original_tokens_per_second"] for e in entries]),
+            "x_original": _range([e["x_original"] for e in entries if e["x_original"] is not None]),
+            "devices": sorted({str(e["device"]) for e in entries}),
+            "sources": sorted({e["source"] for e in entries})}

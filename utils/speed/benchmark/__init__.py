@@ -5,7 +5,8 @@ Command line::
     python -m utils.speed.benchmark run --out results/04_speed_benchmark.json      # all configurations (GPU)
     python -m utils.speed.benchmark run --only original_fp16,fast_mb32_bf16 --out /tmp/b.json
     python -m utils.speed.benchmark run --budget strict8 --repeat 5 \
-        --repeat-only original_fp16,fast_2x1_fp16,original_corpus_fp16,fast_2x1_corpus_fp16 --out /tmp/s.json
+        --repeat-only original_fp16,fast_2x1_fp16,fast_2x1_graphs_fp16,original_corpus_fp16,fast_2x1_corpus_fp16,\
+fast_2x1_graphs_corpus_fp16 --out results/04_speed_strict8.json
     python -m utils.speed.benchmark correctness --out results/04_fast_path_correctness.json  # embedded model
     python -m utils.speed.benchmark figure results/04_speed_benchmark.json         # redraw the figures
     python -m utils.speed.benchmark list                                           # the configurations

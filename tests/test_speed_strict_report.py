@@ -1,0 +1,232 @@
+"""The strict 8 GB run in notebook 04: its prose (``describe_strict``), its figure (``plot_strict``), the original's
+spread across the committed invocations (``original_spread``) and the notebook's speed cells."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import matplotlib.pyplot as plt
+import nbformat
+import pytest
+
+from tests.test_benchmark import _strict_row
+from utils.memory.budget import strict_budget_use
+from utils.numbers import fmt_num, fmt_ratio
+from utils.paths import REPO_ROOT, RESULTS_DIR
+from utils.plotting import check_print_standard
+from utils.plotting.speed import plot_strict, strict_caption
+from utils.reports.speed import describe_strict, strict_command, strict_missing
+from utils.speed.benchmark import config_by_name
+from utils.speed.benchmark.cli import build_parser
+from utils.speed.benchmark.strict import RECIPE_ROWS, strict_rules, strict_summary, strict_table
+from utils.speed.results import STRICT8_REPORT, load_report, merged_rows, original_spread
+
+ALLOC = "expandable_segments:True"
+
+
+def _use(reserved: float, pinned: float = 3.0, context: float = 0.5, outside: float = 0.1) -> dict:
+    """A row's budget use as the GPU run records it (``strict_budget_use``, the function the benchmark calls)."""
+    return strict_budget_use(peak_reserved_gib=reserved, outside_allocator_gib=outside, cuda_context_gib=context,
+                             pinned_host_gib=pinned, paged_optimizer_gib=0.09)
+
+
+def _report(rows: list[dict]) -> dict:
+    """A strict report around ``rows``: the rules and the summary the benchmark writes (``run._summarize_into``)."""
+    return {"device": "NVIDIA H200", "date": "2026-12-03T05:00:00+00:00", "budget": strict_rules(ALLOC),
+            "rows": rows, "strict": strict_summary(rows)}
+
+
+def _fabricated() -> dict:
+    """Rows of a strict run: fast and Unsloth in both compute types, the recipe twice on the twin, one stopped row."""
+    rows = [_strict_row("fast_mb32_keep_input_bf16", 0.62, tokens=26400.0, budget=_use(6.4)),
+            _strict_row("fast_mb32_keep_input_fp16", 0.64, tokens=25600.0, budget=_use(6.5)),
+            _strict_row("unsloth_mb32_bf16", 0.8, tokens=20300.0, budget=_use(6.2, pinned=1.5)),
+            _strict_row("unsloth_mb32_fp16", 0.82, tokens=19800.0, budget=_use(6.1, pinned=1.5)),
+            _strict_row("unsloth_mb40_bf16", 0.9, tokens=22900.0, budget=_use(7.2, pinned=1.8))]  # 7.89 GiB: out
+    for i, (orig, fast, graphs) in enumerate(((1.00, 0.30, 0.22), (1.10, 0.28, 0.21), (0.95, 0.27, 0.24))):
+        rows += [_strict_row("original_fp16", orig, repeat=i, tokens=1024 / orig, budget=_use(5.3, pinned=0.0)),
+                 _strict_row("fast_2x1_fp16", fast, repeat=i, tokens=1024 / fast, budget=_use(3.0, pinned=0.6)),
+                 _strict_row("fast_2x1_graphs_fp16", graphs, repeat=i, tokens=1024 / graphs, budget=_use(3.6, 0.0))]
+    rows.append({**_strict_row("fast_mb20_keep_mid_bf16", None), "ok": False,
+                 "error": "out of budget: pinned host memory 4.40 GiB > 4 GiB",
+                 "budget": _use(6.0, pinned=4.4)})
+    for row in rows:  # the row's own peak, as a GPU run records it next to its budget use
+        row["peak_reserved_gib"] = row["budget"]["peak_reserved_gib"]
+    return _report(rows)
+
+
+@pytest.fixture(scope="module")
+def spread() -> dict:
+    return original_spread()
+
+
+def test_describe_strict_leads_with_the_ratios_read_from_the_rows(spread):
+    report = _fabricated()
+    text = describe_strict(report, spread)
+    s = report["strict"]
+    lines = text.splitlines()
+    # the recipe first: the medians of the interleaved repeats and the paired spread, computed here from the rows
+    originals = [r["seconds_per_step"] for r in report["rows"] if r["name"] == "original_fp16"]
+    fasts = [r["seconds_per_step"] for r in report["rows"] if r["name"] == "fast_2x1_fp16"]
+    x = statistics.median(originals) / statistics.median(fasts)
+    paired = [o / f for o, f in zip(originals, fasts)]
+    assert s["recipe_twin"]["x_fewer_seconds"] == pytest.approx(x, abs=1e-3)
+    recipe = next(line for line in lines if "Receta original" in line and "grafos" not in line)
+    assert lines.index(recipe) == 1  # right after the opening line
+    assert f"**{fmt_ratio(round(x, 3))} menos**" in recipe
+    assert f"de {fmt_ratio(round(min(paired), 3))} a {fmt_ratio(round(max(paired), 3))}" in recipe
+    assert f"{fmt_num(statistics.median(originals), 3)} → {fmt_num(statistics.median(fasts), 3)} s" in recipe
+    graphed = next(line for line in lines if "grafos CUDA" in line and "Receta original" in line)
+    assert fmt_ratio(s["recipe_twin_graphs"]["x_fewer_seconds"]) in graphed
+    # Unsloth's best within the budget: its 40-row is over the 7.5 GiB (7.2 + 0.1 + 0.5), so the 32-row
+    assert s["unsloth_best_bf16"]["name"] == "unsloth_mb32_bf16"
+    for dtype, fast, peer in (("bf16", 26400.0, 20300.0), ("fp16", 25600.0, 19800.0)):
+        line = next(line for line in lines if line.startswith(f"- Frente a Unsloth, en {dtype}"))
+        assert f"**{fmt_ratio(round(fast / peer, 3))}**" in line and fmt_num(peer) in line
+    assert lines.index(recipe) < lines.index(line) < next(i for i, t in enumerate(lines) if "Uso del presupuesto" in t)
+
+
+def test_describe_strict_gives_the_ratio_to_the_original_with_its_spread(spread):
+    report = _fabricated()
+    text = describe_strict(report, spread)
+    original = {r["name"]: r for r in merged_rows(report["rows"])}["original_fp16"]
+    repeats = [r["tokens_per_second"] for r in report["rows"] if r["name"] == "original_fp16"]
+    assert original["tokens_per_second"] == pytest.approx(statistics.median(repeats), abs=1e-4)
+    assert f"**{fmt_ratio(26400.0 / original['tokens_per_second'], 1)}**" in text
+    assert f"de {fmt_num(min(repeats))} a {fmt_num(max(repeats))}" in text
+    o = spread["original_tokens_per_second"]
+    assert f"{fmt_num(o['min'])}–{fmt_num(o['median'])}–{fmt_num(o['max'])} tokens/s" in text
+    fastest, slowest = fmt_ratio(26400.0 / o["max"], 1), fmt_ratio(26400.0 / o["min"], 1)
+    assert f"de {fastest} (el original más rápido) a {slowest}" in text
+    # the spread comes after the ratios that hold on any host
+    assert text.index("Frente a Unsloth") < text.index("Contra la configuración original") < text.index("depende")
+
+
+def test_rows_left_out_are_named_with_their_reason(spread):
+    report = _fabricated()
+    text = describe_strict(report, spread)
+    table = strict_table(report)
+    assert "(`fast_mb20_keep_mid_bf16`): pinned host memory 4.40 GiB > 4 GiB." in text
+    assert table.loc["unsloth_mb40_bf16", "motivo"] == "GPU 7.80 GiB > 7.5 GiB"  # 7.2 + 0.1 outside + 0.5 context
+    assert "(`unsloth_mb40_bf16`): GPU 7.80 GiB > 7.5 GiB." in text
+    assert "fast_mb32_keep_input_bf16`)" not in text  # a row within the budget is not listed as left out
+    broken = _fabricated()
+    broken["rows"][0]["alloc_conf"] = "expandable_segments:False"
+    broken["strict"] = strict_summary(broken["rows"])
+    refused = describe_strict(broken, spread)
+    assert "PYTORCH_CUDA_ALLOC_CONF" in refused and "Frente a Unsloth" not in refused
+
+
+def test_the_spread_reads_every_committed_invocation_with_an_original_and_a_fast_row(spread):
+    o, x = spread["original_tokens_per_second"], spread["x_original"]
+    assert o["n"] >= 10 and o["min"] <= o["median"] <= o["max"]
+    assert x["n"] >= 1 and x["min"] <= x["median"] <= x["max"]
+    headline = load_report(RESULTS_DIR / "04_speed_benchmark.json")
+    entry = next(e for e in spread["invocations"] if e["source"] == "results/04_speed_benchmark.json")
+    rows = {r["name"]: r for r in merged_rows(headline["rows"])}
+    assert entry["original_tokens_per_second"] == rows["original_fp16"]["tokens_per_second"]
+    assert entry["x_original"] == headline["summary"]["fast_best_bf16"]["x_original_fp16"]
+    runs = json.loads((RESULTS_DIR / "04_speed_runs_h200.json").read_text())["invocations"]
+    e2 = next(run for run in runs if run["invocation"] == "e2")
+    assert any(e["invocation"] == "e2" and e["original_tokens_per_second"] == next(
+        r["tokens_per_second"] for r in e2["rows"] if r["name"] == "original_fp16") for e in spread["invocations"])
+    keys = [(e["device"], e["date"]) for e in spread["invocations"]]
+    assert len(keys) == len(set(keys))  # c5, also committed alone (history/04_speed_recipe_dtypes.json), once
+    assert "NVIDIA H100 80GB HBM3" in spread["devices"]  # rows of invocation 1 of the H100 file (field 'invocation')
+
+
+def test_the_spread_of_given_files_and_an_invocation_without_a_fast_row(tmp_path):
+    rows = [_strict_row("original_fp16", 1.0, tokens=1000.0), _strict_row("fast_mb32_keep_input_bf16", 0.6,
+                                                                              tokens=25000.0, peak_reserved_gib=7.0)]
+    (tmp_path / "a.json").write_text(json.dumps({"device": "X", "date": "d1", "rows": rows}))
+    (tmp_path / "b.json").write_text(json.dumps({"device": "X", "date": "d2", "rows": [
+        _strict_row("original_fp16", 0.5, tokens=2000.0), _strict_row("fast_2x1_fp16", 0.2, tokens=5000.0)]}))
+    (tmp_path / "c.json").write_text(json.dumps({"device": "X", "date": "d3", "rows": rows[:1]}))  # no fast row
+    out = original_spread([tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"])
+    assert out["original_tokens_per_second"] == {"n": 2, "min": 1000.0, "median": 1500.0, "max": 2000.0}
+    assert out["x_original"] == {"n": 1, "min": 25.0, "median": 25.0, "max": 25.0}  # b has no large fast row
+
+
+def test_plot_strict_meets_the_print_standard_and_draws_only_rows_within_the_budget():
+    report = _fabricated()
+    fig = plot_strict(report)
+    try:
+        check_print_standard(fig, "04_speed_strict8")
+        speed, memory = fig.axes
+        labels = [t.get_text() for t in speed.get_yticklabels()]
+        assert len(labels) == len(report["strict"]["in_budget"]) == 7
+        assert not any("micro-lote 40" in t for t in labels)  # Unsloth's 40-row is over the budget
+        assert memory.get_xlim()[1] >= 8.0
+    finally:
+        plt.close(fig)
+    assert "NVIDIA H200" in strict_caption(report) and "2026-12-03" in strict_caption(report)
+    empty = _report([_strict_row("fast_2x1_fp16", 0.3, in_budget=False)])
+    with pytest.raises(ValueError, match="motivo"):
+        plot_strict(empty)
+
+
+def test_the_missing_run_names_the_command_that_writes_it():
+    command = strict_command()
+    assert command.startswith("python -m utils.speed.benchmark run --budget strict8")
+    args = build_parser().parse_args(command.split()[3:])  # the CLI accepts it as written
+    assert args.budget == "strict8" and args.out == STRICT8_REPORT and args.repeat >= 5
+    assert args.repeat_only.split(",") == list(RECIPE_ROWS)
+    assert f"`{command}`" in strict_missing()
+
+
+def test_notebook_shows_the_strict_run_first_or_the_command():
+    nb = nbformat.read(REPO_ROOT / "notebooks" / "04_training.ipynb", as_version=4)
+    ids = [c.id for c in nb.cells]
+    strict = nb.cells[ids.index("cell-speed-strict8")]
+    assert ids.index("cell-speed-strict8") < ids.index("cell-27")  # before the round-5 run
+    assert "describe_strict" in strict.source and "strict_missing" in strict.source
+    assert '"04_speed_strict8"' in strict.source and not strict.outputs
+    compile(strict.source, "cell-speed-strict8", "exec")
+
+
+@pytest.mark.slow
+def test_a_tiny_strict_run_on_the_cpu_is_described_from_its_own_rows(tmp_path, spread):
+    """The real path: ``run --tiny --budget strict8`` writes the report; its rows' budget use, which a CPU cannot
+    measure, is then filled in as the GPU records it, and the summary recomputed as the benchmark does."""
+    out = tmp_path / "strict.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "utils.speed.benchmark", "run", "--tiny", "--budget", "strict8", "--only",
+         "original_fp16,fast_2x1_fp16,fast_mb32_keep_input_bf16", "--repeat", "2", "--repeat-only",
+         "original_fp16,fast_2x1_fp16", "--steps", "2", "--warmup", "1", "--twin-folder", str(tmp_path / "twin"),
+         "--out", str(out), "--no-figure"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = load_report(out)
+    assert report["strict"]["unmeasured"] and "recipe_twin" in report["strict"]
+    assert "sin medición del presupuesto" in describe_strict(report, spread)  # no GPU: named as such
+    for row in report["rows"]:
+        row["micro_batch"] = config_by_name(row["name"]).micro_batch  # the CPU ran every row at 2 sequences
+        row["budget"] = _use(3.0 if row["micro_batch"] <= 2 else 6.4)
+    report["strict"] = strict_summary(report["rows"])
+    text = describe_strict(report, spread)
+    recipe = report["strict"]["recipe_twin"]
+    originals = [r["seconds_per_step"] for r in report["rows"] if r["name"] == "original_fp16"]
+    fasts = [r["seconds_per_step"] for r in report["rows"] if r["name"] == "fast_2x1_fp16"]
+    assert recipe["x_fewer_seconds"] == pytest.approx(statistics.median(originals) / statistics.median(fasts),
+                                                      abs=1e-3)
+    assert f"**{fmt_ratio(recipe['x_fewer_seconds'])} menos**" in text
+    best = report["strict"]["fast_best_bf16"]
+    assert best["name"] == "fast_mb32_keep_input_bf16" and fmt_num(best["tokens_per_second"]) in text
+    fig = plot_strict(report)
+    try:
+        check_print_standard(fig, "04_speed_strict8")
+    finally:
+        plt.close(fig)
+
+
+def test_the_figure_command_draws_the_strict_figure_for_a_strict_run(tmp_path):
+    from utils.plotting.speed import draw_figures
+
+    report = {**_fabricated(), "label": "tiny twin (logic test, not a result)"}  # a test run: drawn next to it
+    path = tmp_path / "strict.json"
+    path.write_text(json.dumps(report))
+    drawn = draw_figures(path)
+    assert [p.name for p in drawn] == ["04_speed_strict8.pdf"]
+    assert (tmp_path / "04_speed_strict8.png").exists()
