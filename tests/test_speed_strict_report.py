@@ -18,7 +18,7 @@ from utils.numbers import fmt_num, fmt_ratio
 from utils.paths import REPO_ROOT, RESULTS_DIR
 from utils.plotting import check_print_standard
 from utils.plotting.speed import plot_strict, strict_caption
-from utils.reports.speed import describe_strict, strict_command, strict_missing
+from utils.reports.speed import describe_speed, describe_strict, strict_command, strict_missing
 from utils.speed.benchmark import config_by_name
 from utils.speed.benchmark.cli import build_parser
 from utils.speed.benchmark.strict import RECIPE_ROWS, strict_rules, strict_summary, strict_table
@@ -230,3 +230,20 @@ def test_the_figure_command_draws_the_strict_figure_for_a_strict_run(tmp_path):
     drawn = draw_figures(path)
     assert [p.name for p in drawn] == ["04_speed_strict8.pdf"]
     assert (tmp_path / "04_speed_strict8.png").exists()
+
+
+def test_round5_text_leads_with_the_ratios_that_hold_then_the_original_with_its_spread():
+    """describe_speed on the committed headline run: recipe, then Unsloth, then the original and its spread."""
+    speed = load_report("results/04_speed_benchmark.json")
+    spread = original_spread()
+    text = describe_speed(speed, load_report("results/04_fast_path_correctness.json"),
+                                       load_report("results/04_ddp_scaling.json"), spread=spread)
+    lines = text.splitlines()
+    recipe = next(i for i, line in enumerate(lines) if "receta original" in line)
+    unsloth = next(i for i, line in enumerate(lines) if "Contra Unsloth" in line)
+    original = next(i for i, line in enumerate(lines) if "Contra la configuración original" in line)
+    assert recipe < unsloth < original
+    assert fmt_ratio(speed["summary"]["recipe_fp16"]["x_fewer_seconds"]) in lines[recipe]
+    assert fmt_ratio(speed["summary"]["fast_best_bf16"]["x_unsloth_best"]) in lines[unsloth]
+    x = spread["x_original"]
+    assert f"{fmt_ratio(x['min'], 1)}–{fmt_ratio(x['median'], 1)}–{fmt_ratio(x['max'], 1)}" in text

@@ -34,23 +34,32 @@ def _measured_on(speed: dict) -> str:
     return line
 
 
-def _best_lines(s: dict, orig: dict) -> list[str]:
-    """The best fast configuration of each dtype against the original, then against Unsloth's best."""
+def _unsloth_lines(s: dict) -> list[str]:
+    """The best fast configuration of each dtype against Unsloth's best in the same run and budget."""
+    lines = []
+    for dtype in ("bf16", "fp16"):
+        best, peer = s.get(f"fast_best_{dtype}"), s.get(f"unsloth_best_{dtype}")
+        if best and peer:
+            lines.append(f"- Contra Unsloth en la misma corrida ({dtype}, dentro del mismo presupuesto): "
+                         f"{config_label(best['name'])}, {fmt_num(best['tokens_per_second'])} tokens/s, frente a "
+                         f"{config_label(peer['name'])}, {fmt_num(peer['tokens_per_second'])} tokens/s: "
+                         f"**{fmt_ratio(best['x_unsloth_best'])}**.")
+    return lines
+
+
+def _original_lines(s: dict, orig: dict, spread: dict) -> list[str]:
+    """The best fast configuration of each dtype against the original, then that ratio's spread across hosts."""
     lines = []
     for dtype in ("bf16", "fp16"):
         best = s.get(f"fast_best_{dtype}")
         if best:
-            lines.append(f"- Mejor configuración rápida en {dtype} dentro de {fmt_unit(BUDGET_GIB, 'GiB', 1)} "
-                         f"reservados: {config_label(best['name'])}, {fmt_num(best['tokens_per_second'])} tokens/s "
-                         f"con {fmt_unit(best['peak_reserved_gib'], 'GiB', 2)}, **{fmt_ratio(best['x_original_fp16'], 1)}** "
-                         f"la configuración original ({fmt_num(orig['tokens_per_second'])} tokens/s, fp16).")
-    for dtype in ("bf16", "fp16"):
-        best, peer = s.get(f"fast_best_{dtype}"), s.get(f"unsloth_best_{dtype}")
-        if best and peer:
-            lines.append(f"- Unsloth en la misma corrida ({dtype}, dentro del mismo presupuesto): "
-                         f"{config_label(peer['name'])}, {fmt_num(peer['tokens_per_second'])} tokens/s; el camino "
-                         f"rápido hace **{fmt_ratio(best['x_unsloth_best'])}** eso.")
-    return lines
+            lines.append(f"- Contra la configuración original ({fmt_num(orig['tokens_per_second'])} tokens/s, fp16, "
+                         f"en esta corrida): la mejor configuración rápida en {dtype} dentro de "
+                         f"{fmt_unit(BUDGET_GIB, 'GiB', 1)} reservados, {config_label(best['name'])}, hace "
+                         f"{fmt_num(best['tokens_per_second'])} tokens/s con "
+                         f"{fmt_unit(best['peak_reserved_gib'], 'GiB', 2)}: **{fmt_ratio(best['x_original_fp16'], 1)}**.")
+    best = s.get("fast_best_bf16") or s.get("fast_best_fp16")
+    return lines + _spread_lines(spread, best)
 
 
 def _recipe_lines(s: dict, rows: dict[str, dict]) -> list[str]:
@@ -111,26 +120,24 @@ def _ddp_lines(ddp: dict) -> list[str]:
         return []
     return [f"- Con `accelerate launch` en {ddp['runs'][-1]['gpus']} GPU ({ddp.get('device', 'GPU')}, "
             f"{str(ddp.get('date', ''))[:10]}): **{fmt_ratio(ddp['speedup'])}** los tokens/s de una GPU con la misma "
-            "configuración por GPU."]
+            "configuración por GPU, medido con el camino rápido de ese día (el código cambió mucho desde entonces y "
+            "no hubo otra máquina de dos GPU para medirlo de nuevo)."]
 
 
-def _variability_line() -> str:
-    """Why ratios against the original move between runs (its step is bound by the machine's CPU)."""
-    return ("- El paso original está limitado por la CPU de la máquina, que varía de una corrida a otra, y con él los "
-            "cocientes: en corridas de otro día u otra máquina pueden quedar por encima o por debajo (todas las "
-            "corridas, en `results/04_speed_notes.md`).")
-
-
-def describe_speed(speed: dict, correctness: dict, ddp: dict, corpus: dict | None = None) -> str:
+def describe_speed(speed: dict, correctness: dict, ddp: dict, corpus: dict | None = None,
+                   spread: dict | None = None) -> str:
     """What the committed GPU measurements show, with every number read from them (Markdown, Spanish).
 
-    ``corpus``: a run of the corpus rows (real examples) when the speed run has none.
+    First the ratios that hold on any host (the original recipe's speed-up, the ratio to Unsloth), then the ratio
+    to the original configuration with its spread across the committed invocations (``spread``, default
+    ``original_spread()``). ``corpus``: a run of the corpus rows (real examples) when the speed run has none.
     """
     s = speed["summary"]
     rows = {r["name"]: r for r in merged_rows(speed["rows"])}
     orig = rows["original_fp16"]
-    lines = [_measured_on(speed), *_best_lines(s, orig), *_recipe_lines(s, rows), *_corpus_lines(speed, corpus),
-             *_correctness_lines(speed, correctness), *_ddp_lines(ddp), _variability_line()]
+    spread = original_spread() if spread is None else spread
+    lines = [_measured_on(speed), *_recipe_lines(s, rows), *_unsloth_lines(s), *_original_lines(s, orig, spread),
+             *_corpus_lines(speed, corpus), *_correctness_lines(speed, correctness), *_ddp_lines(ddp)]
     return "\n".join(lines)
 
 
