@@ -240,7 +240,7 @@ def test_round5_text_leads_with_the_ratios_that_hold_then_the_original_with_its_
                                        load_report("results/04_ddp_scaling.json"), spread=spread)
     lines = text.splitlines()
     recipe = next(i for i, line in enumerate(lines) if "receta original" in line)
-    unsloth = next(i for i, line in enumerate(lines) if "Contra Unsloth" in line)
+    unsloth = next(i for i, line in enumerate(lines) if "Frente a Unsloth" in line)
     original = next(i for i, line in enumerate(lines) if "Contra la configuración original" in line)
     assert recipe < unsloth < original
     assert fmt_ratio(speed["summary"]["recipe_fp16"]["x_fewer_seconds"]) in lines[recipe]

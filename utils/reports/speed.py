@@ -34,16 +34,20 @@ def _measured_on(speed: dict) -> str:
     return line
 
 
-def _unsloth_lines(s: dict) -> list[str]:
-    """The best fast configuration of each dtype against Unsloth's best in the same run and budget."""
+def _unsloth_lines(s: dict, where: str = "en la misma corrida y el mismo presupuesto") -> list[str]:
+    """The best fast configuration of each dtype against Unsloth's best, both measured ``where``; a dtype in which
+    one side had no row within the budget says so."""
     lines = []
     for dtype in ("bf16", "fp16"):
-        best, peer = s.get(f"fast_best_{dtype}"), s.get(f"unsloth_best_{dtype}")
-        if best and peer:
-            lines.append(f"- Contra Unsloth en la misma corrida ({dtype}, dentro del mismo presupuesto): "
-                         f"{config_label(best['name'])}, {fmt_num(best['tokens_per_second'])} tokens/s, frente a "
+        fast, peer = s.get(f"fast_best_{dtype}"), s.get(f"unsloth_best_{dtype}")
+        if fast and peer:
+            lines.append(f"- Frente a Unsloth, en {dtype} y {where}: "
+                         f"{config_label(fast['name'])}, {fmt_num(fast['tokens_per_second'])} tokens/s, contra "
                          f"{config_label(peer['name'])}, {fmt_num(peer['tokens_per_second'])} tokens/s: "
-                         f"**{fmt_ratio(best['x_unsloth_best'])}**.")
+                         f"**{fmt_ratio(fast['x_unsloth_best'])}**.")
+        elif fast or peer:
+            missing = "Unsloth" if fast else "el camino rápido"
+            lines.append(f"- En {dtype}, {missing} no tuvo ninguna fila dentro del presupuesto: no hay cociente.")
     return lines
 
 
@@ -177,22 +181,6 @@ def _strict_recipe_lines(s: dict) -> list[str]:
     return lines
 
 
-def _strict_peer_lines(s: dict, limit: float) -> list[str]:
-    """The best fast row against Unsloth's best, per compute type, both within the same budget."""
-    lines = []
-    for dtype in ("bf16", "fp16"):
-        fast, peer = s.get(f"fast_best_{dtype}"), s.get(f"unsloth_best_{dtype}")
-        if fast and peer:
-            lines.append(f"- Frente a Unsloth, en {dtype} y dentro de los mismos {fmt_unit(limit, 'GiB', 1)}: "
-                         f"{config_label(fast['name'])}, {fmt_num(fast['tokens_per_second'])} tokens/s, contra "
-                         f"{config_label(peer['name'])}, {fmt_num(peer['tokens_per_second'])} tokens/s: "
-                         f"**{fmt_ratio(fast['x_unsloth_best'])}**.")
-        elif fast or peer:
-            missing = "Unsloth" if fast else "el camino rápido"
-            lines.append(f"- En {dtype}, {missing} no tuvo ninguna fila dentro del presupuesto: no hay cociente.")
-    return lines
-
-
 def _strict_use_line(s: dict, rules: dict) -> str:
     """Where each row's budget use is: the table; the best rows' use in words."""
     line = (f"- Uso del presupuesto, fila por fila, en la tabla de abajo: pico reservado + memoria fuera del "
@@ -279,8 +267,9 @@ def describe_strict(report: dict, spread: dict[str, Any] | None = None) -> str:
     if s.get("error"):
         return f"**Corrida estricta sin cocientes:** {s['error']}\n\n{_strict_rules_line(report)}"
     spread = original_spread() if spread is None else spread
+    limit = fmt_unit(report["budget"]["device_limit_gib"], "GiB", 1)
     lines = ["Con el presupuesto estricto de 8 GB (issue #20), en una sola invocación:",
-             *_strict_recipe_lines(s), *_strict_peer_lines(s, report["budget"]["device_limit_gib"]),
+             *_strict_recipe_lines(s), *_unsloth_lines(s, f"dentro de los mismos {limit}"),
              _strict_use_line(s, report["budget"]), *_original_line(report, spread),
              *_strict_excluded_lines(report), "", _strict_rules_line(report)]
     return "\n".join(lines)
