@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from utils.config import ProfileError, check_run_name, load_profile, runner_command
-from utils.files import atomic_write_text, read_json, save_json
+from utils.files import read_json, save_json
 from utils.paths import published_figures_dir, published_results_dir, run_dir
-from utils.plotting import figures_tex
+from utils.plotting import write_figure_index
 
 
 def copy_files(files: list[Path], target: Path) -> Path:
@@ -36,10 +36,9 @@ def finished_notebooks(run: Path) -> set[str]:
     return {p.name[:2] for p in run.glob("[0-9][0-9]_run.json")}
 
 
-def from_finished_notebooks(files: list[Path], run: Path) -> list[Path]:
-    """``files`` less those of a notebook that did not finish (``NN_…`` without ``NN_run.json``): a notebook stopped
+def from_finished_notebooks(files: list[Path], finished: set[str]) -> list[Path]:
+    """``files`` less those of a notebook not in ``finished`` (``NN_…`` without ``NN_run.json``): a notebook stopped
     half-way (a failed cell, the machine taken back) leaves files that no finished run stands behind."""
-    finished = finished_notebooks(run)
     return [p for p in files if not (re.match(r"\d\d_", p.name) and p.name[:2] not in finished)]
 
 
@@ -48,12 +47,13 @@ def publish_figures(profile_name: str) -> Path:
     file written atomically)."""
     run = run_dir(profile_name)
     source = run / "figures"
-    files = from_finished_notebooks(sorted(p for p in source.glob("*") if p.is_file()), run)
+    finished = finished_notebooks(run)
+    files = from_finished_notebooks(sorted(p for p in source.glob("*") if p.is_file()), finished)
     if not files:
         raise ProfileError(f"{source} holds no figures: run the profile first "
                            f"(python -m utils.runner --profile {profile_name}).")
     target = copy_files([p for p in files if p.name not in FIGURE_INDEX], published_figures_dir(profile_name))
-    merge_figure_index(source / FIGURE_INDEX[0], target, finished_notebooks(run))
+    merge_figure_index(source / FIGURE_INDEX[0], target, finished)
     return target
 
 
@@ -64,8 +64,7 @@ def merge_figure_index(index: Path, target: Path, finished: set[str]) -> None:
         return
     merged = read_json(target / FIGURE_INDEX[0]) if (target / FIGURE_INDEX[0]).is_file() else {}
     merged.update({name: entry for name, entry in read_json(index).items() if name[:2] in finished})
-    save_json(dict(sorted(merged.items())), target / FIGURE_INDEX[0])
-    atomic_write_text(target / FIGURE_INDEX[1], figures_tex(merged))
+    write_figure_index(target, merged)
 
 
 # A published run's data: the small files at the top of runs/<run>/ (records, metrics, histories, tables), never
@@ -79,7 +78,8 @@ FIGURE_INDEX = ("figuras.json", "figuras.tex")  # a figure folder's index, and t
 def published_data_files(run: Path) -> list[Path]:
     """The files of ``run`` that ``publish_results`` copies (``PUBLISHED_PATTERNS``, top level only)."""
     files = {p for pattern in PUBLISHED_PATTERNS for p in run.glob(pattern) if p.is_file()}
-    return from_finished_notebooks(sorted(p for p in files if not UNPUBLISHED.fullmatch(p.name)), run)
+    return from_finished_notebooks(sorted(p for p in files if not UNPUBLISHED.fullmatch(p.name)),
+                                   finished_notebooks(run))
 
 
 def recorded_overrides(records: dict[str, dict[str, Any]]) -> list[str]:

@@ -288,7 +288,12 @@ def record_figure(folder: Path, name: str, entry: dict[str, Any]) -> Path:
     index_path = folder / "figuras.json"
     index = read_json(index_path) if index_path.exists() else {}
     index[name] = entry
-    save_json(dict(sorted(index.items())), index_path)
+    return write_figure_index(folder, index)
+
+
+def write_figure_index(folder: Path, index: dict[str, dict[str, Any]]) -> Path:
+    """Write ``folder/figuras.json`` (sorted by name) and the ``figuras.tex`` made from it; returns the ``.tex``."""
+    save_json(dict(sorted(index.items())), folder / "figuras.json")
     return atomic_write_text(folder / "figuras.tex", figures_tex(index))
 
 

@@ -195,7 +195,7 @@ def _strict_use_line(s: dict, rules: dict) -> str:
     return line
 
 
-def _original_line(report: dict, spread: dict) -> list[str]:
+def _strict_original_lines(report: dict, spread: dict) -> list[str]:
     """The ratio to the original in this run, then the original's spread across the committed invocations."""
     s = report["strict"]
     rows = {r["name"]: r for r in merged_rows(report["rows"])}
@@ -270,6 +270,6 @@ def describe_strict(report: dict, spread: dict[str, Any] | None = None) -> str:
     limit = fmt_unit(report["budget"]["device_limit_gib"], "GiB", 1)
     lines = ["Con el presupuesto estricto de 8 GB (issue #20), en una sola invocación:",
              *_strict_recipe_lines(s), *_unsloth_lines(s, f"dentro de los mismos {limit}"),
-             _strict_use_line(s, report["budget"]), *_original_line(report, spread),
+             _strict_use_line(s, report["budget"]), *_strict_original_lines(report, spread),
              *_strict_excluded_lines(report), "", _strict_rules_line(report)]
     return "\n".join(lines)

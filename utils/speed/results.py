@@ -156,22 +156,23 @@ def summarize(rows: Sequence[dict]) -> dict[str, Any]:
     return summary
 
 
+def mean_gap(a: Sequence[float], b: Sequence[float], digits: int = 4) -> float:
+    """Mean over the steps of |a − b| (two runs' per-step losses), rounded to ``digits``."""
+    return round(statistics.mean(abs(x - y) for x, y in zip(a, b)), digits)
+
+
 def compare_losses(runs: Sequence[dict], tail: int = 10) -> dict[str, Any]:
     """Mean |difference| of per-step losses: fast vs original (same seed) and original vs original (seeds)."""
     ok = {r["name"]: r["losses"] for r in runs if r.get("ok")}
     seeds = sorted({n.split("seed")[1] for n in ok})
-
-    def gap(a: list[float], b: list[float]) -> float:
-        return round(statistics.mean(abs(x - y) for x, y in zip(a, b)), 4)
-
     out: dict[str, Any] = {}
     for s in seeds:
         if f"original_seed{s}" in ok and f"fast_seed{s}" in ok:
-            out[f"fast_vs_original_seed{s}"] = gap(ok[f"original_seed{s}"], ok[f"fast_seed{s}"])
+            out[f"fast_vs_original_seed{s}"] = mean_gap(ok[f"original_seed{s}"], ok[f"fast_seed{s}"])
             out[f"final_mean_last{tail}_original_seed{s}"] = round(statistics.mean(ok[f"original_seed{s}"][-tail:]), 4)
             out[f"final_mean_last{tail}_fast_seed{s}"] = round(statistics.mean(ok[f"fast_seed{s}"][-tail:]), 4)
     if len(seeds) >= 2 and all(f"original_seed{s}" in ok for s in seeds[:2]):
-        out["original_seed_vs_seed"] = gap(ok[f"original_seed{seeds[0]}"], ok[f"original_seed{seeds[1]}"])
+        out["original_seed_vs_seed"] = mean_gap(ok[f"original_seed{seeds[0]}"], ok[f"original_seed{seeds[1]}"])
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import statistics
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from utils.speed.benchmark.configs import BenchConfig, config_by_name
 from utils.speed.benchmark.measure import load_model_for, run_child
 from utils.speed.benchmark.run import EXPANDABLE
 from utils.speed.benchmark.workloads import corpus_examples, corpus_steps, one_row
+from utils.speed.results import mean_gap
 from utils.train_step import build_optimizer, run_optimizer_steps
 from utils.units import GIB
 
@@ -221,11 +221,6 @@ def large_pass_child(task: dict) -> dict:
     return row
 
 
-def _gap(a: Sequence[float], b: Sequence[float]) -> float:
-    """Mean over the steps of |a − b|."""
-    return round(statistics.mean(abs(x - y) for x, y in zip(a, b)), 5)
-
-
 def _verdict(out: dict[str, Any], seeds: list[str]) -> bool | None:
     """True when every seed's fast-vs-PEFT gap is under both paths' seed-to-seed gaps; None if a run is missing."""
     gaps = [out.get(f"fast_vs_peft_seed{s}") for s in seeds]
@@ -248,14 +243,14 @@ def compare_large_pass(runs: Sequence[dict]) -> dict[str, Any]:
     for s in seeds:
         peft, fast = ok.get(f"peft_seed{s}"), ok.get(f"fast_seed{s}")
         if peft and fast:
-            out[f"fast_vs_peft_seed{s}"] = _gap(peft["losses"], fast["losses"])
+            out[f"fast_vs_peft_seed{s}"] = mean_gap(peft["losses"], fast["losses"], 5)
             out[f"first_step_fast_vs_peft_seed{s}"] = round(abs(peft["losses"][0] - fast["losses"][0]), 5)
             out[f"per_step_fast_vs_peft_seed{s}"] = [round(abs(x - y), 5)
                                                      for x, y in zip(peft["losses"], fast["losses"])]
     for path in ("peft", "fast"):
         pair = [ok.get(f"{path}_seed{s}") for s in seeds[:2]]
         if len(pair) == 2 and all(pair):
-            out[f"{path}_seed_vs_seed"] = _gap(pair[0]["losses"], pair[1]["losses"])
+            out[f"{path}_seed_vs_seed"] = mean_gap(pair[0]["losses"], pair[1]["losses"], 5)
     out["agree_within_seed_noise"] = _verdict(out, seeds)
     out["same_batches"] = len({json.dumps(r["label_tokens_per_step"]) for r in ok.values()}) == 1 if ok else None
     flags = [forced_kernels_ran(r) for r in ok.values() if r.get("impl") == "fast"]
