@@ -253,7 +253,7 @@ def _strict_rules_line(report: dict) -> str:
             f"filas, Unsloth incluido): asignador de PyTorch limitado a {fmt_unit(rules['card_gib'], 'GiB', 0)} − el "
             f"contexto CUDA medido − {fmt_unit(rules['display_reserve_gib'], 'GiB', 1)} que Windows reserva para la "
             f"pantalla ({rules['display_reserve_source']}); dropout de LoRA {fmt_num(rules['lora_dropout'], 2)}; "
-            f"`PYTORCH_CUDA_ALLOC_CONF={rules['alloc_conf']}` en todas.")
+            f"asignador con `{rules['alloc_conf']}` en todas.")
 
 
 def describe_strict(report: dict, spread: dict[str, Any] | None = None) -> str:

@@ -20,7 +20,7 @@ what it measured. ``--tiny`` runs a 2-layer twin on the CPU to test the logic (n
 
 ``--budget strict8`` runs every row, Unsloth's too, under the same 8 GB rules (``strict``): the cap left by the
 measured CUDA context and the display reserve, the memory outside the allocator counted, ≤ 4 GiB pinned host
-memory, LoRA dropout 0.05, one ``PYTORCH_CUDA_ALLOC_CONF``; each row records its budget use. ``--resume`` continues a run
+memory, LoRA dropout 0.05, one allocator setting; each row records its budget use. ``--resume`` continues a run
 that a time limit stopped (same options, same ``--out``): only the rows it lacks, in the same order.
 
 Modules: ``configs`` (the measured configurations), ``workloads`` (their batches), ``measure`` (one configuration

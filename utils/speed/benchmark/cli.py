@@ -53,7 +53,7 @@ def _add_run(sub) -> None:
                      + ",".join(STRICT8_ROWS))
     run.add_argument("--resume", action="store_true", help="--out holds this same run, stopped by a time limit: "
                      "measure only the rows it lacks, in the same order")
-    run.add_argument("--alloc-conf", default=DEFAULT_ALLOC_CONF, help="with --budget: the PYTORCH_CUDA_ALLOC_CONF of "
+    run.add_argument("--alloc-conf", default=DEFAULT_ALLOC_CONF, help="with --budget: the allocator setting (PYTORCH_ALLOC_CONF) of "
                      f"every row (default {DEFAULT_ALLOC_CONF})")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import cProfile
 import importlib.metadata
 import io
-import os
 import pstats
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from utils.memory.budget import (
 )
 from utils.modeling import build_lora_config, load_model
 from utils.speed.benchmark.configs import BenchConfig
+from utils.speed.benchmark.strict import effective_alloc_conf
 from utils.speed.benchmark.workloads import corpus_examples, corpus_steps, synthetic_batches
 from utils.speed.fastpath import FastPathError, causal_lm_loss, enable_fast_path
 from utils.speed.graphs import GraphedStep
@@ -101,7 +101,7 @@ def load_model_for(config: BenchConfig, model: str, device: str):
     if config.impl == "fast":
         enable_fast_path(peft_model, dtype if cuda else torch.float32, config.fast)
         # measure() adds the fast path's resolved choices after the first step (some are settled there)
-        return peft_model, _fast_loss(peft_model), {"alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+        return peft_model, _fast_loss(peft_model), {"alloc_conf": effective_alloc_conf(torch.__version__)}
     return peft_model, _hf_loss(peft_model, dtype, cuda), {"prepare": config.prepare, "liger": config.liger}
 
 
@@ -252,9 +252,9 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
                                   warmup=warmup, step_hook=hook)
     except PinnedMemoryOverBudget as exc:
         return {**asdict(config), "ok": False, "error": f"out of budget: {exc}", "budget": use(),
-                "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), **_gpu_peaks()}
+                "alloc_conf": effective_alloc_conf(torch.__version__), **_gpu_peaks()}
     out = _measured_row(config, device, details, load_seconds, log, steps, params)
-    out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    out["alloc_conf"] = effective_alloc_conf(torch.__version__)
     if config.impl == "fast":
         out["details"].update(_fast_details(peft_model, loss_fn))
     if cuda:

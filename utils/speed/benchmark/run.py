@@ -30,6 +30,7 @@ from utils.speed.benchmark.strict import (
     BUDGETS,
     DEFAULT_ALLOC_CONF,
     STRICT8_ROWS,
+    alloc_env,
     strict_configs,
     strict_method,
     strict_rules,
@@ -38,7 +39,7 @@ from utils.speed.benchmark.strict import (
 from utils.speed.results import compare_losses, summarize
 
 TWIN_LABEL = "llama-3.2-3b-twin (random weights, exact Llama-3.2-3B architecture)"
-EXPANDABLE = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+EXPANDABLE = alloc_env("expandable_segments:True")
 
 
 def save_twin(folder: Path, tiny: bool, device: str) -> dict:
@@ -138,7 +139,7 @@ def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8,
     ``repeat_only``: only these configurations run again after the first round (the host-bound ones, whose
     time moves with the host's load; the GPU-bound rows are steady within ±1 %).
     ``budget="strict8"``: every row under the strict 8 GB rules (``strict``; ``names`` default to ``STRICT8_ROWS``),
-    all under ``PYTORCH_CUDA_ALLOC_CONF=alloc_conf``; the report adds ``budget`` (the rules) and ``strict``.
+    all under the allocator setting ``alloc_conf``; the report adds ``budget`` (the rules) and ``strict``.
     ``resume``: ``out`` holds the rows of this same run stopped by a time limit; measure only the rows it lacks, in
     the same order (each start is listed in ``resumed``).
     """
@@ -172,7 +173,7 @@ def run_benchmark(out: Path, names: Sequence[str] | None = None, steps: int = 8,
         print(f"[benchmark] resuming {out}: {len(report['rows'])} rows there, {len(rounds)} to go", flush=True)
     for round_index, config in rounds:
         # strict: one allocator setting for every row (set explicitly, so the parent's own cannot leak into some)
-        env = {"PYTORCH_CUDA_ALLOC_CONF": alloc_conf} if rules else EXPANDABLE if config.expandable_segments else {}
+        env = alloc_env(alloc_conf) if rules else EXPANDABLE if config.expandable_segments else {}
         task = {"config": asdict(config), "model": str(folder), "steps": steps, "warmup": warmup,
                 "memory_cap_gib": memory_cap_gib, **({"budget": BUDGETS[budget]} if rules else {})}
         row = run_child(task, timeout, env)

@@ -7,8 +7,8 @@
   (bitsandbytes' paged optimizer states in CUDA unified memory, lazily loaded kernels: measured, at least the
   paged states counted) + its CUDA context ≤ 8 GiB − the display reserve, and it pins at most 4 GiB of host memory
   (a row over that is stopped after its first step).
-- LoRA dropout is the thesis's (0.05) on every row, and every row runs under one allocator setting
-  (``PYTORCH_CUDA_ALLOC_CONF``), recorded in each row.
+- LoRA dropout is the thesis's (0.05) on every row, and every row runs under one allocator setting, given under both
+  names PyTorch reads (``alloc_env``) and recorded in each row as the allocator reads it (``effective_alloc_conf``).
 
 ``strict_summary`` takes the ratios the issue asks for from such a run: the best row within the budget of each path
 and compute type against Unsloth's, and the original recipe's interleaved repeats (twin and corpus) with their
@@ -17,9 +17,11 @@ spread. ``strict_table`` is the table, each part of the budget in a column.
 
 from __future__ import annotations
 
+import os
+import re
 import statistics
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -37,6 +39,24 @@ STRICT8 = {"card_gib": STRICT_CARD_GIB, "display_reserve_gib": WINDOWS_DISPLAY_R
            "pinned_limit_gib": PINNED_HOST_LIMIT_GIB}
 BUDGETS = {"strict8": STRICT8}
 DEFAULT_ALLOC_CONF = "expandable_segments:True"  # the fast rows' setting until now; now every row's
+# PyTorch >= 2.10 reads the first name (and calls the second deprecated); older releases read only the second.
+# Unsloth's import moves the second into the first and deletes it, so a row that read only the second name recorded
+# "None" for Unsloth's row although its allocator ran under the same setting (GPU smoke, 2026-12-03).
+ALLOC_KEYS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def alloc_env(alloc_conf: str) -> dict[str, str]:
+    """A child's environment for one allocator setting: under both names, so every PyTorch release reads it and no
+    setting inherited from the parent under the other name can win."""
+    return dict.fromkeys(ALLOC_KEYS, alloc_conf)
+
+
+def effective_alloc_conf(torch_version: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The allocator setting this process's PyTorch reads (``torch_version``: ``torch.__version__``)."""
+    major, minor = (int(part) for part in re.findall(r"\d+", torch_version)[:2])
+    if (major, minor) >= (2, 10) and ALLOC_KEYS[0] in environ:
+        return environ[ALLOC_KEYS[0]]
+    return environ.get(ALLOC_KEYS[1])
 
 # The default rows of a strict run: the fast path where its pinned memory fits 4 GiB and Unsloth (GPU-bound: once
 # is enough), then the original recipe on the twin and on the corpus, each as the original, the fast path and the
@@ -147,7 +167,7 @@ def strict_summary(rows: Sequence[dict]) -> dict[str, Any]:
     if unmeasured:
         out["unmeasured"] = sorted(unmeasured)
     if not out["same_allocator"]:
-        out["error"] = ("rows ran under different PYTORCH_CUDA_ALLOC_CONF settings: no ratio is taken. Rerun them "
+        out["error"] = ("rows ran under different allocator settings (PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF): no ratio is taken. Rerun them "
                         "in one `run --budget strict8` invocation (it sets one --alloc-conf for every row).")
         return out
     ok = {r["name"]: r for r in merged_rows(rows)}
