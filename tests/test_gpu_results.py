@@ -167,6 +167,7 @@ def test_a_partial_rerun_keeps_the_earlier_notebooks_provenance(folders):
     assert provenance["notebooks"]["01"] == {"wall_time_s": 10.0, "commit": "old"}
     assert provenance["notebooks"]["04"]["commit"] == "0123456789abcdef"  # the rerun replaces the earlier 04
     assert provenance["wall_time_s"] == 410.0 and provenance["kept_from_earlier_publication"] == ["01"]
+    assert provenance["commit"] == "old (01), 0123456 (04, 05)"  # not 01's commit alone with 04-05's command
     assert "01_run.json" in provenance["files"] and "PROVENANCE.json" not in provenance["files"]
 
 

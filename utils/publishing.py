@@ -108,7 +108,7 @@ def run_provenance(run: Path, profile_name: str, run_name: str) -> dict[str, Any
         "run": run_name, "profile": profile_name,
         "date": first.get("started_at"), "device": first.get("device"),
         "compute_capability": first.get("compute_capability"), "gpu_memory_gib": first.get("gpu_memory_gib"),
-        "commit": first.get("commit"),
+        "commit": commit_label(notebooks),
         "command": summary.get("command") or runner_command(profile_name, None, run_name, overrides),
         "overrides": overrides,
         "versions": first.get("versions"),
@@ -116,6 +116,18 @@ def run_provenance(run: Path, profile_name: str, run_name: str) -> dict[str, Any
         "notebooks": notebooks,
         "files": [p.name for p in published_data_files(run)],
     }
+
+
+def commit_label(notebooks: dict[str, dict[str, Any]]) -> str | None:
+    """The commit of a publication: its one commit, or each with its notebooks when they ran at different commits
+    (``"f8ecac9 (04), 2c4ce5a (05)"``: notebook 05 run in a later session on notebook 04's adapter)."""
+    by_commit: dict[str, list[str]] = {}
+    for number, record in sorted(notebooks.items()):
+        if record.get("commit"):
+            by_commit.setdefault(str(record["commit"]), []).append(number)
+    if len(by_commit) <= 1:
+        return next(iter(by_commit), None)
+    return ", ".join(f"{sha[:7]} ({', '.join(numbers)})" for sha, numbers in by_commit.items())
 
 
 def publish_results(profile_name: str, run_name: str | None = None) -> Path:
@@ -136,7 +148,8 @@ def merge_provenance(earlier: dict[str, Any], new: dict[str, Any], files: list[s
     ``files`` lists every data file now in the folder."""
     kept = {n: r for n, r in (earlier.get("notebooks") or {}).items() if n not in new["notebooks"]}
     notebooks = dict(sorted({**kept, **new["notebooks"]}.items()))
-    merged = {**new, "notebooks": notebooks, "files": [f for f in files if f != PROVENANCE_FILE],
+    merged = {**new, "notebooks": notebooks, "commit": commit_label(notebooks),
+              "files": [f for f in files if f != PROVENANCE_FILE],
               "wall_time_s": round(sum(n.get("wall_time_s") or 0 for n in notebooks.values()), 1)}
     if kept:
         merged["kept_from_earlier_publication"] = sorted(kept)

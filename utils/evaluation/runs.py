@@ -133,7 +133,7 @@ def gpu_source(result: dict) -> str:
     """Where and when a committed run was measured, in Spanish: "medido en NVIDIA H200, 2026-12-02, commit abc1234"."""
     origin = result["provenance"]
     commit = str(origin.get("commit") or "no registrado")
-    commit = commit if "+" in commit or len(commit) < 12 else commit[:7]
+    commit = commit if "+" in commit or " " in commit or len(commit) < 12 else commit[:7]
     device, date = origin.get("device") or "GPU no registrada", str(origin.get("date") or "")[:10]
     return f"medido en {device}, {date}, commit {commit}"
 
