@@ -246,7 +246,7 @@ def test_strict_run_gives_every_row_one_allocator_setting_and_the_thesis_dropout
                            twin_folder=str(tmp_path / "twin"), alloc_conf="expandable_segments:False")
     names = [task["config"]["name"] for task, _ in tasks]
     assert names == ["original_fp16", "fast_2x1_fp16", "unsloth_mb32_bf16", "original_fp16", "fast_2x1_fp16"]
-    both_names = {"PYTORCH_ALLOC_CONF": "expandable_segments:False", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
+    both_names = dict.fromkeys(("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"), "expandable_segments:False")
     assert all(env == both_names for _, env in tasks)
     assert all(task["config"]["lora_dropout"] == 0.05 for task, _ in tasks)  # Unsloth's row too (it had 0)
     assert all(task["budget"] == {"card_gib": 8.0, "display_reserve_gib": 0.5, "pinned_limit_gib": 4.0}
@@ -268,8 +268,9 @@ def test_the_recorded_allocator_setting_is_the_one_pytorch_reads_after_unsloth_m
     from utils.speed.benchmark.strict import alloc_env, effective_alloc_conf
 
     env = alloc_env("expandable_segments:True")
-    moved = {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}  # Unsloth's import on torch >= 2.10 deletes the legacy name
-    assert effective_alloc_conf("2.11.0+cu130", env) == effective_alloc_conf("2.11.0", moved) == "expandable_segments:True"
+    moved = {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}  # Unsloth's import on torch >= 2.10 deletes the other
+    assert effective_alloc_conf("2.11.0+cu130", env) == "expandable_segments:True"
+    assert effective_alloc_conf("2.11.0", moved) == "expandable_segments:True"
     assert effective_alloc_conf("2.9.1", env) == "expandable_segments:True"
     assert effective_alloc_conf("2.9.1", moved) is None  # an older PyTorch reads only the legacy name
     assert effective_alloc_conf("2.10.0", {"PYTORCH_ALLOC_CONF": "a", "PYTORCH_CUDA_ALLOC_CONF": "b"}) == "a"

@@ -14,6 +14,7 @@ from utils.config import THESIS
 from utils.speed.benchmark import cli
 from utils.speed.benchmark import large_pass as lp
 from utils.speed.benchmark.configs import BenchConfig
+from utils.speed.fastpath import causal_lm_loss
 from utils.train_step import Batch
 
 
@@ -238,3 +239,37 @@ def test_the_diagnostic_variants_change_both_paths_or_only_peft():
     assert default_fast.fast.fp32_residual is False
     method = lp._method(30, 16, "liger", True, 0.0, False)
     assert "without prepare_model_for_kbit_training" in method and "dropout 0.0" in method
+
+
+def test_the_fast_path_variants_make_one_more_part_as_pefts_and_leave_peft_alone():
+    """--attention sdpa, --loss torch and --fast-optim per-tensor change the fast row only, and the report says so."""
+    default_peft, default_fast = lp.large_pass_configs(0)
+    peft, fast = lp.large_pass_configs(0, attention="sdpa", fused_loss=False, fast_optim="paged_adamw_8bit")
+    assert peft == default_peft
+    assert (fast.fast.attention, fast.fused_loss, fast.optim) == ("sdpa", False, "paged_adamw_8bit")
+    assert (default_fast.fast.attention, default_fast.fused_loss, default_fast.optim) == \
+        ("auto", True, "paged_adamw_8bit_flat")
+    method = lp._method(30, 16, "liger", True, attention="sdpa", fused_loss=False, fast_optim="paged_adamw_8bit")
+    assert "attention='sdpa'" in method and "PyTorch cross-entropy" in method and "per-tensor paged" in method
+    args = cli.build_parser().parse_args(["correctness-large", "--attention", "sdpa", "--loss", "torch",
+                                          "--fast-optim", "per-tensor"])
+    assert (args.attention, args.loss, args.fast_optim) == ("sdpa", "torch", "per-tensor")
+
+
+def test_the_unfused_loss_is_the_mean_cross_entropy_over_the_labelled_positions():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    model = type("M", (torch.nn.Module,), {"get_output_embeddings": lambda self: head})()
+    hidden = torch.randn(2, 5, 8)
+    labels = torch.tensor([[-100, 3, 4, -100, 7], [-100, -100, 1, 2, 10]])
+    logits = head(hidden)[:, :-1].reshape(-1, 11)
+    expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    got = causal_lm_loss(model, hidden, labels, fused=False, chunk=3)  # chunks smaller than the positions
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(causal_lm_loss(model, hidden, labels, num_items=4, fused=False), expected * 6 / 4)
+
+
+def test_varlen_attention_on_the_cpu_is_refused_with_the_way_out(monkeypatch):
+    monkeypatch.setattr(lp.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--attention varlen needs a CUDA GPU"):
+        lp.check_large_pass_request(4, (0, 1), 3, "torch", offload=False, attention="varlen")

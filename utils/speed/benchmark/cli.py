@@ -14,7 +14,7 @@ from utils.config import THESIS
 from utils.paths import resolve_path
 from utils.plotting.speed import draw_figures
 from utils.speed.benchmark.configs import CONFIGS, config_by_name
-from utils.speed.benchmark.large_pass import LARGE_PASS_TASK, large_pass_child, run_large_pass_correctness
+from utils.speed.benchmark.large_pass import FLAT_OPTIM, LARGE_PASS_TASK, large_pass_child, run_large_pass_correctness
 from utils.speed.benchmark.measure import child, run_child
 from utils.speed.benchmark.run import EXPANDABLE, run_benchmark, run_correctness, run_ddp
 from utils.speed.benchmark.strict import BUDGETS, DEFAULT_ALLOC_CONF, STRICT8_ROWS
@@ -53,7 +53,8 @@ def _add_run(sub) -> None:
                      + ",".join(STRICT8_ROWS))
     run.add_argument("--resume", action="store_true", help="--out holds this same run, stopped by a time limit: "
                      "measure only the rows it lacks, in the same order")
-    run.add_argument("--alloc-conf", default=DEFAULT_ALLOC_CONF, help="with --budget: the allocator setting (PYTORCH_ALLOC_CONF) of "
+    run.add_argument("--alloc-conf", default=DEFAULT_ALLOC_CONF, help="with --budget: the allocator setting "
+                     "(PYTORCH_ALLOC_CONF) of "
                      f"every row (default {DEFAULT_ALLOC_CONF})")
 
 
@@ -109,6 +110,12 @@ def _add_correctness_large(sub) -> None:
                        "(no fp32 upcast: the residual stream in the compute dtype, as on the fast path)")
     large.add_argument("--fp32-residual", action="store_true", help="the fast path keeps its residual stream in "
                        "fp32, as PEFT after prepare_model_for_kbit_training's upcast")
+    large.add_argument("--attention", default="auto", choices=("auto", "varlen", "sdpa"), help="the fast path's "
+                       "attention (sdpa: one padded row per sequence, as PEFT; default auto: FlashAttention varlen)")
+    large.add_argument("--loss", default="fused", choices=("fused", "torch"), help="the fast path's cross-entropy "
+                       "(torch: PyTorch's, in chunks; default fused: Liger's fused linear cross-entropy)")
+    large.add_argument("--fast-optim", default="flat", choices=("flat", "per-tensor"), help="the fast path's paged "
+                       "AdamW 8-bit (per-tensor: bitsandbytes' own, as PEFT; default flat: one buffer)")
     large.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated seeds (default 0,1)")
     large.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")
 
@@ -180,7 +187,8 @@ def _correctness_large(args) -> int:
     """Both paths per seed in child processes; one clear error (``SystemExit``) for a request it cannot answer."""
     run_large_pass_correctness(resolve_path(args.out), args.model, args.steps, args.micro_batch, args.seeds,
                                args.dtype, args.kernels, not args.no_offload, args.timeout, args.lora_dropout,
-                               not args.peft_noprep, args.fp32_residual)
+                               not args.peft_noprep, args.fp32_residual, args.attention, args.loss == "fused",
+                               FLAT_OPTIM if args.fast_optim == "flat" else "paged_adamw_8bit")
     return 0
 
 

@@ -25,6 +25,7 @@ class BenchConfig:
     optim: str = "paged_adamw_8bit"  # per tensor; "paged_adamw_8bit_flat" (utils.speed.optim) or "adamw_torch_fused"
     lora_dropout: float = THESIS.lora_dropout
     fast: FastPathOptions = field(default_factory=FastPathOptions)  # fast: how the fast path runs (see fastpath)
+    fused_loss: bool = True  # fast: Liger's fused linear cross-entropy where it runs (False: PyTorch's, in chunks)
     expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     group: str = ""  # what the row tests (for the notes and the figure)
     prediction: str = ""  # what we expected before measuring

@@ -45,6 +45,7 @@ from utils.units import GIB
 
 LARGE_PASS_TASK = "large_pass"  # the ``kind`` of a child task that ``large_pass_child`` serves
 PEFT_BASE, FAST_BASE = "original_corpus_fp16", "fast_2x1_corpus_fp16"
+FLAT_OPTIM = "paged_adamw_8bit_flat"  # the fast rows' optimizer (utils.speed.optim); PEFT's is "paged_adamw_8bit"
 # The autograd functions the fast path's "liger" kernel set (and its loss) call, by the module it imports them from
 # at call time: replacing the module's attribute counts every call the fast path makes
 KERNEL_FUNCTIONS: dict[str, tuple[str, str]] = {
@@ -63,7 +64,7 @@ def missing_kernel_packages() -> list[str]:
 
 
 def check_large_pass_request(micro_batch: int, seeds: Sequence[int], steps: int, kernels: str,
-                             offload: bool = True) -> None:
+                             offload: bool = True, attention: str = "auto") -> None:
     """One clear error (the option and the fix) for a request this check cannot answer; nothing otherwise.
 
     Without a GPU only the check of the logic runs: PyTorch's ops, checkpoints kept, fp32 (``--kernels torch
@@ -80,6 +81,9 @@ def check_large_pass_request(micro_batch: int, seeds: Sequence[int], steps: int,
         raise SystemExit("correctness-large needs a CUDA GPU (torch.cuda.is_available() is False here): the fast "
                          "path's Triton/Liger kernels and offloaded checkpoints run there. Run it on the GPU "
                          "machine, or pass --kernels torch --no-offload to check the logic on the CPU (fp32).")
+    if not torch.cuda.is_available() and attention == "varlen":
+        raise SystemExit("--attention varlen needs a CUDA GPU (FlashAttention's varlen kernel); on the CPU use "
+                         "--attention auto or sdpa.")
     missing = missing_kernel_packages() if kernels == "liger" else []
     if missing:
         raise SystemExit(f"--kernels liger needs {' and '.join(missing)} (pip install liger-kernel, which brings "
@@ -88,21 +92,25 @@ def check_large_pass_request(micro_batch: int, seeds: Sequence[int], steps: int,
 
 def large_pass_configs(seed: int, micro_batch: int = 16, dtype: str = "bf16", kernels: str = "liger",
                        offload: bool = True, lora_dropout: float = THESIS.lora_dropout,
-                       peft_prepare: bool = True, fp32_residual: bool = False) -> tuple[BenchConfig, BenchConfig]:
+                       peft_prepare: bool = True, fp32_residual: bool = False, attention: str = "auto",
+                       fused_loss: bool = True, fast_optim: str = FLAT_OPTIM) -> tuple[BenchConfig, BenchConfig]:
     """The PEFT and fast-path configurations of one seed: the corpus rows of ``correctness`` at ``micro_batch``.
 
     ``peft_prepare=False``: PEFT without ``prepare_model_for_kbit_training``, whose fp32 upcast of the embeddings
     and norms keeps the residual stream in fp32; the fast path keeps it in the compute dtype, as PEFT does without
     the upcast, so that comparison isolates the fast path's own numerics from the upcast's. ``fp32_residual=True``
-    does the converse: the fast path keeps its residual stream in fp32, as PEFT after the upcast.
+    does the converse: the fast path keeps its residual stream in fp32, as PEFT after the upcast. The other three
+    make one more part of the fast path as PEFT's: ``attention="sdpa"`` (one padded row per sequence instead of
+    FlashAttention's varlen kernel), ``fused_loss=False`` (PyTorch's cross-entropy instead of Liger's fused one),
+    ``fast_optim="paged_adamw_8bit"`` (bitsandbytes' per-tensor update instead of the flat buffer).
     """
     peft_base, fast_base = config_by_name(PEFT_BASE), config_by_name(FAST_BASE)
     common = dict(dtype=dtype, micro_batch=micro_batch, accumulation=1, lora_dropout=lora_dropout,
                   group="large_pass")
     peft = replace(peft_base, name=f"peft_seed{seed}", prediction="the reference", prepare=peft_prepare, **common)
-    fast = replace(fast_base, name=f"fast_seed{seed}", **common,
+    fast = replace(fast_base, name=f"fast_seed{seed}", **common, fused_loss=fused_loss, optim=fast_optim,
                    fast=replace(fast_base.fast, kernels=kernels, offload_checkpoints=offload,
-                                fp32_residual=fp32_residual),
+                                fp32_residual=fp32_residual, attention=attention),
                    prediction="per-step loss within the seed-to-seed gap of the PEFT path")
     return peft, fast
 
@@ -261,7 +269,8 @@ def compare_large_pass(runs: Sequence[dict]) -> dict[str, Any]:
 
 
 def _method(steps: int, micro_batch: int, kernels: str, offload: bool, lora_dropout: float = THESIS.lora_dropout,
-            peft_prepare: bool = True, fp32_residual: bool = False) -> str:
+            peft_prepare: bool = True, fp32_residual: bool = False, attention: str = "auto",
+            fused_loss: bool = True, fast_optim: str = FLAT_OPTIM) -> str:
     """How the runs were made, in one paragraph (the report's ``method``)."""
     prepare = ("prepare_model_for_kbit_training (fp32 embeddings and norms)" if peft_prepare else
                "without prepare_model_for_kbit_training (residual stream in the compute dtype, as the fast path)")
@@ -269,8 +278,10 @@ def _method(steps: int, micro_batch: int, kernels: str, offload: bool, lora_drop
             f"order, for {steps} steps: PEFT (transformers' forward, {prepare}, gradient "
             "checkpointing, autocast, per-tensor paged AdamW 8-bit) as one right-padded micro-batch, the fast path "
             f"(kernels={kernels!r}, checkpoints {'offloaded to pinned host memory' if offload else 'on the GPU'}, "
-            f"residual stream in {'fp32' if fp32_residual else 'the compute dtype'}, "
-            "flat paged AdamW 8-bit) as one padding-free row. Same cosine schedule (10 % warm-up, lr "
+            f"residual stream in {'fp32' if fp32_residual else 'the compute dtype'}, attention={attention!r}, "
+            f"{'Liger' if fused_loss else 'PyTorch'} cross-entropy, "
+            f"{'flat' if fast_optim == FLAT_OPTIM else 'per-tensor'} paged AdamW 8-bit) as one padding-free row. "
+            "Same cosine schedule (10 % warm-up, lr "
             f"{THESIS.learning_rate}), LoRA r={THESIS.lora_r}, alpha={THESIS.lora_alpha}, dropout "
             f"{lora_dropout}, clip {THESIS.max_grad_norm}; the seed sets LoRA init and dropout. Loss = mean "
             "over the step's completion tokens. Gaps = mean over steps of |loss difference|; the paths agree when "
@@ -295,20 +306,23 @@ def run_large_pass_correctness(out: Path, model: str = "embedded", steps: int = 
                                seeds: Sequence[int] = (0, 1), dtype: str = "bf16", kernels: str = "liger",
                                offload: bool = True, timeout: float = 900,
                                lora_dropout: float = THESIS.lora_dropout, peft_prepare: bool = True,
-                               fp32_residual: bool = False) -> dict:
+                               fp32_residual: bool = False, attention: str = "auto", fused_loss: bool = True,
+                               fast_optim: str = FLAT_OPTIM) -> dict:
     """Train both paths per seed, each in its own process; write the JSON after every run; the report."""
-    check_large_pass_request(micro_batch, seeds, steps, kernels, offload)
+    check_large_pass_request(micro_batch, seeds, steps, kernels, offload, attention)
     ran_in = dtype if torch.cuda.is_available() else "fp32"  # the CPU check runs in fp32 (``measure``)
     report: dict[str, Any] = {
         "model": model, "steps": steps, "micro_batch": micro_batch, "dtype": ran_in, "kernels": kernels,
         "offload_checkpoints": offload, "lora_dropout": lora_dropout, "peft_prepare": peft_prepare,
-        "fp32_residual": fp32_residual, **result_provenance(),
-        "method": _method(steps, micro_batch, kernels, offload, lora_dropout, peft_prepare, fp32_residual),
+        "fp32_residual": fp32_residual, "attention": attention, "fused_loss": fused_loss, "fast_optim": fast_optim,
+        **result_provenance(),
+        "method": _method(steps, micro_batch, kernels, offload, lora_dropout, peft_prepare, fp32_residual, attention,
+                          fused_loss, fast_optim),
         "runs": [],
     }
     for seed in seeds:
         for config in large_pass_configs(seed, micro_batch, dtype, kernels, offload, lora_dropout, peft_prepare,
-                                         fp32_residual):
+                                         fp32_residual, attention, fused_loss, fast_optim):
             task = {"kind": LARGE_PASS_TASK, "config": asdict(config), "model": model, "steps": steps, "seed": seed}
             row = run_child(task, timeout, EXPANDABLE if config.expandable_segments else {})
             _print_run(row)

@@ -49,14 +49,15 @@ MODULE = "utils.speed.benchmark"  # the child processes run ``python -m utils.sp
 LossFn = Callable[[Batch, int], torch.Tensor]
 
 
-def _fast_loss(peft_model) -> LossFn:
-    """The loss of the fast path: the backbone's last hidden state, then the loss over the label positions only."""
+def _fast_loss(peft_model, fused: bool = True) -> LossFn:
+    """The loss of the fast path: the backbone's last hidden state, then the loss over the label positions only
+    (``fused``: Liger's fused linear cross-entropy where it runs)."""
     backbone_forward = peft_model.get_base_model().model
 
     def loss_fn(batch: Batch, num_items: int) -> torch.Tensor:
         hidden = backbone_forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   position_ids=batch.position_ids).last_hidden_state
-        return causal_lm_loss(peft_model, hidden, batch.labels, num_items)
+        return causal_lm_loss(peft_model, hidden, batch.labels, num_items, fused=fused)
 
     return loss_fn
 
@@ -101,7 +102,8 @@ def load_model_for(config: BenchConfig, model: str, device: str):
     if config.impl == "fast":
         enable_fast_path(peft_model, dtype if cuda else torch.float32, config.fast)
         # measure() adds the fast path's resolved choices after the first step (some are settled there)
-        return peft_model, _fast_loss(peft_model), {"alloc_conf": effective_alloc_conf(torch.__version__)}
+        alloc_conf = effective_alloc_conf(torch.__version__)
+        return peft_model, _fast_loss(peft_model, config.fused_loss), {"alloc_conf": alloc_conf}
     return peft_model, _hf_loss(peft_model, dtype, cuda), {"prepare": config.prepare, "liger": config.liger}
 
 

@@ -167,8 +167,9 @@ def strict_summary(rows: Sequence[dict]) -> dict[str, Any]:
     if unmeasured:
         out["unmeasured"] = sorted(unmeasured)
     if not out["same_allocator"]:
-        out["error"] = ("rows ran under different allocator settings (PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF): no ratio is taken. Rerun them "
-                        "in one `run --budget strict8` invocation (it sets one --alloc-conf for every row).")
+        out["error"] = ("rows ran under different allocator settings (PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF): no "
+                        "ratio is taken. Rerun them in one `run --budget strict8` invocation (it sets one --alloc-conf "
+                        "for every row).")
         return out
     ok = {r["name"]: r for r in merged_rows(rows)}
     for dtype in ("bf16", "fp16"):

@@ -9,8 +9,11 @@ from utils.speed.fastpath.ops import liger_available
 
 
 def causal_lm_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                   num_items: int | torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is not -100 (sum / ``num_items`` if given)."""
+                   num_items: int | torch.Tensor | None = None, chunk: int = 4096, fused: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100 (sum / ``num_items`` if given).
+
+    ``fused``: Liger's fused linear cross-entropy where it runs (CUDA, liger-kernel installed); otherwise, or with
+    ``fused=False``, PyTorch's, ``chunk`` positions of logits at a time."""
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings()
     shifted = labels[:, 1:]
@@ -19,7 +22,7 @@ def causal_lm_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.T
     target = shifted[mask]
     weight = head.weight if head.weight.dtype == h.dtype else head.weight.to(h.dtype)
     denominator = num_items if num_items is not None else mask.sum().clamp(min=1)
-    if h.is_cuda and liger_available():
+    if fused and h.is_cuda and liger_available():
         # optional, CUDA only: imported where it runs
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
