@@ -245,10 +245,25 @@ def published(tmp_path):
     return root
 
 
+def test_a_figure_names_the_commit_and_date_of_the_notebook_it_draws_from(published):
+    # notebook 05 of gpu ran a session after its notebook 04, at another commit
+    provenance = json.loads((published / "gpu" / "PROVENANCE.json").read_text())
+    provenance["commit"] = "0123456 (04), 89abcde (05)"
+    provenance["notebooks"] = {"04": {"commit": "0123456789abcdef", "started_at": "2026-12-02T14:40:00+00:00"},
+                               "05": {"commit": "89abcde", "started_at": "2026-12-03T06:33:26+00:00",
+                                      "device": "NVIDIA H200"}}
+    (published / "gpu" / "PROVENANCE.json").write_text(json.dumps(provenance))
+    result = gpu.collect_gpu_results(published, ["gpu"])["gpu"]
+    assert gpu.gpu_source(result, "04") == "medido en NVIDIA H200, 2026-12-02, commit 0123456"
+    assert gpu.gpu_source(result, "05") == "medido en NVIDIA H200, 2026-12-03, commit 89abcde"
+    assert gpu.gpu_source(result) == "medido en NVIDIA H200, 2026-12-02, commit 0123456 (04), 89abcde (05)"
+
+
 def test_collect_reads_only_published_folders_with_their_origin(published):
     results = gpu.collect_gpu_results(published)
     assert list(results) == ["gpu", "gpu-auto-s43", "gpu-off-s42", "gpu-off-s43", "gpu-tuned"]
     assert gpu.gpu_source(results["gpu"]) == "medido en NVIDIA H200, 2026-12-02, commit 0123456"
+    assert gpu.gpu_source(results["gpu"], "05") == "medido en NVIDIA H200, 2026-12-02, commit 0123456"  # no record
     assert results["gpu"]["identity"]["n_test_records"] == 129
     assert set(results["gpu"]["history"]["split"]) == {"train", "eval"}
     assert list(gpu.collect_gpu_results(published, ["gpu-tuned", "nope"])) == ["gpu-tuned"]

@@ -110,7 +110,7 @@ def _gpu_run(folder: Path) -> dict:
         "summary": pd.DataFrame(metrics["metrics"]) if metrics else pd.DataFrame(),
         "identity": run_identity(metrics) if metrics else {},
         "provenance": {k: provenance.get(k) for k in ("run", "profile", "date", "commit", "device", "command",
-                                                      "overrides", "wall_time_s")},
+                                                      "overrides", "wall_time_s", "notebooks")},
         "parameters": training.get("parameters") or {},
         "training": training.get("training") or {},
         "history": read_log_history(history) if history.is_file() else pd.DataFrame(columns=["step", "split", "loss"]),
@@ -129,9 +129,14 @@ def collect_gpu_results(folder: Path = RESULTS_DIR, names: Sequence[str] = ()) -
     return {f.name: _gpu_run(f) for f in folders if not names or f.name in names}
 
 
-def gpu_source(result: dict) -> str:
-    """Where and when a committed run was measured, in Spanish: "medido en NVIDIA H200, 2026-12-02, commit abc1234"."""
+def gpu_source(result: dict, notebook: str | None = None) -> str:
+    """Where and when a committed run was measured, in Spanish: "medido en NVIDIA H200, 2026-12-02, commit abc1234".
+
+    ``notebook`` ("04", "05"): that notebook's own record, for a run whose notebooks ran in different sessions (the
+    whole run's when the publication has no record of it)."""
     origin = result["provenance"]
+    origin = {**origin, **((origin.get("notebooks") or {}).get(notebook) or {})} if notebook else origin
+    origin = {**origin, "date": origin.get("started_at") or origin.get("date")}
     commit = str(origin.get("commit") or "no registrado")
     commit = commit if "+" in commit or " " in commit or len(commit) < 12 else commit[:7]
     device, date = origin.get("device") or "GPU no registrada", str(origin.get("date") or "")[:10]

@@ -250,6 +250,6 @@ def gpu_heading(name: str, result: dict) -> str:
     """A Markdown heading that labels a committed GPU run as such: name, model, test size, where and when measured."""
     identity = result["identity"]
     details = [f"modelo {label(str(identity.get('model_name')))}",
-               f"{fmt_num(identity.get('n_test_records'))} preguntas de prueba", gpu_source(result)]
+               f"{fmt_num(identity.get('n_test_records'))} preguntas de prueba", gpu_source(result, "05")]
     return (f"#### Corrida de GPU «{name}» (publicada en results/{name}/, no es de esta ejecución)\n\n"
             + "; ".join(details))

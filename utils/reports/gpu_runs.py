@@ -90,9 +90,10 @@ def targets_table(summaries: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("Corrida") if rows else pd.DataFrame()
 
 
-def gpu_caption_sources(results: dict[str, dict]) -> str:
-    """"gpu: medido en NVIDIA H200, 2026-12-02, commit abc1234; gpu-tuned: ..." for a caption."""
-    return "; ".join(f"{name}: {gpu_source(result)}" for name, result in results.items())
+def gpu_caption_sources(results: dict[str, dict], notebook: str | None = None) -> str:
+    """"gpu: medido en NVIDIA H200, 2026-12-02, commit abc1234; gpu-tuned: ..." for a caption (``notebook``: the
+    record of the notebook the figure draws from, see ``gpu_source``)."""
+    return "; ".join(f"{name}: {gpu_source(result, notebook)}" for name, result in results.items())
 
 
 def seed_noise_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -171,7 +172,7 @@ def describe_gpu_curves(results: dict[str, dict]) -> str:
         if not len(train) or not len(evals):
             continue
         best = evals.loc[evals["loss"].idxmin()]
-        lines.append(f"- **{name}** ({gpu_source(result)}): pérdida de entrenamiento final "
+        lines.append(f"- **{name}** ({gpu_source(result, '04')}): pérdida de entrenamiento final "
                      f"{fmt_num(train['loss'].iloc[-1], 2)} contra validación {fmt_num(evals['loss'].iloc[-1], 2)}; "
                      f"la validación tocó su mínimo ({fmt_num(best['loss'], 2)}) en el paso {fmt_num(best['step'])} "
                      f"de {fmt_num(training.get('max_steps') or train['step'].max())}.")
