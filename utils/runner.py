@@ -46,6 +46,7 @@ from utils.config import (
 )
 from utils.files import read_json, save_json
 from utils.paths import NOTEBOOKS_DIR, run_dir
+from utils.publishing import publish_run
 
 
 class NotebookFailed(RuntimeError):
@@ -453,10 +454,6 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = run_profile(args.profile, args.only, args.log_output, args.run_name, args.overrides)
         print(f"executed notebooks in {out_dir}")
         if args.publish:
-            # here, not at the top: publishing writes figure indexes through utils.plotting, whose matplotlib
-            # import would add ~0.6 s to every start of the runner
-            from utils.publishing import publish_run
-
             for folder in publish_run(args.profile, args.run_name):
                 print(f"published to {folder}")
     except (ProfileError, NotebookFailed) as exc:
