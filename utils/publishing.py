@@ -92,8 +92,9 @@ def recorded_overrides(records: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def run_provenance(run: Path, profile_name: str, run_name: str) -> dict[str, Any]:
-    """``PROVENANCE.json`` of a published run: what ran (profile, run, command) and, per notebook, where and how
-    long (from each ``NN_run.json``: date, device, commit, versions, wall time)."""
+    """What ``run``'s folder says of itself for ``PROVENANCE.json``: what ran (profile, run, command) and, per
+    notebook, where and how long (from each ``NN_run.json``: date, device, commit, versions, wall time). The
+    publication's totals (commit, wall time, files) are ``merge_provenance``'s, over every notebook published."""
     records = {p.name[:2]: read_json(p) for p in sorted(run.glob("[0-9][0-9]_run.json"))}
     if not records:
         raise ProfileError(f"{run} holds no NN_run.json: no notebook finished there, nothing to publish. Run it "
@@ -108,13 +109,10 @@ def run_provenance(run: Path, profile_name: str, run_name: str) -> dict[str, Any
         "run": run_name, "profile": profile_name,
         "date": first.get("started_at"), "device": first.get("device"),
         "compute_capability": first.get("compute_capability"), "gpu_memory_gib": first.get("gpu_memory_gib"),
-        "commit": commit_label(notebooks),
         "command": summary.get("command") or runner_command(profile_name, None, run_name, overrides),
         "overrides": overrides,
         "versions": first.get("versions"),
-        "wall_time_s": round(sum(n["wall_time_s"] or 0 for n in notebooks.values()), 1),
         "notebooks": notebooks,
-        "files": [p.name for p in published_data_files(run)],
     }
 
 
@@ -144,8 +142,8 @@ def publish_results(profile_name: str, run_name: str | None = None) -> Path:
 
 def merge_provenance(earlier: dict[str, Any], new: dict[str, Any], files: list[str]) -> dict[str, Any]:
     """A publication on top of an earlier one (``--only 04 05`` on another machine): the notebooks this run did
-    not execute keep their earlier record (commit, date, device, wall time), the total wall time adds them all, and
-    ``files`` lists every data file now in the folder."""
+    not execute keep their earlier record (commit, date, device, wall time); the publication's ``commit``
+    (``commit_label``) and total wall time cover them all, and ``files`` lists every data file now in the folder."""
     kept = {n: r for n, r in (earlier.get("notebooks") or {}).items() if n not in new["notebooks"]}
     notebooks = dict(sorted({**kept, **new["notebooks"]}.items()))
     merged = {**new, "notebooks": notebooks, "commit": commit_label(notebooks),
