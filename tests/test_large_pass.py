@@ -31,6 +31,7 @@ def test_cli_parses_the_options_and_keeps_the_other_commands():
     args = cli.build_parser().parse_args(["correctness-large", "--lora-dropout", "0", "--peft-noprep",
                                           "--fp32-residual"])
     assert (args.lora_dropout, args.peft_noprep, args.fp32_residual) == (0.0, True, True)
+    assert cli.build_parser().parse_args(["correctness-large", "--dtype", "fp32"]).dtype == "fp32"  # the reference
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["correctness-large", "--kernels", "triton"])
     assert cli.build_parser().parse_args(["correctness", "--steps", "7"]).steps == 7

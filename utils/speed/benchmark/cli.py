@@ -100,7 +100,8 @@ def _add_correctness_large(sub) -> None:
     large.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
     large.add_argument("--micro-batch", type=int, default=16, help="examples per optimizer step, one pass "
                        "(default 16)")
-    large.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    large.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="compute dtype of both "
+                       "paths (fp32: no autocast, the arithmetic the bf16/fp16 runs are rounded from; default bf16)")
     large.add_argument("--kernels", default="liger", choices=KERNEL_CHOICES, help="the fast path's kernel set "
                        "(default liger: Triton RoPE, Liger RMSNorm/SwiGLU on every pass)")
     large.add_argument("--no-offload", action="store_true", help="keep the fast path's checkpoints on the GPU")

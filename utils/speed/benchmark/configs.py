@@ -15,7 +15,7 @@ class BenchConfig:
 
     name: str
     impl: str
-    dtype: str  # "fp16" | "bf16"
+    dtype: str  # "fp16" | "bf16" ("fp32": the large-pass check's reference only)
     micro_batch: int = 1  # sequences per micro-batch (synthetic) or a token budget of micro_batch × max_seq_length
     accumulation: int = 1
     max_seq_length: int = THESIS.max_seq_length

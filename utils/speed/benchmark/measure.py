@@ -65,7 +65,7 @@ def _fast_loss(peft_model, fused: bool = True) -> LossFn:
 def _hf_loss(peft_model, dtype: torch.dtype, cuda: bool) -> LossFn:
     """The loss of the Hugging Face path: the model's own forward under autocast, normalised over ``num_items``."""
     def hf_loss(batch: Batch, num_items: int) -> torch.Tensor:
-        with (torch.autocast("cuda", dtype=dtype) if cuda else nullcontext()):
+        with (torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else nullcontext()):
             out = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              position_ids=batch.position_ids, labels=batch.labels,
                              num_items_in_batch=torch.tensor(num_items, device=batch.input_ids.device))
