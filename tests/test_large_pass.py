@@ -11,11 +11,15 @@ import pytest
 import torch
 
 from utils.config import THESIS
+from utils.paths import REPO_ROOT
 from utils.speed.benchmark import cli
 from utils.speed.benchmark import large_pass as lp
 from utils.speed.benchmark.configs import BenchConfig
 from utils.speed.fastpath import causal_lm_loss
 from utils.train_step import Batch
+
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+import large_pass_forward  # noqa: E402
 
 
 def test_cli_parses_the_options_and_keeps_the_other_commands():
@@ -274,3 +278,15 @@ def test_varlen_attention_on_the_cpu_is_refused_with_the_way_out(monkeypatch):
     monkeypatch.setattr(lp.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="--attention varlen needs a CUDA GPU"):
         lp.check_large_pass_request(4, (0, 1), 3, "torch", offload=False, attention="varlen")
+
+
+def test_forward_tool_compares_each_path_with_the_fp32_reference():
+    """tools/large_pass_forward.py: fast − PEFT per dtype, and each rounded path's distance from PEFT in fp32."""
+    gaps = large_pass_forward.compare({"hf_fp32": [3.0, 2.0], "fast_fp32": [3.0, 2.0],
+                         "hf_bf16": [3.001, 1.999], "fast_bf16": [2.998, 2.002]})
+    assert gaps["fast_minus_peft_fp32"] == [0.0, 0.0]
+    assert gaps["fast_minus_peft_bf16"] == [-0.003, 0.003]
+    assert gaps["hf_bf16_minus_fp32"] == [0.001, -0.001] and gaps["fast_bf16_minus_fp32"] == [-0.002, 0.002]
+    assert "fast_minus_peft_fp16" not in gaps  # no fp16 losses, no fp16 gap
+    with pytest.raises(SystemExit):
+        large_pass_forward.main(["--dtypes", "fp8"])
