@@ -290,3 +290,36 @@ def test_forward_tool_compares_each_path_with_the_fp32_reference():
     assert "fast_minus_peft_fp16" not in gaps  # no fp16 losses, no fp16 gap
     with pytest.raises(SystemExit):
         large_pass_forward.main(["--dtypes", "fp8"])
+
+
+def _report(dtype: str, losses: dict[str, list[float]], steps: int = 3, tokens=(10, 11, 12)) -> dict:
+    """A correctness-large report of ``losses`` by row name (``peft_seed0``...), the same plan for every row."""
+    runs = [{"name": name, "ok": True, "seed": int(name.split("seed")[1]), "losses": values,
+             "label_tokens_per_step": list(tokens)} for name, values in losses.items()]
+    return {"dtype": dtype, "steps": steps, "micro_batch": 16, "lora_dropout": 0.0, "model": "embedded",
+            "runs": runs}
+
+
+def test_reference_comparison_says_which_path_sits_nearer_fp32(tmp_path):
+    """Each bf16 row minus the fp32 PEFT row of its seed: mean |Δ| and signed; errors name what differs."""
+    reference = _report("fp32", {"peft_seed0": [3.0, 2.0, 1.0], "fast_seed0": [3.0, 2.0, 1.0]})
+    rounded = _report("bf16", {"peft_seed0": [3.0, 2.03, 1.03], "fast_seed0": [3.0, 1.99, 1.01]})
+    out = lp.compare_with_reference(rounded, reference)
+    assert out["rows"]["peft_seed0"] == {"mean_abs": 0.02, "mean_signed": 0.02}
+    assert out["rows"]["fast_seed0"] == {"mean_abs": 0.00667, "mean_signed": 0.0}
+    assert out["fast_nearer"] is True
+    swapped = _report("bf16", {"peft_seed0": [3.0, 1.99, 1.01], "fast_seed0": [3.0, 2.03, 1.03]})
+    assert lp.compare_with_reference(swapped, reference)["fast_nearer"] is False
+    with pytest.raises(ValueError, match="--dtype fp32"):
+        lp.compare_with_reference(rounded, rounded)
+    with pytest.raises(ValueError, match="steps"):
+        lp.compare_with_reference(_report("bf16", {"peft_seed0": [1.0] * 4}, steps=4), reference)
+    with pytest.raises(ValueError, match="label tokens"):
+        lp.compare_with_reference(_report("bf16", {"peft_seed0": [3.0, 2.0, 1.0]}, tokens=(9, 9, 9)), reference)
+    for name, report in (("ref.json", reference), ("bf16.json", rounded)):
+        (tmp_path / name).write_text(json.dumps(report))
+    args = cli.build_parser().parse_args(["large-pass-reference", str(tmp_path / "bf16.json"), "--reference",
+                                          str(tmp_path / "ref.json"), "--out", str(tmp_path / "cmp.json")])
+    assert cli.COMMANDS[args.command](args) == 0
+    saved = json.loads((tmp_path / "cmp.json").read_text())
+    assert saved["reports"]["bf16.json"]["fast_nearer"] is True and saved["reference"] == "ref.json"

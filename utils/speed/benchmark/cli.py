@@ -14,7 +14,8 @@ from utils.config import THESIS
 from utils.paths import resolve_path
 from utils.plotting.speed import draw_figures
 from utils.speed.benchmark.configs import CONFIGS, config_by_name
-from utils.speed.benchmark.large_pass import FLAT_OPTIM, LARGE_PASS_TASK, large_pass_child, run_large_pass_correctness
+from utils.speed.benchmark.large_pass import (FLAT_OPTIM, LARGE_PASS_TASK, large_pass_child,
+                                             run_large_pass_correctness, run_reference_comparison)
 from utils.speed.benchmark.measure import child, run_child
 from utils.speed.benchmark.run import EXPANDABLE, run_benchmark, run_correctness, run_ddp
 from utils.speed.benchmark.strict import BUDGETS, DEFAULT_ALLOC_CONF, STRICT8_ROWS
@@ -119,6 +120,11 @@ def _add_correctness_large(sub) -> None:
                        "AdamW 8-bit (per-tensor: bitsandbytes' own, as PEFT; default flat: one buffer)")
     large.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated seeds (default 0,1)")
     large.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")
+    ref = sub.add_parser("large-pass-reference", help="each path of bf16 large-pass reports against an fp32 "
+                         "one (correctness-large --dtype fp32): which path sits nearer the arithmetic it rounds")
+    ref.add_argument("reports", nargs="+", help="correctness-large JSON files (bf16 or fp16)")
+    ref.add_argument("--reference", required=True, help="the correctness-large --dtype fp32 JSON")
+    ref.add_argument("--out", required=True, help="JSON to write")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +199,16 @@ def _correctness_large(args) -> int:
     return 0
 
 
+def _large_pass_reference(args) -> int:
+    report = run_reference_comparison(resolve_path(args.reference), [resolve_path(p) for p in args.reports],
+                                      resolve_path(args.out))
+    for name, rows in report["reports"].items():
+        cells = ", ".join(f"{row} {v['mean_abs']:.4f} ({v['mean_signed']:+.4f})" for row, v in rows["rows"].items())
+        print(f"[large-pass-reference] {name}: mean |Δ| (signed) from fp32 PEFT: {cells}; "
+              f"fast nearer: {rows['fast_nearer']}", flush=True)
+    return 0
+
+
 def _child(task: dict) -> dict:
     """One child task: a large-pass correctness run (``large_pass``) or a benchmark measurement."""
     return large_pass_child(task) if task.get("kind") == LARGE_PASS_TASK else child(task)
@@ -209,7 +225,8 @@ def _figure(args) -> int:
 
 
 COMMANDS = {"list": _list, "profile": _profile, "run": _run, "correctness": _correctness,
-            "correctness-large": _correctness_large, "ddp": _ddp, "figure": _figure,
+            "correctness-large": _correctness_large,
+            "large-pass-reference": _large_pass_reference, "ddp": _ddp, "figure": _figure,
             "child": lambda args: serve_child(args.task, _child)}
 
 

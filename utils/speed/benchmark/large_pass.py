@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import statistics
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from utils.config import THESIS
 from utils.device import default_device
-from utils.files import save_json
+from utils.files import read_json, save_json
 from utils.provenance import result_provenance
 from utils.speed.benchmark.configs import BenchConfig, config_by_name
 from utils.speed.benchmark.measure import load_model_for, run_child
@@ -266,6 +267,63 @@ def compare_large_pass(runs: Sequence[dict]) -> dict[str, Any]:
     out["forced_kernels_ran"] = all(flags) if flags else None
     out["missing"] = sorted({f"{p}_seed{s}" for p in ("peft", "fast") for s in seeds} - set(ok))
     return out
+
+
+def compare_with_reference(rounded: dict, reference: dict) -> dict[str, Any]:
+    """Each path of a bf16/fp16 report against the fp32 PEFT run of the same seed (``--dtype fp32``): how far each
+    path's per-step loss sits from the arithmetic it rounds, as mean |Δ| and mean signed Δ (positive: above it).
+
+    Both reports must have trained the same plan (steps, micro-batch, dropout, label tokens per step); one clear
+    error (``ValueError``) names the setting that differs. ``fast_nearer``: for every seed the fast path's mean
+    |Δ| is at most PEFT's.
+    """
+    if reference.get("dtype") != "fp32":
+        raise ValueError(f"the reference ran in {reference.get('dtype')!r}: give a `correctness-large --dtype fp32` "
+                         "report as the reference.")
+    for key in ("steps", "micro_batch", "lora_dropout", "model"):
+        if rounded.get(key) != reference.get(key):
+            raise ValueError(f"{key}: {rounded.get(key)!r} here, {reference.get(key)!r} in the reference; rerun "
+                             f"one of them with the other's --{key.replace('_', '-')}.")
+    ref = {r["name"]: r for r in reference["runs"] if r.get("ok")}
+    out: dict[str, Any] = {"dtype": rounded.get("dtype"), "rows": {}}
+    nearer = []
+    for row in (r for r in rounded["runs"] if r.get("ok")):
+        base = ref.get(f"peft_seed{row['seed']}")
+        if base is None:
+            continue
+        if base["label_tokens_per_step"] != row["label_tokens_per_step"]:
+            raise ValueError(f"{row['name']}: its batches differ from the reference's (label tokens per step); "
+                             "both must come from the same corpus and plan.")
+        deltas = [x - y for x, y in zip(row["losses"], base["losses"])]
+        out["rows"][row["name"]] = {"mean_abs": round(statistics.mean(abs(d) for d in deltas), 5),
+                                    "mean_signed": round(statistics.mean(deltas), 5)}
+    for seed in sorted({r["seed"] for r in rounded["runs"] if r.get("ok")}):
+        peft, fast = out["rows"].get(f"peft_seed{seed}"), out["rows"].get(f"fast_seed{seed}")
+        if peft and fast:
+            nearer.append(fast["mean_abs"] <= peft["mean_abs"])
+    out["fast_nearer"] = all(nearer) if nearer else None
+    return out
+
+
+def run_reference_comparison(reference_path: Path, rounded_paths: Sequence[Path], out: Path) -> dict:
+    """``compare_with_reference`` for each rounded report; written to ``out`` with provenance; the report."""
+    reference = read_json(reference_path)
+    report: dict[str, Any] = {
+        "reference": str(reference_path.name), "reference_commit": reference.get("commit"),
+        "reference_comparison": reference.get("comparison"), **result_provenance(),
+        "method": "Per-step loss of each path of each bf16 report minus the fp32 PEFT run's at the same seed "
+                  "(same batches, same schedule): mean |Δ| and mean signed Δ over the steps.",
+        "reports": {},
+    }
+    for path in rounded_paths:
+        rounded = read_json(path)
+        try:
+            report["reports"][path.name] = {"commit": rounded.get("commit"),
+                                            **compare_with_reference(rounded, reference)}
+        except ValueError as exc:
+            raise SystemExit(f"{path}: {exc}") from None
+    save_json(report, out)
+    return report
 
 
 def _method(steps: int, micro_batch: int, kernels: str, offload: bool, lora_dropout: float = THESIS.lora_dropout,
