@@ -69,7 +69,7 @@ def test_without_cuda_the_logic_check_runs_in_fp32(monkeypatch, tmp_path):
     build_tiny_twin("cpu").save_pretrained(tmp_path / "twin")
     monkeypatch.setattr(lp, "run_child", lambda task, timeout, env: lp.large_pass_child(task))
     report = lp.run_large_pass_correctness(tmp_path / "large.json", str(tmp_path / "twin"), steps=2, micro_batch=2,
-                                           kernels="torch", offload=False)
+                                           options=lp.LargePassOptions(kernels="torch", offload=False))
     assert report["dtype"] == "fp32" and [r["name"] for r in report["runs"]] == [
         "peft_seed0", "fast_seed0", "peft_seed1", "fast_seed1"]
     assert report["comparison"]["same_batches"] is True and report["comparison"]["missing"] == []
@@ -85,7 +85,7 @@ def test_forced_liger_without_its_packages_says_how_to_fix_it(monkeypatch):
 
 
 def test_the_two_configurations_of_a_seed():
-    peft, fast = lp.large_pass_configs(3, micro_batch=16, dtype="bf16", kernels="liger", offload=True)
+    peft, fast = lp.large_pass_configs(3, 16, lp.LargePassOptions(dtype="bf16", kernels="liger", offload=True))
     assert (peft.name, fast.name) == ("peft_seed3", "fast_seed3")
     assert (peft.impl, peft.prepare, peft.optim) == ("hf", True, "paged_adamw_8bit")  # the original recipe's setup
     assert fast.impl == "fast" and fast.fast.kernels == "liger" and fast.fast.offload_checkpoints
@@ -93,7 +93,7 @@ def test_the_two_configurations_of_a_seed():
         assert (config.micro_batch, config.accumulation, config.workload, config.dtype) == (16, 1, "corpus", "bf16")
         assert config.lora_dropout == THESIS.lora_dropout == 0.05
         assert BenchConfig.from_dict(json.loads(json.dumps(asdict(config)))) == config  # what the child rebuilds
-    _, on_gpu = lp.large_pass_configs(0, micro_batch=4, dtype="fp16", kernels="torch", offload=False)
+    _, on_gpu = lp.large_pass_configs(0, 4, lp.LargePassOptions(dtype="fp16", kernels="torch", offload=False))
     assert (on_gpu.fast.kernels, on_gpu.fast.offload_checkpoints, on_gpu.dtype, on_gpu.micro_batch) == \
         ("torch", False, "fp16", 4)
 
@@ -212,7 +212,7 @@ def test_tiny_twin_trains_both_paths_on_the_same_batches(tmp_path):
 
     build_tiny_twin("cpu").save_pretrained(tmp_path)
     rows = [lp.train_large_pass(config, str(tmp_path), 3, 0)
-            for config in lp.large_pass_configs(0, micro_batch=3, kernels="torch", offload=False)]
+            for config in lp.large_pass_configs(0, 3, lp.LargePassOptions(kernels="torch", offload=False))]
     peft, fast = rows
     assert peft["label_tokens_per_step"] == fast["label_tokens_per_step"]
     assert peft["tokens_per_step"] == fast["tokens_per_step"]
@@ -236,26 +236,29 @@ def test_gpu_large_pass_rows_run_with_the_forced_kernels(tmp_path):
 
 def test_the_diagnostic_variants_change_both_paths_or_only_peft():
     """--lora-dropout sets both paths' dropout; --peft-noprep drops PEFT's fp32 upcast and leaves the fast path."""
-    peft, fast = lp.large_pass_configs(0, lora_dropout=0.0, peft_prepare=False)
+    peft, fast = lp.large_pass_configs(0, options=lp.LargePassOptions(lora_dropout=0.0, peft_prepare=False))
     assert (peft.lora_dropout, fast.lora_dropout, peft.prepare) == (0.0, 0.0, False)
     default_peft, default_fast = lp.large_pass_configs(0)
     assert default_peft.prepare is True and default_fast == fast.__class__(**{**fast.__dict__, "lora_dropout": 0.05})
-    assert lp.large_pass_configs(0, fp32_residual=True)[1].fast.fp32_residual is True
+    assert lp.large_pass_configs(0, options=lp.LargePassOptions(fp32_residual=True))[1].fast.fp32_residual is True
     assert default_fast.fast.fp32_residual is False
-    method = lp._method(30, 16, "liger", True, 0.0, False)
+    method = lp._method(30, 16, lp.LargePassOptions(lora_dropout=0.0, peft_prepare=False))
     assert "without prepare_model_for_kbit_training" in method and "dropout 0.0" in method
 
 
 def test_the_fast_path_variants_make_one_more_part_as_pefts_and_leave_peft_alone():
     """--attention sdpa, --loss torch and --fast-optim per-tensor change the fast row only, and the report says so."""
     default_peft, default_fast = lp.large_pass_configs(0)
-    peft, fast = lp.large_pass_configs(0, attention="sdpa", fused_loss=False, fast_optim="paged_adamw_8bit")
+    peft, fast = lp.large_pass_configs(0, options=lp.LargePassOptions(attention="sdpa", fused_loss=False,
+                                                                  fast_optim="paged_adamw_8bit"))
     assert peft == default_peft
     assert (fast.fast.attention, fast.fused_loss, fast.optim) == ("sdpa", False, "paged_adamw_8bit")
     assert (default_fast.fast.attention, default_fast.fused_loss, default_fast.optim) == \
         ("auto", True, "paged_adamw_8bit_flat")
-    method = lp._method(30, 16, "liger", True, attention="sdpa", fused_loss=False, fast_optim="paged_adamw_8bit")
+    method = lp._method(30, 16, lp.LargePassOptions(attention="sdpa", fused_loss=False, fast_optim="paged_adamw_8bit"))
     assert "attention='sdpa'" in method and "PyTorch cross-entropy" in method and "per-tensor paged" in method
+    assert "no autocast (fp32)" in lp._method(30, 16, lp.LargePassOptions(dtype="fp32"))
+    assert "no autocast" not in method
     args = cli.build_parser().parse_args(["correctness-large", "--attention", "sdpa", "--loss", "torch",
                                           "--fast-optim", "per-tensor"])
     assert (args.attention, args.loss, args.fast_optim) == ("sdpa", "torch", "per-tensor")
@@ -323,3 +326,15 @@ def test_reference_comparison_says_which_path_sits_nearer_fp32(tmp_path):
     assert cli.COMMANDS[args.command](args) == 0
     saved = json.loads((tmp_path / "cmp.json").read_text())
     assert saved["reports"]["bf16.json"]["fast_nearer"] is True and saved["reference"] == "ref.json"
+
+
+def test_the_cli_hands_its_options_to_the_check(monkeypatch):
+    """correctness-large's flags arrive as one LargePassOptions, each where it belongs."""
+    got = {}
+    monkeypatch.setattr(cli, "run_large_pass_correctness", lambda *args: got.update(args=args))
+    args = cli.build_parser().parse_args(["correctness-large", "--dtype", "fp32", "--loss", "torch", "--fast-optim",
+                                          "per-tensor", "--no-offload", "--peft-noprep", "--timeout", "60"])
+    assert cli.COMMANDS["correctness-large"](args) == 0
+    options, timeout = got["args"][5], got["args"][6]
+    assert options == lp.LargePassOptions(dtype="fp32", offload=False, peft_prepare=False, fused_loss=False,
+                                          fast_optim="paged_adamw_8bit") and timeout == 60

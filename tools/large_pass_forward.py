@@ -70,9 +70,8 @@ def _model(impl: str, device: torch.device, dtype: torch.dtype, fast_options):
 def forward_losses(impl: str, dtype: str, batches: int, device: torch.device | None = None) -> list[float]:
     """``impl``'s ("hf" or "fast") loss on each of the check's first ``batches`` optimizer steps, no update."""
     device = device or default_device()
-    peft_config, fast_config = large_pass.large_pass_configs(
-        0, micro_batch=MICRO_BATCH, kernels="torch", offload=False, lora_dropout=0.0, fp32_residual=True,
-        attention="sdpa", fused_loss=False)
+    peft_config, fast_config = large_pass.large_pass_configs(0, MICRO_BATCH, large_pass.LargePassOptions(
+        kernels="torch", offload=False, lora_dropout=0.0, fp32_residual=True, attention="sdpa", fused_loss=False))
     config = peft_config if impl == "hf" else fast_config
     model, loss_fn = _model(impl, device, DTYPES[dtype], config.fast)
     plan = large_pass.step_plan(config, large_pass._corpus_for(model.config.vocab_size), batches)

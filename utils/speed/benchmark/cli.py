@@ -14,7 +14,7 @@ from utils.config import THESIS
 from utils.paths import resolve_path
 from utils.plotting.speed import draw_figures
 from utils.speed.benchmark.configs import CONFIGS, config_by_name
-from utils.speed.benchmark.large_pass import (FLAT_OPTIM, LARGE_PASS_TASK, large_pass_child,
+from utils.speed.benchmark.large_pass import (FLAT_OPTIM, LARGE_PASS_TASK, LargePassOptions, large_pass_child,
                                              run_large_pass_correctness, run_reference_comparison)
 from utils.speed.benchmark.measure import child, run_child
 from utils.speed.benchmark.run import EXPANDABLE, run_benchmark, run_correctness, run_ddp
@@ -192,10 +192,12 @@ def _correctness(args) -> int:
 
 def _correctness_large(args) -> int:
     """Both paths per seed in child processes; one clear error (``SystemExit``) for a request it cannot answer."""
-    run_large_pass_correctness(resolve_path(args.out), args.model, args.steps, args.micro_batch, args.seeds,
-                               args.dtype, args.kernels, not args.no_offload, args.timeout, args.lora_dropout,
-                               not args.peft_noprep, args.fp32_residual, args.attention, args.loss == "fused",
-                               FLAT_OPTIM if args.fast_optim == "flat" else "paged_adamw_8bit")
+    options = LargePassOptions(
+        dtype=args.dtype, kernels=args.kernels, offload=not args.no_offload, lora_dropout=args.lora_dropout,
+        peft_prepare=not args.peft_noprep, fp32_residual=args.fp32_residual, attention=args.attention,
+        fused_loss=args.loss == "fused", fast_optim=FLAT_OPTIM if args.fast_optim == "flat" else "paged_adamw_8bit")
+    run_large_pass_correctness(resolve_path(args.out), args.model, args.steps, args.micro_batch, args.seeds, options,
+                               args.timeout)
     return 0
 
 

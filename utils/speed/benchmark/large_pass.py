@@ -25,7 +25,7 @@ import statistics
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -91,11 +91,10 @@ def check_large_pass_request(micro_batch: int, seeds: Sequence[int], steps: int,
                          "triton); install it, or pass --kernels torch to check PyTorch's ops.")
 
 
-def large_pass_configs(seed: int, micro_batch: int = 16, dtype: str = "bf16", kernels: str = "liger",
-                       offload: bool = True, lora_dropout: float = THESIS.lora_dropout,
-                       peft_prepare: bool = True, fp32_residual: bool = False, attention: str = "auto",
-                       fused_loss: bool = True, fast_optim: str = FLAT_OPTIM) -> tuple[BenchConfig, BenchConfig]:
-    """The PEFT and fast-path configurations of one seed: the corpus rows of ``correctness`` at ``micro_batch``.
+@dataclass(frozen=True)
+class LargePassOptions:
+    """What one large-pass check varies; the defaults are issue #20's check (bf16, the Liger/Triton kernels forced,
+    checkpoints offloaded, the thesis's dropout, PEFT with its fp32 upcast, the fast path as the throughput rows).
 
     ``peft_prepare=False``: PEFT without ``prepare_model_for_kbit_training``, whose fp32 upcast of the embeddings
     and norms keeps the residual stream in fp32; the fast path keeps it in the compute dtype, as PEFT does without
@@ -104,14 +103,31 @@ def large_pass_configs(seed: int, micro_batch: int = 16, dtype: str = "bf16", ke
     make one more part of the fast path as PEFT's: ``attention="sdpa"`` (one padded row per sequence instead of
     FlashAttention's varlen kernel), ``fused_loss=False`` (PyTorch's cross-entropy instead of Liger's fused one),
     ``fast_optim="paged_adamw_8bit"`` (bitsandbytes' per-tensor update instead of the flat buffer).
+    ``dtype="fp32"``: both paths without autocast, the reference the rounded runs are measured against.
     """
+
+    dtype: str = "bf16"
+    kernels: str = "liger"
+    offload: bool = True
+    lora_dropout: float = THESIS.lora_dropout
+    peft_prepare: bool = True
+    fp32_residual: bool = False
+    attention: str = "auto"
+    fused_loss: bool = True
+    fast_optim: str = FLAT_OPTIM
+
+
+def large_pass_configs(seed: int, micro_batch: int = 16,
+                       options: LargePassOptions = LargePassOptions()) -> tuple[BenchConfig, BenchConfig]:
+    """The PEFT and fast-path configurations of one seed: the corpus rows of ``correctness`` at ``micro_batch``."""
+    o = options
     peft_base, fast_base = config_by_name(PEFT_BASE), config_by_name(FAST_BASE)
-    common = dict(dtype=dtype, micro_batch=micro_batch, accumulation=1, lora_dropout=lora_dropout,
+    common = dict(dtype=o.dtype, micro_batch=micro_batch, accumulation=1, lora_dropout=o.lora_dropout,
                   group="large_pass")
-    peft = replace(peft_base, name=f"peft_seed{seed}", prediction="the reference", prepare=peft_prepare, **common)
-    fast = replace(fast_base, name=f"fast_seed{seed}", **common, fused_loss=fused_loss, optim=fast_optim,
-                   fast=replace(fast_base.fast, kernels=kernels, offload_checkpoints=offload,
-                                fp32_residual=fp32_residual, attention=attention),
+    peft = replace(peft_base, name=f"peft_seed{seed}", prediction="the reference", prepare=o.peft_prepare, **common)
+    fast = replace(fast_base, name=f"fast_seed{seed}", **common, fused_loss=o.fused_loss, optim=o.fast_optim,
+                   fast=replace(fast_base.fast, kernels=o.kernels, offload_checkpoints=o.offload,
+                                fp32_residual=o.fp32_residual, attention=o.attention),
                    prediction="per-step loss within the seed-to-seed gap of the PEFT path")
     return peft, fast
 
@@ -326,22 +342,23 @@ def run_reference_comparison(reference_path: Path, rounded_paths: Sequence[Path]
     return report
 
 
-def _method(steps: int, micro_batch: int, kernels: str, offload: bool, lora_dropout: float = THESIS.lora_dropout,
-            peft_prepare: bool = True, fp32_residual: bool = False, attention: str = "auto",
-            fused_loss: bool = True, fast_optim: str = FLAT_OPTIM) -> str:
+def _method(steps: int, micro_batch: int, options: LargePassOptions = LargePassOptions()) -> str:
     """How the runs were made, in one paragraph (the report's ``method``)."""
-    prepare = ("prepare_model_for_kbit_training (fp32 embeddings and norms)" if peft_prepare else
+    o = options
+    prepare = ("prepare_model_for_kbit_training (fp32 embeddings and norms)" if o.peft_prepare else
                "without prepare_model_for_kbit_training (residual stream in the compute dtype, as the fast path)")
+    autocast = "no autocast (fp32)" if o.dtype == "fp32" else "autocast"
     return (f"Both paths see the same {micro_batch} examples of the shipped corpus per optimizer step, in the same "
             f"order, for {steps} steps: PEFT (transformers' forward, {prepare}, gradient "
-            "checkpointing, autocast, per-tensor paged AdamW 8-bit) as one right-padded micro-batch, the fast path "
-            f"(kernels={kernels!r}, checkpoints {'offloaded to pinned host memory' if offload else 'on the GPU'}, "
-            f"residual stream in {'fp32' if fp32_residual else 'the compute dtype'}, attention={attention!r}, "
-            f"{'Liger' if fused_loss else 'PyTorch'} cross-entropy, "
-            f"{'flat' if fast_optim == FLAT_OPTIM else 'per-tensor'} paged AdamW 8-bit) as one padding-free row. "
+            f"checkpointing, {autocast}, per-tensor paged AdamW 8-bit) as one right-padded micro-batch, the fast "
+            f"path (kernels={o.kernels!r}, checkpoints "
+            f"{'offloaded to pinned host memory' if o.offload else 'on the GPU'}, "
+            f"residual stream in {'fp32' if o.fp32_residual else 'the compute dtype'}, attention={o.attention!r}, "
+            f"{'Liger' if o.fused_loss else 'PyTorch'} cross-entropy, "
+            f"{'flat' if o.fast_optim == FLAT_OPTIM else 'per-tensor'} paged AdamW 8-bit) as one padding-free row. "
             "Same cosine schedule (10 % warm-up, lr "
             f"{THESIS.learning_rate}), LoRA r={THESIS.lora_r}, alpha={THESIS.lora_alpha}, dropout "
-            f"{lora_dropout}, clip {THESIS.max_grad_norm}; the seed sets LoRA init and dropout. Loss = mean "
+            f"{o.lora_dropout}, clip {THESIS.max_grad_norm}; the seed sets LoRA init and dropout. Loss = mean "
             "over the step's completion tokens. Gaps = mean over steps of |loss difference|; the paths agree when "
             "every seed's fast-vs-PEFT gap is under both paths' seed-to-seed gaps. Fast rows count the calls of the "
             "Triton RoPE and Liger RMSNorm/SwiGLU/cross-entropy autograd functions (kernel_calls).")
@@ -361,26 +378,21 @@ def _print_run(row: dict) -> None:
 
 
 def run_large_pass_correctness(out: Path, model: str = "embedded", steps: int = 30, micro_batch: int = 16,
-                               seeds: Sequence[int] = (0, 1), dtype: str = "bf16", kernels: str = "liger",
-                               offload: bool = True, timeout: float = 900,
-                               lora_dropout: float = THESIS.lora_dropout, peft_prepare: bool = True,
-                               fp32_residual: bool = False, attention: str = "auto", fused_loss: bool = True,
-                               fast_optim: str = FLAT_OPTIM) -> dict:
+                               seeds: Sequence[int] = (0, 1), options: LargePassOptions = LargePassOptions(),
+                               timeout: float = 900) -> dict:
     """Train both paths per seed, each in its own process; write the JSON after every run; the report."""
-    check_large_pass_request(micro_batch, seeds, steps, kernels, offload, attention)
-    ran_in = dtype if torch.cuda.is_available() else "fp32"  # the CPU check runs in fp32 (``measure``)
+    check_large_pass_request(micro_batch, seeds, steps, options.kernels, options.offload, options.attention)
+    ran_in = options.dtype if torch.cuda.is_available() else "fp32"  # the CPU check runs in fp32 (``measure``)
+    settings = asdict(options)
+    settings["offload_checkpoints"] = settings.pop("offload")
     report: dict[str, Any] = {
-        "model": model, "steps": steps, "micro_batch": micro_batch, "dtype": ran_in, "kernels": kernels,
-        "offload_checkpoints": offload, "lora_dropout": lora_dropout, "peft_prepare": peft_prepare,
-        "fp32_residual": fp32_residual, "attention": attention, "fused_loss": fused_loss, "fast_optim": fast_optim,
+        "model": model, "steps": steps, "micro_batch": micro_batch, **settings, "dtype": ran_in,
         **result_provenance(),
-        "method": _method(steps, micro_batch, kernels, offload, lora_dropout, peft_prepare, fp32_residual, attention,
-                          fused_loss, fast_optim),
+        "method": _method(steps, micro_batch, options),
         "runs": [],
     }
     for seed in seeds:
-        for config in large_pass_configs(seed, micro_batch, dtype, kernels, offload, lora_dropout, peft_prepare,
-                                         fp32_residual, attention, fused_loss, fast_optim):
+        for config in large_pass_configs(seed, micro_batch, options):
             task = {"kind": LARGE_PASS_TASK, "config": asdict(config), "model": model, "steps": steps, "seed": seed}
             row = run_child(task, timeout, EXPANDABLE if config.expandable_segments else {})
             _print_run(row)
