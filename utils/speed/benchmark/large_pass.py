@@ -334,7 +334,7 @@ def run_reference_comparison(reference_path: Path, rounded_paths: Sequence[Path]
     for path in rounded_paths:
         rounded = read_json(path)
         try:
-            report["reports"][path.name] = {"commit": rounded.get("commit"),
+            report["reports"][path.name] = {"source_commit": rounded.get("commit"),
                                             **compare_with_reference(rounded, reference)}
         except ValueError as exc:
             raise SystemExit(f"{path}: {exc}") from None
