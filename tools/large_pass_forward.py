@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +34,7 @@ from utils.modeling import build_lora_config, load_model  # noqa: E402
 from utils.paths import RESULTS_DIR, resolve_path  # noqa: E402
 from utils.provenance import result_provenance  # noqa: E402
 from utils.speed.benchmark import large_pass  # noqa: E402
-from utils.speed.benchmark.measure import _fast_loss  # noqa: E402
+from utils.speed.benchmark.measure import _fast_loss, _hf_loss  # noqa: E402
 from utils.speed.fastpath import enable_fast_path  # noqa: E402
 
 MICRO_BATCH = 16
@@ -57,14 +56,8 @@ def _model(impl: str, device: torch.device, dtype: torch.dtype, fast_options):
     if impl == "fast":
         enable_fast_path(model, dtype, fast_options)
         return model, _fast_loss(model, fused=False)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-    def loss_fn(batch, num_items: int) -> torch.Tensor:
-        with autocast:
-            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                         num_items_in_batch=torch.tensor(num_items, device=batch.input_ids.device)).loss
-
-    return model, loss_fn
+    # the benchmark's own PEFT loss; here under autocast on the CPU too (bf16 there is this script's question)
+    return model, _hf_loss(model, dtype, device.type if dtype != torch.float32 else None)
 
 
 def forward_losses(impl: str, dtype: str, batches: int, device: torch.device | None = None) -> list[float]:

@@ -310,9 +310,9 @@ def compare_with_reference(rounded: dict, reference: dict) -> dict[str, Any]:
         if base["label_tokens_per_step"] != row["label_tokens_per_step"]:
             raise ValueError(f"{row['name']}: its batches differ from the reference's (label tokens per step); "
                              "both must come from the same corpus and plan.")
-        deltas = [x - y for x, y in zip(row["losses"], base["losses"])]
-        out["rows"][row["name"]] = {"mean_abs": round(statistics.mean(abs(d) for d in deltas), 5),
-                                    "mean_signed": round(statistics.mean(deltas), 5)}
+        signed = statistics.mean(x - y for x, y in zip(row["losses"], base["losses"]))
+        out["rows"][row["name"]] = {"mean_abs": mean_gap(row["losses"], base["losses"], 5),
+                                    "mean_signed": round(signed, 5)}
     for seed in sorted({r["seed"] for r in rounded["runs"] if r.get("ok")}):
         peft, fast = out["rows"].get(f"peft_seed{seed}"), out["rows"].get(f"fast_seed{seed}")
         if peft and fast:

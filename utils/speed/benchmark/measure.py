@@ -62,10 +62,11 @@ def _fast_loss(peft_model, fused: bool = True) -> LossFn:
     return loss_fn
 
 
-def _hf_loss(peft_model, dtype: torch.dtype, cuda: bool) -> LossFn:
-    """The loss of the Hugging Face path: the model's own forward under autocast, normalised over ``num_items``."""
+def _hf_loss(peft_model, dtype: torch.dtype, autocast_device: str | None) -> LossFn:
+    """The loss of the Hugging Face path: the model's own forward, normalised over ``num_items``, under autocast to
+    ``dtype`` on ``autocast_device`` (None: no autocast, as in fp32 and in the CPU's check)."""
     def hf_loss(batch: Batch, num_items: int) -> torch.Tensor:
-        with (torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else nullcontext()):
+        with (torch.autocast(autocast_device, dtype=dtype) if autocast_device else nullcontext()):
             out = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              position_ids=batch.position_ids, labels=batch.labels,
                              num_items_in_batch=torch.tensor(num_items, device=batch.input_ids.device))
@@ -104,7 +105,8 @@ def load_model_for(config: BenchConfig, model: str, device: str):
         # measure() adds the fast path's resolved choices after the first step (some are settled there)
         alloc_conf = effective_alloc_conf(torch.__version__)
         return peft_model, _fast_loss(peft_model, config.fused_loss), {"alloc_conf": alloc_conf}
-    return peft_model, _hf_loss(peft_model, dtype, cuda), {"prepare": config.prepare, "liger": config.liger}
+    autocast_device = "cuda" if cuda and dtype != torch.float32 else None
+    return peft_model, _hf_loss(peft_model, dtype, autocast_device), {"prepare": config.prepare, "liger": config.liger}
 
 
 def load_unsloth_for(config: BenchConfig, model: str):
