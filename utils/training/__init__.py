@@ -43,8 +43,8 @@ from utils.training.inspect import (
 )
 from utils.training.model import (
     OriginalPadMaskingCollator, build_sft_config, build_trainer, build_training_lora_config, check_fast_path_model,
-    check_memory, estimate_training_memory, load_training_model, recast_trainable_parameters, trainable_dtypes,
-    use_flat_optimizer,
+    check_memory, estimate_training_memory, keep_trainable_dtypes, load_training_model, recast_trainable_parameters,
+    trainable_dtypes, use_flat_optimizer,
 )
 from utils.training.run import (
     best_validation, load_history, oom_message, run_training, save_training_outputs, success_line, train,
@@ -69,6 +69,7 @@ __all__ = [
     "answers_table", "best_validation", "bos_counts", "build_parser", "build_sft_config", "build_trainer", "build_training_lora_config",
     "check_bos", "check_fast_path_model", "check_memory", "compare_stop_rates", "describe_labels",
     "double_bos_table", "estimate_training_memory", "expected_bos", "find_last_checkpoint", "history_frame",
+    "keep_trainable_dtypes",
     "label_table", "load_campaign", "load_history", "load_training_data", "load_training_model", "load_training_tokenizer", "main",
     "oom_message", "plan_training", "profile_settings", "recast_trainable_parameters", "run_training",
     "save_training_outputs", "settings_table", "stop_rate_records", "strip_template_bos", "success_line",

@@ -256,6 +256,36 @@ def recast_trainable_parameters(model, dtype: torch.dtype = torch.float32) -> in
     return count
 
 
+def keep_trainable_dtypes(trainer) -> None:
+    """A resumed run keeps each trainable tensor's dtype: restored just before the optimiser is built.
+
+    ``Trainer.train(resume_from_checkpoint=...)`` reloads a PEFT checkpoint with ``load_adapter``, whose
+    ``autocast_adapter_dtype=True`` upcasts bf16 adapter weights to fp32. TRL stores a 4-bit model's LoRA
+    weights in bf16, so without this a run resumed under bf16 goes on with fp32 weights: another recipe than
+    the run it continues (on an H200, validation loss 0.024-0.027 lower 400 steps after such a resume than the
+    uninterrupted bf16 run of the same seed: ``results/04_resume_upcast_h200.json``). The
+    checkpoint's values are kept (bf16 → fp32 → bf16 is exact); the optimiser, built after this, sees the
+    parameters in the dtype its saved state was made for.
+
+    Called again (after casting the parameters on purpose), it records the new dtypes instead of wrapping twice.
+    """
+    kept = {name: param.dtype for name, param in trainer.model.named_parameters() if param.requires_grad}
+    wrapped = hasattr(trainer, "kept_trainable_dtypes")
+    trainer.kept_trainable_dtypes = kept
+    if wrapped:
+        return
+    create_optimizer = trainer.create_optimizer
+
+    def create_optimizer_keeping_dtypes(*args, **kwargs):
+        for name, param in trainer.model.named_parameters():
+            dtype = trainer.kept_trainable_dtypes.get(name)
+            if dtype is not None and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        return create_optimizer(*args, **kwargs)
+
+    trainer.create_optimizer = create_optimizer_keeping_dtypes
+
+
 def trainable_dtypes(model) -> dict[str, int]:
     """Number of trainable parameters (elements) per dtype ("fp32", "bf16", ...)."""
     counts: dict[str, int] = {}
@@ -329,5 +359,6 @@ def build_trainer(settings: TrainingSettings, plan: TrainingPlan, model, tokeniz
         plan.fast_path_resolved = fast.describe()
         plan.notes.append(f"camino rápido resuelto: {plan.fast_path_resolved}")
         use_flat_optimizer(trainer, plan)
+    keep_trainable_dtypes(trainer)
     check_bos(trainer.train_dataset, tokenizer)
     return trainer
