@@ -118,3 +118,44 @@ def test_killed_run_resumes_where_the_uninterrupted_run_would_be(tmp_path):
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     run = json.loads((broken / training.RUN_FILE).read_text())
     assert run["training"]["resumed_from"].endswith(f"checkpoint-{killed_at}")
+
+
+def test_a_resumed_run_keeps_the_adapter_dtype(tmp_path):
+    """Resuming reloads the adapter through PEFT's ``load_adapter``, which upcasts bf16 weights to fp32; the run
+    goes on in the dtype it was built with (TRL's bf16 for a 4-bit model), with the checkpoint's values."""
+    def bf16_trainer(max_steps):
+        settings = training.TrainingSettings(
+            profile="smoke", model_name="embedded", output_dir=str(tmp_path), max_steps=max_steps, save_steps=1,
+            train_limit=2, eval_limit=1, max_seq_length=256, warmup_steps=1, gradient_accumulation_steps=1,
+            eval_on_start=False, gradient_checkpointing=False)
+        plan = training.plan_training(settings, device="cpu")
+        tokenizer = training.load_training_tokenizer(settings, plan)
+        data = training.load_training_data(settings, plan, tokenizer)
+        trainer = training.build_trainer(settings, plan, training.load_training_model(settings, plan), tokenizer, data)
+        training.recast_trainable_parameters(trainer.model, torch.bfloat16)  # as TRL leaves a 4-bit model
+        training.keep_trainable_dtypes(trainer)  # records bf16 (called again: no second wrapper)
+        return trainer
+
+    first = bf16_trainer(max_steps=2)
+    first.train()
+    checkpoint = tmp_path / CHECKPOINTS_DIR / "checkpoint-2"
+    assert checkpoint.is_dir()
+    saved = {name: param.detach().clone() for name, param in first.model.named_parameters() if param.requires_grad}
+
+    resumed = bf16_trainer(max_steps=3)
+    loaded = {}
+    create = resumed.create_optimizer
+
+    def spy(*args, **kwargs):  # the weights as the optimiser first sees them
+        optimizer = create(*args, **kwargs)
+        loaded.update({name: param.detach().clone()
+                       for name, param in resumed.model.named_parameters() if param.requires_grad})
+        return optimizer
+
+    resumed.create_optimizer = spy
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3
+    assert set(loaded) == set(saved)
+    assert {param.dtype for param in loaded.values()} == {torch.bfloat16}
+    assert all(torch.equal(loaded[name], saved[name]) for name in saved)
+    assert training.trainable_dtypes(resumed.model) == {"bf16": sum(p.numel() for p in saved.values())}

@@ -543,36 +543,3 @@ def test_the_estimate_takes_the_host_floor_and_the_measured_utilisation(tmp_path
     assert fast["step_s_high"] == pytest.approx(fast["gpu_s_high"]) and fast["gpu_s_high"] > 0.01  # GPU-bound
     assert rows[("original", "max_length")]["tokens_per_step"] == 1024
 
-
-def test_a_resumed_run_keeps_the_adapter_dtype(tmp_path):
-    """Resuming reloads the adapter through PEFT's ``load_adapter``, which upcasts bf16 weights to fp32; the run
-    goes on in the dtype it was built with (TRL's bf16 for a 4-bit model), with the checkpoint's values."""
-    def bf16_trainer(max_steps):
-        trainer, *_ = _trainer(tmp_path, max_steps=max_steps, save_steps=1)
-        training.recast_trainable_parameters(trainer.model, torch.bfloat16)  # as TRL leaves a 4-bit model
-        training.keep_trainable_dtypes(trainer)  # records bf16 (called again: no second wrapper)
-        return trainer
-
-    first = bf16_trainer(max_steps=2)
-    first.train()
-    checkpoint = tmp_path / CHECKPOINTS_DIR / "checkpoint-2"
-    assert checkpoint.is_dir()
-    saved = {name: param.detach().clone() for name, param in first.model.named_parameters() if param.requires_grad}
-
-    resumed = bf16_trainer(max_steps=3)
-    loaded = {}
-    create = resumed.create_optimizer
-
-    def spy(*args, **kwargs):  # the weights as the optimiser first sees them
-        optimizer = create(*args, **kwargs)
-        loaded.update({name: param.detach().clone()
-                       for name, param in resumed.model.named_parameters() if param.requires_grad})
-        return optimizer
-
-    resumed.create_optimizer = spy
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed.state.global_step == 3
-    assert set(loaded) == set(saved)
-    assert {param.dtype for param in loaded.values()} == {torch.bfloat16}
-    assert all(torch.equal(loaded[name], saved[name]) for name in saved)
-    assert training.trainable_dtypes(resumed.model) == {"bf16": sum(p.numel() for p in saved.values())}
