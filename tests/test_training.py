@@ -542,4 +542,3 @@ def test_the_estimate_takes_the_host_floor_and_the_measured_utilisation(tmp_path
     assert original["hours_high"] == pytest.approx(2000 * 5.0 / 3600)
     assert fast["step_s_high"] == pytest.approx(fast["gpu_s_high"]) and fast["gpu_s_high"] > 0.01  # GPU-bound
     assert rows[("original", "max_length")]["tokens_per_step"] == 1024
-

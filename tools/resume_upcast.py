@@ -28,11 +28,12 @@ sys.path.insert(0, str(REPO_ROOT))
 import pandas as pd  # noqa: E402
 
 from utils.files import save_json  # noqa: E402
-from utils.paths import RESULTS_DIR, resolve_path  # noqa: E402
+from utils.paths import CHECKPOINTS_DIR, HISTORY_FILE, RESULTS_DIR, resolve_path  # noqa: E402
 from utils.provenance import result_provenance  # noqa: E402
 
 AUTO_RUNS = {42: "gpu", 43: "gpu-auto-s43"}
 RESUMED_AT = 1000
+FIRST_STEP = 500  # the comparison's first step: half-way to the resume
 
 
 def safetensors_dtypes(path: Path) -> dict[str, int]:
@@ -47,9 +48,9 @@ def safetensors_dtypes(path: Path) -> dict[str, int]:
     return counts
 
 
-def eval_losses(history_csv: Path) -> pd.Series:
-    """Validation loss by step from a run's ``04_log_history.csv``."""
-    history = pd.read_csv(history_csv)
+def eval_losses(run: Path) -> pd.Series:
+    """Validation loss by step from a run's log history (``04_log_history.csv``)."""
+    history = pd.read_csv(run / HISTORY_FILE)
     rows = history.dropna(subset=["eval_loss"])
     return rows.drop_duplicates("step", keep="last").set_index("step")["eval_loss"]
 
@@ -61,14 +62,13 @@ def compare(off: pd.Series, auto: pd.Series, first_step: int) -> list[dict]:
              "off_minus_auto": round(float(off[step] - auto[step]), 4)} for step in steps]
 
 
-def report(runs: Path, first_step: int = 500) -> dict:
+def report(runs: Path, first_step: int = FIRST_STEP) -> dict:
     """The adapter dtypes and the loss comparison for both seeds."""
     seeds = {}
     for seed, auto_run in AUTO_RUNS.items():
         run = runs / f"gpu-off-s{seed}"
-        checkpoints = sorted((run / "04_checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        rows = compare(eval_losses(run / "04_log_history.csv"),
-                       eval_losses(RESULTS_DIR / auto_run / "04_log_history.csv"), first_step)
+        checkpoints = sorted((run / CHECKPOINTS_DIR).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        rows = compare(eval_losses(run), eval_losses(RESULTS_DIR / auto_run), first_step)
         before = [r["off_minus_auto"] for r in rows if r["step"] <= RESUMED_AT]
         after = [r for r in rows if r["step"] > RESUMED_AT]
         seeds[str(seed)] = {
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     result = report(args.runs)
     path = save_json(result, resolve_path(args.out))
     for seed, entry in result["seeds"].items():
-        print(f"seed {seed}: dtypes {entry['adapter_dtypes']}; off - auto up to step {RESUMED_AT}: at most "
+        print(f"seed {seed}: dtypes {entry['adapter_dtypes']}; off - auto over steps {FIRST_STEP}-{RESUMED_AT}: at most "
               f"{entry['max_abs_gap_up_to_resume']:.4f}; at the last step: {entry['gap_at_last_step']:+.4f}")
     print(f"written {path}")
 
