@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     result = report(args.runs)
     path = save_json(result, resolve_path(args.out))
     for seed, entry in result["seeds"].items():
-        print(f"seed {seed}: dtypes {entry['adapter_dtypes']}; off - auto over steps {FIRST_STEP}-{RESUMED_AT}: at most "
-              f"{entry['max_abs_gap_up_to_resume']:.4f}; at the last step: {entry['gap_at_last_step']:+.4f}")
+        print(f"seed {seed}: dtypes {entry['adapter_dtypes']}; off - auto over steps {FIRST_STEP}-{RESUMED_AT}: "
+              f"at most {entry['max_abs_gap_up_to_resume']:.4f}; at the last step: {entry['gap_at_last_step']:+.4f}")
     print(f"written {path}")
 
 
