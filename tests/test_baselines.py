@@ -3,16 +3,21 @@ answered by one model, forgetting on general questions, the comparable-runs filt
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import sys
+import types
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from utils import evaluation as ev
 from utils.data import answer_of, load_records, question_of
-from utils.paths import TEST_FILE, TRAIN_FILE
+from utils.paths import REPO_ROOT, TEST_FILE, TRAIN_FILE
 
 
 def _record(rid: str, question: str, answer: str, kind: str = "fact", facts: tuple[str, ...] = ()) -> dict:
@@ -41,6 +46,36 @@ def test_retriever_indexes_distinct_answers_and_ranks_the_matching_one_first():
     top = retriever.search("cuántas horas dura la práctica supervisada", 2)
     assert retriever.passages[top[0]].startswith("Según la Ord. 973")
     assert len(retriever.search("palabras que no existen xyz", 3)) == 3  # still k passages, never an error
+
+
+@pytest.mark.parametrize("preset, started_on", [(None, "cpu"), ("cuda", "cuda")])
+def test_importing_the_baselines_keeps_jax_off_the_gpu_unless_the_user_chose(monkeypatch, preset, started_on):
+    """Where JAX is installed, importing bm25s starts it (``jax.lax.top_k``); on a GPU JAX takes 75 % of the card.
+
+    The module is executed afresh, with bm25s not yet imported and a stand-in for JAX that writes down the platform
+    JAX would start on (JAX_PLATFORMS, read when JAX starts its first backend).
+    """
+    started = []
+
+    def top_k(scores, k):
+        started.append(os.environ.get("JAX_PLATFORMS", "<unset>"))
+        order = np.argsort(-np.asarray(scores))[:k]
+        return np.asarray(scores)[order], order
+
+    fake_jax, fake_lax = types.ModuleType("jax"), types.ModuleType("jax.lax")
+    fake_lax.top_k, fake_jax.lax = top_k, fake_lax
+    monkeypatch.setitem(sys.modules, "jax", fake_jax)
+    monkeypatch.setitem(sys.modules, "jax.lax", fake_lax)
+    for name in [n for n in sys.modules if n == "bm25s" or n.startswith("bm25s.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    if preset:
+        monkeypatch.setenv("JAX_PLATFORMS", preset)
+    spec = importlib.util.spec_from_file_location("baselines_afresh", REPO_ROOT / "utils/evaluation/baselines.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    assert started == [started_on]
 
 
 def test_retrieval_on_the_shipped_corpus_finds_most_taught_facts():

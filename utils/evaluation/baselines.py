@@ -14,16 +14,23 @@ Every system answers with the same chat template, greedy decoding and ``max_new_
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import bm25s
-from bm25s.stopwords import STOPWORDS_SPANISH
+# bm25s runs ``jax.lax.top_k`` when it is imported, wherever JAX is installed (Colab, many CUDA images). JAX then
+# starts on the GPU and takes 75 % of its memory for its own allocator, memory that training and generation in the
+# same kernel no longer have: 107.9 of 143.8 GB on the H200, from notebook 04's imports alone. BM25's top-k over a
+# few hundred scores needs no GPU, so JAX stays on the CPU unless the user set JAX_PLATFORMS.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from utils.data import answer_of, question_of
-from utils.evaluation.metrics import normalize_text, tokenize_spanish
-from utils.inference import prompt_of
+import bm25s  # noqa: E402
+from bm25s.stopwords import STOPWORDS_SPANISH  # noqa: E402
+
+from utils.data import answer_of, question_of  # noqa: E402
+from utils.evaluation.metrics import normalize_text, tokenize_spanish  # noqa: E402
+from utils.inference import prompt_of  # noqa: E402
 
 # name -> (Spanish label, adapter enabled, prompt: "plain" | "retrieval" | "few_shot")
 SYSTEMS: dict[str, tuple[str, bool, str]] = {
