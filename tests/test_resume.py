@@ -18,6 +18,8 @@ from utils import training
 from utils.inference import load_trained
 from utils.paths import ADAPTER_DIR, CHECKPOINTS_DIR, HISTORY_FILE, REPO_ROOT
 
+from trainers import smoke_trainer  # tests/trainers.py
+
 MAX_STEPS = 4  # checkpoints at steps 2 and 4: killed after the first, resumed for the last two steps
 ARGS = [
     "--profile", "smoke", "--max-steps", str(MAX_STEPS), "--save-steps", "2", "--save-total-limit", "5",
@@ -124,14 +126,8 @@ def test_a_resumed_run_keeps_the_adapter_dtype(tmp_path):
     """Resuming reloads the adapter through PEFT's ``load_adapter``, which upcasts bf16 weights to fp32; the run
     goes on in the dtype it was built with (TRL's bf16 for a 4-bit model), with the checkpoint's values."""
     def bf16_trainer(max_steps):
-        settings = training.TrainingSettings(
-            profile="smoke", model_name="embedded", output_dir=str(tmp_path), max_steps=max_steps, save_steps=1,
-            train_limit=2, eval_limit=1, max_seq_length=256, warmup_steps=1, gradient_accumulation_steps=1,
-            eval_on_start=False, gradient_checkpointing=False)
-        plan = training.plan_training(settings, device="cpu")
-        tokenizer = training.load_training_tokenizer(settings, plan)
-        data = training.load_training_data(settings, plan, tokenizer)
-        trainer = training.build_trainer(settings, plan, training.load_training_model(settings, plan), tokenizer, data)
+        trainer, *_ = smoke_trainer(tmp_path, max_steps=max_steps, save_steps=1, train_limit=2, eval_limit=1,
+                                    max_seq_length=256, gradient_accumulation_steps=1, eval_on_start=False)
         training.recast_trainable_parameters(trainer.model, torch.bfloat16)  # as TRL leaves a 4-bit model
         training.keep_trainable_dtypes(trainer)  # records bf16 (called again: no second wrapper)
         return trainer

@@ -17,29 +17,17 @@ from utils.data import DatasetError, completion_mask, load_records
 from utils.inference import load_trained
 from utils.paths import ADAPTER_DIR, CHECKPOINTS_DIR, NOTEBOOKS_DIR, PROGRESS_FILE, TENSORBOARD_DIR, TRAIN_FILE
 
-SMOKE = dict(profile="smoke", model_name="embedded", train_limit=4, eval_limit=2, max_steps=2, warmup_steps=1,
-             gradient_checkpointing=False)
-
-
-def _trainer(tmp_path: Path, **overrides):
-    """A smoke trainer (embedded model, CPU, nothing trained) and what it was built from."""
-    settings = training.TrainingSettings(**{**SMOKE, "output_dir": str(tmp_path), **overrides})
-    plan = training.plan_training(settings, device="cpu")
-    tokenizer = training.load_training_tokenizer(settings, plan)
-    data = training.load_training_data(settings, plan, tokenizer)
-    model = training.load_training_model(settings, plan)
-    trainer = training.build_trainer(settings, plan, model, tokenizer, data)
-    return trainer, tokenizer, data, plan
+from trainers import SMOKE, smoke_trainer  # tests/trainers.py
 
 
 @pytest.fixture(scope="module")
 def fixed(tmp_path_factory):
-    return _trainer(tmp_path_factory.mktemp("fixed"))
+    return smoke_trainer(tmp_path_factory.mktemp("fixed"))
 
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
-    return _trainer(tmp_path_factory.mktemp("original"), replicate_original=True)
+    return smoke_trainer(tmp_path_factory.mktemp("original"), replicate_original=True)
 
 
 def test_labels_mask_the_prompt_and_train_the_answer_and_its_eos(fixed):
@@ -292,7 +280,7 @@ def test_fast_path_trainer_updates_all_lora_tensors_in_one_optimizer_call(tmp_pa
     """paged AdamW 8-bit under the fast path: one flat buffer, the library's own hyperparameters, and it trains."""
     from utils.speed.optim import FlatOptimizer
 
-    trainer, _, _, plan = _trainer(tmp_path, fast_path="on", max_steps=1, warmup_steps=0, eval_steps=10)
+    trainer, _, _, plan = smoke_trainer(tmp_path, fast_path="on", max_steps=1, warmup_steps=0, eval_steps=10)
     trainer.args.optim = plan.optim = "paged_adamw_8bit"  # the CUDA default; bitsandbytes also runs it on the CPU
     assert training.use_flat_optimizer(trainer, plan)
     reference_cls, reference_kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
