@@ -77,6 +77,16 @@ def test_summary_counts_only_configurations_within_the_budget():
     assert summary["recipe_fp16"]["x_fewer_seconds"] == 4.0
 
 
+def test_summary_compares_with_unsloth_before_the_original_has_run():
+    """A run's summary is rewritten after each row: with the fast and Unsloth rows done and the original not yet (the
+    strict run's order), the Unsloth ratio is taken and the ratio to the original waits (a KeyError stopped the H200
+    run of 2026-12-03 there)."""
+    summary = summarize([_row("fast_ok", 20000, 7.4), _row("unsloth_x", 25000, 7.0, impl="unsloth")])
+    assert summary["fast_best_bf16"] == {"name": "fast_ok", "tokens_per_second": 20000, "peak_reserved_gib": 7.4,
+                                         "x_unsloth_best": 0.8}
+    assert summary["unsloth_best_bf16"]["name"] == "unsloth_x"
+
+
 def test_repeats_are_merged_into_medians_and_the_largest_peaks():
     rows = [_row("original_fp16", tps, 5.3, impl="hf", dtype="fp16", sps=sps)
             for tps, sps in ((1000, 1.0), (800, 1.25), (1250, 0.8))]

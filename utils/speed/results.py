@@ -114,11 +114,13 @@ def _throughput_ratios(ok: dict[str, dict], summary: dict[str, Any]) -> None:
     original = ok.get("original_fp16")
     for dtype in ("bf16", "fp16"):
         fast = _best_within_budget(ok, "fast", dtype)
-        if fast and original:
+        if fast:
             summary[f"fast_best_{dtype}"] = {
                 "name": fast["name"], "tokens_per_second": fast["tokens_per_second"],
-                "peak_reserved_gib": fast["peak_reserved_gib"],
-                "x_original_fp16": round(fast["tokens_per_second"] / original["tokens_per_second"], 2)}
+                "peak_reserved_gib": fast["peak_reserved_gib"]}
+            if original:
+                summary[f"fast_best_{dtype}"]["x_original_fp16"] = round(
+                    fast["tokens_per_second"] / original["tokens_per_second"], 2)
         peer = _best_within_budget(ok, "unsloth", dtype)
         if fast and peer:
             summary[f"fast_best_{dtype}"]["x_unsloth_best"] = round(fast["tokens_per_second"] /
