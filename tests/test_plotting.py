@@ -257,6 +257,7 @@ def _chapter_figures() -> dict:
         "04_speed_benchmark": lambda: speed_plots.plot_benchmark(load_report(RESULTS_DIR / "04_speed_benchmark.json")),
         "04_fast_path_loss_match": lambda: speed_plots.plot_correctness(
             load_report(RESULTS_DIR / "04_fast_path_correctness.json")),
+        "04_speed_strict8": lambda: speed_plots.plot_strict(load_report(RESULTS_DIR / "04_speed_strict8.json")),
     }
 
 

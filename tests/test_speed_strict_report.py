@@ -105,6 +105,32 @@ def test_describe_strict_gives_the_ratio_to_the_original_with_its_spread(spread)
     assert text.index("Frente a Unsloth") < text.index("Contra la configuración original") < text.index("depende")
 
 
+def test_a_run_stopped_before_its_plan_ends_says_how_much_it_measured(spread):
+    report = _fabricated()
+    assert "incompleta" not in describe_strict(report, spread)  # no plan recorded: nothing to compare with
+    done = sorted({r.get("repeat", 0) for r in report["rows"]})
+    report["plan"] = [[r.get("repeat", 0), r["name"]] for r in report["rows"]] + [[len(done), "original_fp16"]]
+    lines = describe_strict(report, spread).splitlines()
+    assert lines[1].startswith("- **Corrida incompleta:**")  # first: it qualifies every ratio below
+    assert f"midió {len(report['rows'])} de las {len(report['plan'])} filas" in lines[1]
+    assert f"({len(done)} de sus {len(done) + 1} rondas intercaladas)" in lines[1]
+
+
+def test_the_committed_strict_run_is_consistent_with_its_rows(spread):
+    """results/04_speed_strict8.json: its ratios are recomputed from its rows, its stop is said, and the Unsloth row
+    that ran out of memory under the cap is named with PyTorch's three numbers, not its paragraph."""
+    report = load_report(RESULTS_DIR / STRICT8_REPORT.removeprefix("results/"))
+    assert report["strict"] == strict_summary(report["rows"]) and report["strict"]["same_allocator"]
+    assert report["device"].startswith("NVIDIA") and report["command"].startswith("python -m utils.speed.benchmark")
+    text = describe_strict(report, spread)
+    assert text.splitlines()[1].startswith("- **Corrida incompleta:**")
+    table = strict_table(report)
+    failed = next(r for r in report["rows"] if not r.get("ok"))
+    assert "Tried to allocate" in failed["error"] and len(failed["error"]) > 300
+    reason = table.loc[failed["name"], "motivo"]
+    assert reason.startswith("out of memory under the cap:") and len(reason) < 100 and reason in text
+
+
 def test_rows_left_out_are_named_with_their_reason(spread):
     report = _fabricated()
     text = describe_strict(report, spread)

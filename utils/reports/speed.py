@@ -256,6 +256,18 @@ def _strict_rules_line(report: dict) -> str:
             f"asignador con `{rules['alloc_conf']}` en todas.")
 
 
+def _strict_incomplete_lines(report: dict) -> list[str]:
+    """A run stopped before its plan's end (a time limit, the GPU taken back): how much of the plan it measured."""
+    plan, rows = report.get("plan") or [], report["rows"]
+    if len(rows) >= len(plan):
+        return []
+    rounds, done = (1 + max((entry[0] for entry in plan), default=0),
+                    1 + max((r.get("repeat", 0) for r in rows), default=-1))
+    return [f"- **Corrida incompleta:** midió {len(rows)} de las {len(plan)} filas de su plan ({done} de sus {rounds} "
+            "rondas intercaladas); las medianas de abajo son de las rondas medidas. `results/README.md` dice por "
+            "qué se detuvo."]
+
+
 def describe_strict(report: dict, spread: dict[str, Any] | None = None) -> str:
     """The strict 8 GB run in words (Markdown, Spanish), every number read from ``report`` and ``spread``.
 
@@ -269,7 +281,7 @@ def describe_strict(report: dict, spread: dict[str, Any] | None = None) -> str:
     spread = original_spread() if spread is None else spread
     limit = fmt_unit(report["budget"]["device_limit_gib"], "GiB", 1)
     lines = ["Con el presupuesto estricto de 8 GB (issue #20), en una sola invocación:",
-             *_strict_recipe_lines(s), *_unsloth_lines(s, f"dentro de los mismos {limit}"),
+             *_strict_incomplete_lines(report), *_strict_recipe_lines(s), *_unsloth_lines(s, f"dentro de los mismos {limit}"),
              _strict_use_line(s, report["budget"]), *_strict_original_lines(report, spread),
              *_strict_excluded_lines(report), "", _strict_rules_line(report)]
     return "\n".join(lines)

@@ -188,6 +188,21 @@ def strict_summary(rows: Sequence[dict]) -> dict[str, Any]:
     return out
 
 
+_OOM = re.compile(r"Tried to allocate ([\d.]+ [KMG]iB).*?([\d.]+ [KMG]iB) allowed.*?([\d.]+ [KMG]iB) is allocated by "
+                  r"PyTorch", re.S)
+
+
+def brief_error(error: str | None) -> str:
+    """A row's error for a table: PyTorch's out-of-memory message (a paragraph) as its three numbers."""
+    if not error:
+        return ""
+    found = _OOM.search(error)
+    if found and "out of memory" in error:
+        asked, allowed, allocated = found.groups()
+        return f"out of memory under the cap: {asked} asked with {allocated} allocated, {allowed} allowed"
+    return error
+
+
 def strict_table(report: dict) -> pd.DataFrame:
     """The strict run's rows (repeats merged), each part of the budget in GiB, and whether the row fits.
 
@@ -212,6 +227,6 @@ def strict_table(report: dict) -> pd.DataFrame:
             "GiB contexto CUDA": use.get("cuda_context_gib"), "GiB GPU en total": use.get("device_gib"),
             "GiB de margen": use.get("device_headroom_gib"), "GiB fijados en la CPU": use.get("pinned_host_gib"),
             "dentro del presupuesto": r["name"] in fits,
-            "motivo": "; ".join(use.get("over") or []) or (r.get("error") if not r.get("ok") else ""),
+            "motivo": "; ".join(use.get("over") or []) or (brief_error(r.get("error")) if not r.get("ok") else ""),
         })
     return pd.DataFrame(rows).set_index("configuración")
