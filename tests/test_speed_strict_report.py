@@ -189,6 +189,7 @@ def test_plot_strict_meets_the_print_standard_and_draws_only_rows_within_the_bud
     finally:
         plt.close(fig)
     assert "NVIDIA H200" in strict_caption(report) and "2026-12-03" in strict_caption(report)
+    assert strict_caption(report).endswith("mediana (3 rondas intercaladas).")  # the fabricated recipe ran 3 times
     empty = _report([_strict_row("fast_2x1_fp16", 0.3, in_budget=False)])
     with pytest.raises(ValueError, match="motivo"):
         plot_strict(empty)

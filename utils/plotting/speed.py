@@ -174,13 +174,15 @@ def plot_strict(report: dict) -> plt.Figure:
 def strict_caption(report: dict) -> str:
     """The Spanish caption of ``plot_strict``."""
     rules = report["budget"]
+    rounds = 1 + max((r.get("repeat", 0) for r in report["rows"]), default=0)
+    repeated = f" ({rounds} rondas intercaladas)" if rounds > 1 else ""
     return ("Filas dentro del presupuesto estricto de 8 GB, todas de una sola invocación: velocidad de un paso de "
             "entrenamiento QLoRA del gemelo de Llama-3.2-3B (pesos aleatorios) y su memoria de GPU, medido en una "
             f"{report.get('device', 'GPU')} el {str(report.get('date', ''))[:10]} con las mismas reglas para todas "
             f"las filas: asignador limitado a {fmt_num(rules['card_gib'], 0)} GiB menos el contexto CUDA y "
             f"{fmt_num(rules['display_reserve_gib'], 1)} GiB de la pantalla, el optimizador paginado contado, "
             f"hasta {fmt_num(rules['pinned_limit_gib'], 0)} GiB de memoria fijada en la CPU, dropout de LoRA "
-            f"{fmt_num(rules['lora_dropout'], 2)}. Las filas repetidas muestran su mediana.")
+            f"{fmt_num(rules['lora_dropout'], 2)}. Las filas repetidas muestran su mediana{repeated}.")
 
 
 def plot_correctness(report: dict) -> plt.Figure:
