@@ -281,7 +281,8 @@ def describe_strict(report: dict, spread: dict[str, Any] | None = None) -> str:
     spread = original_spread() if spread is None else spread
     limit = fmt_unit(report["budget"]["device_limit_gib"], "GiB", 1)
     lines = ["Con el presupuesto estricto de 8 GB (issue #20), en una sola invocación:",
-             *_strict_incomplete_lines(report), *_strict_recipe_lines(s), *_unsloth_lines(s, f"dentro de los mismos {limit}"),
+             *_strict_incomplete_lines(report), *_strict_recipe_lines(s),
+             *_unsloth_lines(s, f"dentro de los mismos {limit}"),
              _strict_use_line(s, report["budget"]), *_strict_original_lines(report, spread),
              *_strict_excluded_lines(report), "", _strict_rules_line(report)]
     return "\n".join(lines)
