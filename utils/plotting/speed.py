@@ -23,6 +23,7 @@ from utils.plotting import COLORS, PALETTE, draw_budget, figure_context, label, 
 from utils.plotting import save_figure, set_figure_context
 from utils.plotting.labels import LABELS, compose_speed_label
 from utils.speed.benchmark.configs import CONFIGS_BY_NAME
+from utils.speed.benchmark.strict import measured_rounds
 from utils.speed.results import load_report, merged_rows
 from utils.units import CARD_GIB
 
@@ -174,7 +175,7 @@ def plot_strict(report: dict) -> plt.Figure:
 def strict_caption(report: dict) -> str:
     """The Spanish caption of ``plot_strict``."""
     rules = report["budget"]
-    rounds = 1 + max((r.get("repeat", 0) for r in report["rows"]), default=0)
+    rounds = measured_rounds(report["rows"])
     repeated = f" ({rounds} rondas intercaladas)" if rounds > 1 else ""
     return ("Filas dentro del presupuesto estricto de 8 GB, todas de una sola invocación: velocidad de un paso de "
             "entrenamiento QLoRA del gemelo de Llama-3.2-3B (pesos aleatorios) y su memoria de GPU, medido en una "

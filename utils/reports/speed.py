@@ -15,7 +15,7 @@ from utils.numbers import fmt_num, fmt_ratio, fmt_unit
 from utils.plotting import label
 from utils.plotting.speed import config_label
 from utils.speed import FastPathOptions
-from utils.speed.benchmark.strict import RECIPE_PAIRS, RECIPE_ROWS, strict_table
+from utils.speed.benchmark.strict import RECIPE_PAIRS, RECIPE_ROWS, measured_rounds, strict_table
 from utils.speed.results import STRICT8_REPORT, merged_rows, original_spread
 from utils.units import BUDGET_GIB
 
@@ -261,8 +261,7 @@ def _strict_incomplete_lines(report: dict) -> list[str]:
     plan, rows = report.get("plan") or [], report["rows"]
     if len(rows) >= len(plan):
         return []
-    rounds, done = (1 + max((entry[0] for entry in plan), default=0),
-                    1 + max((r.get("repeat", 0) for r in rows), default=-1))
+    rounds, done = 1 + max((entry[0] for entry in plan), default=0), measured_rounds(rows)
     return [f"- **Corrida incompleta:** midió {len(rows)} de las {len(plan)} filas de su plan ({done} de sus {rounds} "
             "rondas intercaladas); las medianas de abajo son de las rondas medidas. `results/README.md` dice por "
             "qué se detuvo."]

@@ -134,6 +134,11 @@ def _brief(row: dict) -> dict[str, Any]:
             "device_gib": row["budget"]["device_gib"], "pinned_host_gib": row["budget"]["pinned_host_gib"]}
 
 
+def measured_rounds(rows: Sequence[dict]) -> int:
+    """How many interleaved rounds (``repeat`` 0, 1, …) the rows of a run reached; 0 for none."""
+    return 1 + max((r.get("repeat", 0) for r in rows), default=-1)
+
+
 def recipe_ratio(rows: Sequence[dict], original: str, fast: str) -> dict[str, Any] | None:
     """The original recipe on both paths over interleaved repeats: medians, their ratio, and the spread.
 
