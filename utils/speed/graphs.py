@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from utils.speed.fastpath import checkpoint as checkpoint_module
 from utils.speed.fastpath.attention import Segments, find_segments
 from utils.speed.fastpath.backbone import FastPath, backbone_of
-from utils.speed.fastpath.checkpoint import _CheckpointedLayer
+from utils.speed.fastpath.checkpoint import _CheckpointedLayer, _Recompute
+from utils.speed.fastpath.layers import StepContext
 from utils.speed.fastpath.options import FastPathError
 from utils.train_step import Batch
 from utils.units import GIB
@@ -139,8 +140,12 @@ def graph_hidden(fast: FastPath, backbone: torch.nn.Module, ids: torch.Tensor, p
         if options.checkpoint:
             x = x.detach().requires_grad_(True)
         cos, sin = backbone.rotary_emb(x, positions.unsqueeze(0))
-        step, plan = fast.step_plan(cos[0], sin[0], segments, backbone.training, ids.numel(), True)
-        kernels = step.kernels
+        kernels = fast.small_kernels if ids.numel() < options.small_pass_tokens else fast.kernels
+        step = StepContext(cos[0].to(fast.dtype), sin[0].to(fast.dtype), segments, backbone.training, kernels, True,
+                           mlp_chunk=options.mlp_chunk_tokens)
+        keep = fast.checkpoint_keep
+        plan = _Recompute(options.skip_down_recompute, keep != "input", keep == "mid+qkv",
+                          backbone.training and fast.dropout, len(fast.layers) - 1)
         for layer in fast.layers:
             if options.checkpoint:
                 x = _CheckpointedLayer.apply(x, layer, step, fast.store, plan)

@@ -146,10 +146,6 @@ CONFIGS: list[BenchConfig] = [
        "128 MiB blocks), within 4 GiB; ~7 % slower than mid+qkv"),
     _c("fast_mb32_keep_input_fp16", "fast", "fp16", micro_batch=32,
        **{**FAST, "fast": _fast(checkpoint_keep="input")}, group="throughput"),
-    _c("fast_mb32_keep_input_torch_dropout_bf16", "fast", "bf16", micro_batch=32,
-       **{**FAST, "fast": _fast(checkpoint_keep="input", fused_dropout=False)}, group="ablation",
-       prediction="PyTorch's dropout (a dropped copy of each LoRA input, a byte mask, two more passes in the "
-       "backward) instead of the mask inside the LoRA kernels: ~6 % slower, as dropout 0.05 cost before"),
     _c("fast_mb40_keep_input_bf16", "fast", "bf16", micro_batch=40, **{**FAST, "fast": _fast(checkpoint_keep="input")},
        group="throughput", prediction="27 x 120 MiB counted, the same 128 MiB blocks as micro-batch 32: within 4 GiB "
        "pinned if the GPU side fits"),

@@ -51,7 +51,6 @@ FLAT_OPTIM = "paged_adamw_8bit_flat"  # the fast rows' optimizer (utils.speed.op
 # at call time: replacing the module's attribute counts every call the fast path makes
 KERNEL_FUNCTIONS: dict[str, tuple[str, str]] = {
     "rope_triton": ("utils.speed.kernels", "RopeQKV"),
-    "lora_dropout_triton": ("utils.speed.kernels", "DropMask"),  # one per LoRA input dropped inside the kernels
     "rms_norm_liger": ("liger_kernel.ops.rms_norm", "LigerRMSNormFunction"),
     "swiglu_liger": ("liger_kernel.ops.swiglu", "LigerFusedGateUpSiLUMulFunction"),
     "cross_entropy_liger": ("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction"),
@@ -147,8 +146,7 @@ def step_plan(config: BenchConfig, examples: Sequence[dict], steps: int) -> list
 
 
 class _Counted:
-    """Stands in for an autograd function class (or any class): counts its ``apply`` calls (or instances), then runs
-    the original."""
+    """Stands in for an autograd function class: counts its ``apply`` calls, then runs the original."""
 
     def __init__(self, original: Any, calls: Counter, key: str):
         self.original, self.calls, self.key = original, calls, key
@@ -157,11 +155,6 @@ class _Counted:
         """Count the call, then run the original function's ``apply``."""
         self.calls[self.key] += 1
         return self.original.apply(*args)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Count an instance, then make it with the original class."""
-        self.calls[self.key] += 1
-        return self.original(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.original, name)
@@ -368,8 +361,7 @@ def _method(steps: int, micro_batch: int, options: LargePassOptions = LargePassO
             f"{o.lora_dropout}, clip {THESIS.max_grad_norm}; the seed sets LoRA init and dropout. Loss = mean "
             "over the step's completion tokens. Gaps = mean over steps of |loss difference|; the paths agree when "
             "every seed's fast-vs-PEFT gap is under both paths' seed-to-seed gaps. Fast rows count the calls of the "
-            "Triton RoPE and Liger RMSNorm/SwiGLU/cross-entropy autograd functions and the LoRA-dropout masks drawn "
-            "for the Triton LoRA kernels (kernel_calls).")
+            "Triton RoPE and Liger RMSNorm/SwiGLU/cross-entropy autograd functions (kernel_calls).")
 
 
 def _print_run(row: dict) -> None:

@@ -55,21 +55,7 @@ class FastPath:
                 "checkpoint": self.options.checkpoint, "offload_checkpoints": self.store.offload,
                 "skip_down_recompute": self.options.skip_down_recompute, "checkpoint_keep": self.checkpoint_keep,
                 "mlp_chunk_tokens": self.options.mlp_chunk_tokens,
-                "fused_dropout": self.options.fused_dropout and self.kernels.fused_dropout,
                 "native_gqa": _FLASH.get("native_gqa")}
-
-    def step_plan(self, cos: torch.Tensor, sin: torch.Tensor, segments, training: bool, tokens: int,
-                  grad: bool) -> tuple[StepContext, _Recompute]:
-        """What the layers of one pass of ``tokens`` tokens share, and how its checkpointed layers are recomputed."""
-        options = self.options
-        kernels = self.small_kernels if tokens < options.small_pass_tokens else self.kernels
-        step = StepContext(cos.to(self.dtype), sin.to(self.dtype), segments, training, kernels, grad,
-                           mlp_chunk=options.mlp_chunk_tokens,
-                           fused_dropout=options.fused_dropout and kernels.fused_dropout)
-        keep = self.checkpoint_keep
-        plan = _Recompute(options.skip_down_recompute, keep != "input", keep == "mid+qkv", training and self.dropout,
-                          len(self.layers) - 1)
-        return step, plan
 
     def run(self, backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
             position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -95,8 +81,12 @@ class FastPath:
             if grad and self.options.checkpoint:
                 x = x.detach().requires_grad_(True)  # so the checkpointed layers' backward runs
             cos, sin = backbone.rotary_emb(x, pos.unsqueeze(0))
-            step, plan = self.step_plan(cos[0], sin[0], segments, training, ids.numel(), grad)
-            kernels = step.kernels
+            kernels = self.small_kernels if ids.numel() < self.options.small_pass_tokens else self.kernels
+            step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training, kernels, grad,
+                               mlp_chunk=self.options.mlp_chunk_tokens)
+            keep = self.checkpoint_keep
+            plan = _Recompute(self.options.skip_down_recompute, keep != "input", keep == "mid+qkv",
+                              training and self.dropout, len(self.layers) - 1)
             for layer in self.layers:
                 if grad and self.options.checkpoint:
                     x = _CheckpointedLayer.apply(x, layer, step, self.store, plan)

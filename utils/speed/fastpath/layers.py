@@ -132,16 +132,8 @@ class FusedProjection:
         if not self.has_lora:
             return _FrozenLinear.apply(x, self, base)
         a, b, alpha = self.lora_matrices(step)
-        if self.dropout == 0 or not step.training:
-            return _LoraLinear.apply(x, None, a, b, self, alpha, base, None)
-        if step.fused_dropout:
-            # Triton is optional (CUDA builds only): its kernels are imported where they run
-            from utils.speed.kernels import DropMask, fused_dropout_supported
-
-            if fused_dropout_supported(self.in_features, a.shape[0]):
-                drop = DropMask(x.shape[0], self.in_features, self.dropout, x.device)
-                return _LoraLinear.apply(x, None, a, b, self, alpha, base, drop)
-        return _LoraLinear.apply(x, F.dropout(x, self.dropout, True), a, b, self, alpha, base, None)
+        xd = F.dropout(x, self.dropout, step.training) if self.dropout > 0 else None
+        return _LoraLinear.apply(x, xd, a, b, self, alpha, base)
 
 
 def dequantize_4bit_into(packed: torch.Tensor, state, out: torch.Tensor) -> torch.Tensor:
@@ -253,21 +245,20 @@ class _LoraLinear(torch.autograd.Function):
 
     Written out so that each LoRA part rides inside a frozen GEMM (as its beta) instead of costing a separate pass
     over a (tokens × features) tensor, in the forward and in the backward pass, and so a skipped recomputation
-    runs nothing. ``drop`` (a ``utils.speed.kernels.DropMask``, with ``xd`` None): the dropout is applied inside the
-    LoRA GEMMs' Triton kernels instead, so no dropped copy of ``x`` is ever written.
+    runs nothing.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, xd: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-                projection: FusedProjection, alpha: float, base: str, drop=None) -> torch.Tensor:
-        ctx.projection, ctx.alpha, ctx.dropped, ctx.drop = projection, alpha, xd is not None, drop
+                projection: FusedProjection, alpha: float, base: str) -> torch.Tensor:
+        ctx.projection, ctx.alpha, ctx.dropped = projection, alpha, xd is not None
         lora_in = xd if xd is not None else x
         if base == "skip":  # the caller never reads the output; the backward computes x @ A.T itself
             ctx.weight = None
             ctx.save_for_backward(lora_in, a, b, None)
             return x.new_empty(x.shape[0], projection.out_features)
         ctx.weight = projection.frozen_weight()
-        xa = _lora_down(lora_in, a, drop)
+        xa = lora_in @ a.t()
         # The LoRA update first (K = r: a pass that writes the output), then the frozen GEMM adds itself to it
         # (beta = the LoRA scaling), reading it in the epilogue of a compute-bound GEMM; adding the update after
         # the frozen GEMM instead costs a second read and write of the (T × out) output
@@ -278,34 +269,20 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         lora_in, a, b, xa = ctx.saved_tensors
-        drop, ctx.drop = ctx.drop, None
         # no input gradient for an input nobody trains through (the first layer's): no frozen GEMM
         weight = _weight_for_backward(ctx, needed=ctx.needs_input_grad[0])
         if xa is None:
-            xa = _lora_down(lora_in, a, drop)
+            xa = lora_in @ a.t()
         grad_xa = (grad @ b).mul_(ctx.alpha)  # (T × r): small
         grad_b = (grad.t() @ xa).mul_(ctx.alpha)
-        if drop is None:
-            grad_a = grad_xa.t() @ lora_in
-        else:
-            from utils.speed.kernels import lora_grad_a, lora_up  # Triton: only where a DropMask was made
-
-            grad_a = lora_grad_a(grad_xa, lora_in, drop)
+        grad_a = grad_xa.t() @ lora_in
         if weight is None:
-            return None, None, grad_a, grad_b, None, None, None, None
+            return None, None, grad_a, grad_b, None, None, None
         if ctx.dropped:  # the LoRA input is a different tensor: its gradient goes back through the dropout
-            return grad @ weight, grad_xa @ a, grad_a, grad_b, None, None, None, None
-        grad_x = (grad_xa @ a if drop is None else lora_up(grad_xa, a, drop)).addmm_(grad, weight)
-        return grad_x, None, grad_a, grad_b, None, None, None, None
+            return grad @ weight, grad_xa @ a, grad_a, grad_b, None, None, None
+        grad_x = (grad_xa @ a).addmm_(grad, weight)
+        return grad_x, None, grad_a, grad_b, None, None, None
 
-
-def _lora_down(lora_in: torch.Tensor, a: torch.Tensor, drop) -> torch.Tensor:
-    """``lora_in @ a.T``, with the dropout mask ``drop`` applied on the fly when there is one."""
-    if drop is None:
-        return lora_in @ a.t()
-    from utils.speed.kernels import lora_down  # Triton: only where a DropMask was made
-
-    return lora_down(lora_in, a, drop)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +301,6 @@ class StepContext:
     kernels: _Kernels  # RMSNorm, RoPE and SwiGLU for this pass (and its recomputation)
     grad: bool = False  # the pass records a graph: the LoRA matrices are prepared with autograd on
     mlp_chunk: int = 0  # a checkpointed layer's MLP runs over at most this many tokens at a time (0: all)
-    fused_dropout: bool = False  # LoRA dropout inside the LoRA GEMMs' Triton kernels (utils.speed.kernels)
     lora: dict = field(default_factory=dict)  # each projection's LoRA matrices for this pass (and its recomputation)
 
 

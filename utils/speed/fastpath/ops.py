@@ -89,13 +89,12 @@ class _Kernels:
     rms_norm: Any
     rope_qkv: Any
     swiglu: Any
-    fused_dropout: bool = False  # LoRA dropout in Triton kernels can run with this set (utils.speed.kernels)
 
 
 KERNELS = {
     "torch": _Kernels("torch", _rms_norm_torch, _rope_qkv_torch, _swiglu_torch),
     # Liger's RMSNorm and SwiGLU; RoPE from this project's kernel on the fused projection (Liger's copies q/k out)
-    "liger": _Kernels("liger", _rms_norm_liger, _rope_qkv_triton, _swiglu_liger, fused_dropout=True),
+    "liger": _Kernels("liger", _rms_norm_liger, _rope_qkv_triton, _swiglu_liger),
 }
 
 

@@ -32,9 +32,6 @@ class FastPathOptions:
     # sets it with ``fast_path_kernels`` ("torch": what a machine without Triton runs, e.g. Windows)
     kernels: str = "auto"
     small_pass_tokens: int = 4096
-    # LoRA dropout applied inside the LoRA GEMMs' Triton kernels (``utils.speed.kernels``: a 1-bit mask, no dropped
-    # copy of each input) wherever the Triton kernel set runs; False: PyTorch's dropout everywhere
-    fused_dropout: bool = True
     # A checkpointed layer runs its MLP (and its recomputation and backward) over at most this many tokens at a
     # time (0: the whole pass at once): the MLP's (tokens × 2 · intermediate) activations are the largest alive
     mlp_chunk_tokens: int = 0
