@@ -293,3 +293,86 @@ def test_rope_kernel_on_the_fused_projection_equals_pytorch(dtype):
     assert (outputs[0] - outputs[1]).abs().max().item() < tol * 8
     assert (grads[0] - grads[1]).abs().max().item() < tol * 8
     assert torch.equal(outputs[0][:, -kv_heads * head_dim:], outputs[1][:, -kv_heads * head_dim:])  # v: a copy
+
+
+@CUDA
+def test_fast_path_on_gpu_matches_peft_through_the_fused_dropout_kernels():
+    """The Triton dropout pass (p = 1e-9 rounds to 0: it runs and drops nothing) and the LoRA update inside the
+    q/k/v and gate/up GEMMs give PEFT's loss and gradients."""
+    pytest.importorskip("liger_kernel")
+    model = _tiny_peft(dropout=1e-9).cuda()
+    _assert_fast_path_matches_peft(model, FastPathOptions(kernels="liger", small_pass_tokens=0))
+    assert model.get_base_model().model._fast_path.describe()["fused_lora"]
+
+
+@CUDA
+@pytest.mark.parametrize("options", [FastPathOptions(kernels="liger", small_pass_tokens=0, checkpoint=False),
+                                     FastPathOptions(kernels="liger", small_pass_tokens=0, checkpoint_keep="mid+qkv"),
+                                     FastPathOptions(kernels="liger", small_pass_tokens=0, skip_down_recompute=False)],
+                         ids=["no-checkpoint", "keep-mid-qkv", "recompute-down"])
+def test_recomputation_replays_the_fused_dropout_masks_on_gpu(options):
+    """Dropout 0.3 through the Triton kernels: each checkpointed layer's recomputation draws the forward's masks."""
+    pytest.importorskip("liger_kernel")
+    model = _tiny_peft(dropout=0.3).cuda()
+    ids, mask, labels = (t.cuda() for t in _batch())
+    results = []
+    for opts in (FastPathOptions(kernels="liger", small_pass_tokens=0), options):
+        enable_fast_path(model, torch.float32, opts)
+        model.zero_grad()
+        torch.manual_seed(5)
+        _fast_loss(model, ids, mask, labels).backward()
+        results.append(_grads(model))
+        disable_fast_path(model)
+    for name in results[0]:
+        assert torch.allclose(results[0][name], results[1][name], atol=1e-5), name
+
+
+@CUDA
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("concat", [True, False], ids=["lora-in-the-gemm", "lora-as-beta"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_lora_projection_computes_its_pytorch_maths_on_gpu(monkeypatch, p, concat, dtype):
+    """_FusedLoraLinear against x·Wᵀ + alpha·((x ⊙ keep · s)·Aᵀ)·Bᵀ in fp32 with the kernel's own mask: output and
+    the gradients of x, A and B; a skipped forward ("skip") gives the same gradients."""
+    pytest.importorskip("triton")
+    from utils.speed import kernels
+    from utils.speed.fastpath.layers import FusedProjection, _FusedLoraLinear
+
+    made = []
+
+    class Recording(kernels.LoraDropout):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(kernels, "LoraDropout", Recording)
+    torch.manual_seed(0)
+    tokens, features, outs, rank, alpha = 200, 64, (96, 32), 8, 2.0
+    modules = [torch.nn.Linear(features, n, bias=False).cuda().requires_grad_(False) for n in outs]
+    projection = FusedProjection(modules, dtype, "test")
+    x0 = torch.randn(tokens, features, device="cuda", dtype=dtype)
+    a0 = torch.randn(rank, features, device="cuda", dtype=dtype) / 8
+    b0 = torch.randn(sum(outs), rank, device="cuda", dtype=dtype) / 8
+    upstream = torch.randn(tokens, sum(outs), device="cuda", dtype=dtype)
+    runs = []
+    for base in ("mm", "skip"):
+        x, a, b = (t.clone().requires_grad_(True) for t in (x0, a0, b0))
+        torch.manual_seed(7)
+        y = _FusedLoraLinear.apply(x, a, b, projection, alpha, base, p, concat)
+        y.backward(upstream)
+        runs.append((y.detach(), x.grad, a.grad, b.grad))
+    assert len(made) == (2 if p else 0)
+    keep = made[0].keep() if p else torch.ones_like(x0, dtype=torch.bool)
+    scale = made[0].scale if p else 1.0
+    if p:
+        assert torch.equal(made[0].keep(), made[1].keep())  # the same seed: the same mask
+        assert 0.2 < 1 - keep.float().mean().item() < 0.4
+    weight = torch.cat([m.weight for m in modules]).float()
+    x, a, b = (t.float().requires_grad_(True) for t in (x0, a0, b0))
+    y = x @ weight.t() + alpha * ((x * keep * scale) @ a.t()) @ b.t()
+    y.backward(upstream.float())
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    for got, want in zip(runs[0], (y.detach(), x.grad, a.grad, b.grad)):
+        assert (got.float() - want).abs().max().item() <= tol * (want.abs().max().item() + 1)
+    for mm, skip in zip(runs[0][1:], runs[1][1:]):
+        assert torch.allclose(mm.float(), skip.float(), atol=tol)

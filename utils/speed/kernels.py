@@ -5,6 +5,9 @@
 of it (they are strided views), and the backward pass concatenates the three gradients back. Here one kernel reads
 the projection once and writes rotated q, rotated k and v as the contiguous tensors FlashAttention takes, and one
 kernel writes the projection's gradient from theirs.
+
+``LoraDropout``: the LoRA dropout of one projection input as one pass that writes the dropped copy and a one-bit
+mask (and, for the fused-LoRA GEMM, a copy of the input itself), and one in-place pass in the backward.
 """
 
 from __future__ import annotations
@@ -114,3 +117,114 @@ class RopeQKV(torch.autograd.Function):
         dst = tuple(part.view(tokens, -1, head_dim) for part in out.split([nq, nk, nk], dim=1))
         _launch(src, dst, cos, sin, inverse=True)
         return out, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA dropout: one elementwise pass each way, with a one-bit mask
+# --------------------------------------------------------------------------------------------
+# PEFT computes ``B(A(dropout(x)))``. PyTorch's dropout writes the dropped copy and a one-byte mask (5 bytes of
+# traffic per 16-bit element), and its backward pass costs two more passes: the mask applied to the LoRA part of the
+# input gradient, then autograd's sum of that with the frozen GEMM's part (results/04_speed_notes.md: 7 % of a
+# micro-batch-32 step at p = 0.05). Here ``LoraDropout`` writes the dropped copy and a one-bit mask (4⅛ bytes), and
+# its backward applies the mask in place to the LoRA part, onto which the frozen GEMM then adds itself in its epilogue
+# as it does without dropout. The GEMMs stay cuBLAS's (Triton GEMMs that applied the mask as they read were slower).
+#
+# Each element is dropped when a 16-bit draw falls below round(p · 65536), so the drop probability is
+# q = that count / 65536 (0.05 → 0.0500031; p under 2⁻¹⁷ rounds to 0: nothing dropped) and s = 1 / (1 − q) keeps every
+# element's expectation exact. One Philox call gives 128 bits: the draws of 8 elements, whose keep bits make one byte.
+
+DROP_LEVELS = 1 << 16
+
+
+def dropout_threshold(p: float) -> int:
+    """The 16-bit draws below which an element is dropped: round(p · 65536), so q = threshold / 65536."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"LoRA dropout p={p!r}: use 0 <= p < 1.")
+    return min(round(p * DROP_LEVELS), DROP_LEVELS - 1)
+
+
+@triton.jit
+def _dropout_forward_kernel(x, out, bits, copy, seed_ptr, n_bytes, row_bytes, copy_row, threshold, scale,
+                            COPY: tl.constexpr, BLOCK: tl.constexpr):
+    """Byte i of the mask covers elements 8i…8i+7: element 8i+k is kept when the k-th 16 bits of Philox(seed, i) are
+    ≥ threshold. out = x · keep · scale; ``COPY``: x also written into ``copy`` (rows of ``copy_row`` elements)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n_bytes
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), i)
+    k = tl.arange(0, 8)[None, :]
+    word = tl.where(k < 2, r0[:, None], tl.where(k < 4, r1[:, None], tl.where(k < 6, r2[:, None], r3[:, None])))
+    keep = ((word >> ((k & 1) * 16)) & 0xFFFF) >= threshold
+    i64 = i.to(tl.int64)[:, None]
+    elements = i64 * 8 + k
+    inside = ok[:, None]
+    xv = tl.load(x + elements, mask=inside, other=0.0)
+    tl.store(out + elements, tl.where(keep, xv.to(tl.float32) * scale, 0.0).to(out.dtype.element_ty), mask=inside)
+    tl.store(bits + i, tl.sum(keep.to(tl.int32) << k, axis=1).to(tl.uint8), mask=ok)
+    if COPY:
+        row = i64 // row_bytes
+        tl.store(copy + row * copy_row + (i64 - row * row_bytes) * 8 + k, xv, mask=inside)
+
+
+@triton.jit
+def _dropout_backward_kernel(g, bits, n_bytes, scale, BLOCK: tl.constexpr):
+    """In place: g = g · keep · scale, keep read from the one-bit mask."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n_bytes
+    k = tl.arange(0, 8)[None, :]
+    keep = ((tl.load(bits + i, mask=ok, other=0).to(tl.int32)[:, None] >> k) & 1) != 0
+    elements = i.to(tl.int64)[:, None] * 8 + k
+    inside = ok[:, None]
+    gv = tl.load(g + elements, mask=inside, other=0.0)
+    tl.store(g + elements, tl.where(keep, gv.to(tl.float32) * scale, 0.0).to(g.dtype.element_ty), mask=inside)
+
+
+DROPOUT_BLOCK = 256  # mask bytes per program: 2,048 elements
+
+
+def lora_dropout_supported(features: int) -> bool:
+    """Whole mask bytes per row: the input's features are a multiple of 8."""
+    return features % 8 == 0
+
+
+class LoraDropout:
+    """The dropout of one (tokens × features) LoRA input: the dropped copy ``out`` and its one-bit mask.
+
+    The seed comes from the device's generator (``torch.randint``): restoring its state, as a checkpointed layer's
+    recomputation does, draws the same mask again. ``copy``: a (tokens × features) view (rows may be strided) that
+    receives x itself in the same pass.
+    """
+
+    def __init__(self, x: torch.Tensor, p: float, copy: torch.Tensor | None = None):
+        tokens, features = x.shape
+        if not lora_dropout_supported(features) or not x.is_contiguous():
+            raise ValueError(f"LoRA dropout kernel: a contiguous input with a multiple of 8 features, not "
+                             f"{tuple(x.shape)} (contiguous: {x.is_contiguous()}).")
+        if copy is not None and (copy.shape != x.shape or copy.stride(1) != 1):
+            raise ValueError(f"LoRA dropout kernel: the copy must be a {tuple(x.shape)} view with unit column stride.")
+        threshold = dropout_threshold(p)
+        self.scale = DROP_LEVELS / (DROP_LEVELS - threshold)
+        self.shape = (tokens, features)
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+        n_bytes = tokens * features // 8
+        self.out = torch.empty_like(x)
+        self.bits = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
+        if n_bytes:
+            _dropout_forward_kernel[(triton.cdiv(n_bytes, DROPOUT_BLOCK),)](
+                x, self.out, self.bits, copy if copy is not None else x, seed, n_bytes, features // 8,
+                copy.stride(0) if copy is not None else 0, threshold, self.scale,
+                COPY=copy is not None, BLOCK=DROPOUT_BLOCK, num_warps=4)
+
+    def backward_(self, g: torch.Tensor) -> torch.Tensor:
+        """g (tokens × features, contiguous) ← g · keep · s, in place: the gradient through the dropout."""
+        if g.shape != self.shape or not g.is_contiguous():
+            raise ValueError(f"LoRA dropout backward: a contiguous {self.shape} gradient, not {tuple(g.shape)}.")
+        n_bytes = self.bits.numel()
+        if n_bytes:
+            _dropout_backward_kernel[(triton.cdiv(n_bytes, DROPOUT_BLOCK),)](g, self.bits, n_bytes, self.scale,
+                                                                           BLOCK=DROPOUT_BLOCK, num_warps=4)
+        return g
+
+    def keep(self) -> torch.Tensor:
+        """The kept flags as a (tokens × features) bool tensor (for tests and the PyTorch reference)."""
+        flags = (self.bits[:, None].to(torch.int32) >> torch.arange(8, device=self.bits.device)) & 1
+        return flags.bool().reshape(self.shape)

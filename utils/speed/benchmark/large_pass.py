@@ -51,6 +51,8 @@ FLAT_OPTIM = "paged_adamw_8bit_flat"  # the fast rows' optimizer (utils.speed.op
 # at call time: replacing the module's attribute counts every call the fast path makes
 KERNEL_FUNCTIONS: dict[str, tuple[str, str]] = {
     "rope_triton": ("utils.speed.kernels", "RopeQKV"),
+    # the LoRA projections of large passes: Triton dropout, LoRA update inside the q/k/v and gate/up GEMMs
+    "lora_fused": ("utils.speed.fastpath.layers", "_FusedLoraLinear"),
     "rms_norm_liger": ("liger_kernel.ops.rms_norm", "LigerRMSNormFunction"),
     "swiglu_liger": ("liger_kernel.ops.swiglu", "LigerFusedGateUpSiLUMulFunction"),
     "cross_entropy_liger": ("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction"),
@@ -361,7 +363,8 @@ def _method(steps: int, micro_batch: int, options: LargePassOptions = LargePassO
             f"{o.lora_dropout}, clip {THESIS.max_grad_norm}; the seed sets LoRA init and dropout. Loss = mean "
             "over the step's completion tokens. Gaps = mean over steps of |loss difference|; the paths agree when "
             "every seed's fast-vs-PEFT gap is under both paths' seed-to-seed gaps. Fast rows count the calls of the "
-            "Triton RoPE and Liger RMSNorm/SwiGLU/cross-entropy autograd functions (kernel_calls).")
+            "Triton RoPE, fused LoRA projection and Liger RMSNorm/SwiGLU/cross-entropy autograd functions "
+            "(kernel_calls).")
 
 
 def _print_run(row: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Any
 
@@ -27,6 +28,8 @@ class FastPath:
         self.dtype = dtype
         self.options = options
         self.kernels = resolve_kernels(options.kernels, device)
+        if not options.fused_lora:
+            self.kernels = dataclasses.replace(self.kernels, fused_lora=False)
         self.small_kernels = KERNELS["torch"] if options.kernels == "auto" else self.kernels
         attention = options.attention
         if attention == "auto":
@@ -54,7 +57,7 @@ class FastPath:
                 "residual_dtype": str(self.residual_dtype).replace("torch.", ""),
                 "checkpoint": self.options.checkpoint, "offload_checkpoints": self.store.offload,
                 "skip_down_recompute": self.options.skip_down_recompute, "checkpoint_keep": self.checkpoint_keep,
-                "mlp_chunk_tokens": self.options.mlp_chunk_tokens,
+                "mlp_chunk_tokens": self.options.mlp_chunk_tokens, "fused_lora": self.kernels.fused_lora,
                 "native_gqa": _FLASH.get("native_gqa")}
 
     def run(self, backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -49,6 +49,9 @@ class FusedProjection:
             raise FastPathError(f"{where}: the fused modules have different LoRA dropouts {sorted(ps)}.")
         self.dropout = ps.pop() if ps else 0.0
         self.has_lora = any(lora is not None for lora in self.loras)
+        # Where the output is wider than the input (q/k/v, gate/up), the fused-LoRA path runs the LoRA update inside
+        # the frozen GEMM as extra columns of K (``_FusedLoraLinear``)
+        self.concat = self.out_features > self.in_features
         # Dequantise straight into the compute dtype (bitsandbytes writes quant_state.dtype)
         self.quant_states = []
         for base in self.bases:
@@ -92,6 +95,15 @@ class FusedProjection:
                 dequantize_4bit_into(base.weight.data, state, part)
         return out
 
+    def frozen_weight_with_lora(self, b: torch.Tensor, alpha: float) -> torch.Tensor:
+        """[W | alpha · B] (out_features × (in_features + r_total)): the frozen weight with the LoRA up-projection
+        as extra columns, so that [x | x·Aᵀ] @ [W | alpha·B]ᵀ = x·Wᵀ + alpha·(x·Aᵀ)·Bᵀ is one GEMM."""
+        weight = self.frozen_weight()
+        out = weight.new_empty(self.out_features, self.in_features + b.shape[1])
+        out[:, :self.in_features].copy_(weight)
+        torch.mul(b, alpha, out=out[:, self.in_features:])
+        return out
+
     def lora_matrices(self, step: StepContext | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``A`` stacked (r_total × in), ``B`` block-diagonal (out × r_total) and the scaling for the GEMM.
 
@@ -132,7 +144,10 @@ class FusedProjection:
         if not self.has_lora:
             return _FrozenLinear.apply(x, self, base)
         a, b, alpha = self.lora_matrices(step)
-        xd = F.dropout(x, self.dropout, step.training) if self.dropout > 0 else None
+        p = self.dropout if step.training else 0.0
+        if step.kernels.fused_lora and self.in_features % 8 == 0 and x.is_contiguous():
+            return _FusedLoraLinear.apply(x, a, b, self, alpha, base, p, self.concat)
+        xd = F.dropout(x, p, True) if p > 0 else None
         return _LoraLinear.apply(x, xd, a, b, self, alpha, base)
 
 
@@ -283,6 +298,68 @@ class _LoraLinear(torch.autograd.Function):
         grad_x = (grad_xa @ a).addmm_(grad, weight)
         return grad_x, None, grad_a, grad_b, None, None, None
 
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """``_LoraLinear``'s maths for large passes on CUDA: the dropout as Triton passes, the LoRA update inside the GEMM.
+
+    - Dropout (``p`` > 0): ``utils.speed.kernels.LoraDropout`` writes the dropped copy of ``x`` and a one-bit mask in
+      one pass; the backward pass applies the mask in place to the LoRA part of the input gradient, onto which the
+      frozen GEMM adds itself in its epilogue, as without dropout (PyTorch's dropout cost a byte mask, a masked
+      copy of the gradient and autograd's sum of the two input gradients).
+    - ``concat`` (outputs wider than the input: q/k/v, gate/up): the forward GEMM is [x | xa] @ [W | alpha·B]ᵀ,
+      K = in + r, instead of writing ``xa @ Bᵀ`` as a (T × out) tensor that the frozen GEMM then reads back as its
+      beta: two passes over the widest tensor of the layer saved for a copy of x (written by the dropout pass when
+      there is one) and of W.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, projection: FusedProjection, alpha: float,
+                base: str, p: float, concat: bool) -> torch.Tensor:
+        from utils.speed.kernels import LoraDropout  # Triton: CUDA only, imported where it runs
+
+        ctx.projection, ctx.alpha = projection, alpha
+        features = projection.in_features
+        concat = concat and base != "skip"
+        wide = x.new_empty(x.shape[0], features + a.shape[0]) if concat else None
+        drop = LoraDropout(x, p, copy=wide[:, :features] if concat else None) if p > 0 else None
+        ctx.drop = drop
+        lora_in = drop.out if drop is not None else x
+        if drop is not None:
+            drop.out = None  # saved below; the mask alone stays on the object
+        if base == "skip":  # the caller never reads the output; the backward computes x @ A.T itself
+            ctx.weight = None
+            ctx.save_for_backward(lora_in, a, b, None)
+            return x.new_empty(x.shape[0], projection.out_features)
+        xa = lora_in @ a.t()
+        if concat:
+            if drop is None:
+                wide[:, :features].copy_(x)
+            wide[:, features:].copy_(xa)
+            weight = projection.frozen_weight_with_lora(b, alpha)
+            y = wide @ weight.t()
+            ctx.weight = weight[:, :features]  # a view with strided rows: cuBLAS reads it as it is
+        else:
+            ctx.weight = projection.frozen_weight()
+            y = (xa @ b.t()).addmm_(x, ctx.weight.t(), beta=alpha)
+        ctx.save_for_backward(lora_in, a, b, xa)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        lora_in, a, b, xa = ctx.saved_tensors
+        drop, ctx.drop = ctx.drop, None
+        weight = _weight_for_backward(ctx, needed=ctx.needs_input_grad[0])
+        if xa is None:
+            xa = lora_in @ a.t()
+        grad_xa = (grad @ b).mul_(ctx.alpha)
+        grad_b = (grad.t() @ xa).mul_(ctx.alpha)
+        grad_a = grad_xa.t() @ lora_in
+        if weight is None:
+            return None, grad_a, grad_b, None, None, None, None, None
+        grad_x = grad_xa @ a
+        if drop is not None:
+            drop.backward_(grad_x)
+        return grad_x.addmm_(grad, weight), grad_a, grad_b, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------

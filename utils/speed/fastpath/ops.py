@@ -89,12 +89,14 @@ class _Kernels:
     rms_norm: Any
     rope_qkv: Any
     swiglu: Any
+    # LoRA projections through ``layers._FusedLoraLinear``: Triton dropout passes, the LoRA update inside the GEMM
+    fused_lora: bool = False
 
 
 KERNELS = {
     "torch": _Kernels("torch", _rms_norm_torch, _rope_qkv_torch, _swiglu_torch),
     # Liger's RMSNorm and SwiGLU; RoPE from this project's kernel on the fused projection (Liger's copies q/k out)
-    "liger": _Kernels("liger", _rms_norm_liger, _rope_qkv_triton, _swiglu_liger),
+    "liger": _Kernels("liger", _rms_norm_liger, _rope_qkv_triton, _swiglu_liger, fused_lora=True),
 }
 
 

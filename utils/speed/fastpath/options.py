@@ -37,6 +37,10 @@ class FastPathOptions:
     mlp_chunk_tokens: int = 0
     attention: str = "auto"  # "varlen" (FlashAttention), "sdpa" (one padded row per sequence), or "auto"
     fp32_residual: bool = False  # keep the residual stream in fp32 (costs memory; for activations beyond fp16)
+    # Where the Triton kernel set runs (CUDA, passes of ``small_pass_tokens`` or more): LoRA dropout as one Triton
+    # pass each way with a one-bit mask, and the LoRA update of q/k/v and gate/up inside the frozen GEMM
+    # (``layers._FusedLoraLinear``). False: PyTorch's dropout and a separate LoRA GEMM (the A/B of the benchmark)
+    fused_lora: bool = True
     # Opt-in, CUDA only (``utils.speed.graphs.GraphedStep``): each micro-batch's forward and backward pass replayed
     # from a CUDA graph, one per length bucket (tokens padded up to a multiple of ``graph_bucket_tokens``, labels
     # -100), so a launch-bound step costs one graph launch instead of thousands of kernel launches. The checkpoints
@@ -57,6 +61,8 @@ class FastPathOptions:
         if not isinstance(self.small_pass_tokens, int) or self.small_pass_tokens < 0:
             raise FastPathError(f"small_pass_tokens={self.small_pass_tokens!r}: use a whole number of tokens, 0 or "
                                 "more (0: Liger's kernels for every pass where they can run).")
+        if not isinstance(self.fused_lora, bool):
+            raise FastPathError(f"fused_lora={self.fused_lora!r}: use True or False.")
         self._check_graphs()
 
     def _check_graphs(self) -> None:
