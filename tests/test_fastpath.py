@@ -376,3 +376,25 @@ def test_fused_lora_projection_computes_its_pytorch_maths_on_gpu(monkeypatch, p,
         assert (got.float() - want).abs().max().item() <= tol * (want.abs().max().item() + 1)
     for mm, skip in zip(runs[0][1:], runs[1][1:]):
         assert torch.allclose(mm.float(), skip.float(), atol=tol)
+
+
+@CUDA
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single-quant"])
+def test_frozen_weight_with_lora_dequantises_into_strided_rows_as_bitsandbytes_on_gpu(quant_type, nested):
+    """[W | alpha·B] from the strided Triton dequantisation equals bitsandbytes' W, bit for bit, beside alpha·B."""
+    pytest.importorskip("triton")
+    import bitsandbytes as bnb
+
+    from utils.speed.fastpath.layers import FusedProjection
+
+    torch.manual_seed(0)
+    modules = [bnb.nn.Linear4bit(64, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=nested,
+                                 quant_type=quant_type).cuda() for n in (96, 32)]
+    for module in modules:
+        module.weight.requires_grad_(False)
+    projection = FusedProjection(modules, torch.bfloat16, "test")
+    assert all(state is not None for state in projection.quant_states)
+    b = torch.randn(128, 8, device="cuda", dtype=torch.bfloat16)
+    wide = projection.frozen_weight_with_lora(b, 2.0)
+    assert torch.equal(wide, torch.cat([projection.frozen_weight(), 2.0 * b], 1))

@@ -124,10 +124,11 @@ class RopeQKV(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # PEFT computes ``B(A(dropout(x)))``. PyTorch's dropout writes the dropped copy and a one-byte mask (5 bytes of
 # traffic per 16-bit element), and its backward pass costs two more passes: the mask applied to the LoRA part of the
-# input gradient, then autograd's sum of that with the frozen GEMM's part (results/04_speed_notes.md: 7 % of a
-# micro-batch-32 step at p = 0.05). Here ``LoraDropout`` writes the dropped copy and a one-bit mask (4⅛ bytes), and
-# its backward applies the mask in place to the LoRA part, onto which the frozen GEMM then adds itself in its epilogue
-# as it does without dropout. The GEMMs stay cuBLAS's (Triton GEMMs that applied the mask as they read were slower).
+# input gradient, then autograd's sum of that with the frozen GEMM's part (45 ms of a 641 ms micro-batch-32 step at
+# p = 0.05 in the H200 profile). Here ``LoraDropout`` draws a one-bit mask, then writes the dropped copy (4⅛ bytes),
+# and its backward applies the mask in place to the LoRA part, onto which the frozen GEMM then adds itself in its
+# epilogue as it does without dropout. The GEMMs stay cuBLAS's (Triton GEMMs that applied the mask as they read were
+# slower).
 #
 # Each element is dropped when a 16-bit draw falls below round(p · 65536), so the drop probability is
 # q = that count / 65536 (0.05 → 0.0500031; p under 2⁻¹⁷ rounds to 0: nothing dropped) and s = 1 / (1 − q) keeps every
@@ -144,41 +145,44 @@ def dropout_threshold(p: float) -> int:
 
 
 @triton.jit
-def _dropout_forward_kernel(x, out, bits, copy, seed_ptr, n_bytes, row_bytes, copy_row, threshold, scale,
-                            COPY: tl.constexpr, BLOCK: tl.constexpr):
+def _dropout_bits_kernel(seed_ptr, bits, n_bytes, threshold, BLOCK: tl.constexpr):
     """Byte i of the mask covers elements 8i…8i+7: element 8i+k is kept when the k-th 16 bits of Philox(seed, i) are
-    ≥ threshold. out = x · keep · scale; ``COPY``: x also written into ``copy`` (rows of ``copy_row`` elements)."""
+    ≥ threshold. One Philox call per byte, in a one-dimensional layout (drawn inside the two-dimensional pass below,
+    the compiler recomputed each draw for each of the byte's 8 elements: 4× slower than PyTorch's dropout)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), i)
+    byte = _keep_pair(r0, threshold) | (_keep_pair(r1, threshold) << 2) | (_keep_pair(r2, threshold) << 4) | \
+        (_keep_pair(r3, threshold) << 6)
+    tl.store(bits + i, byte.to(tl.uint8), mask=i < n_bytes)
+
+
+@triton.jit
+def _keep_pair(word, threshold):
+    """Two keep bits from one 32-bit random word: its low and its high 16 bits, each kept when ≥ threshold."""
+    return ((word & 0xFFFF) >= threshold).to(tl.int32) | ((((word >> 16) & 0xFFFF) >= threshold).to(tl.int32) << 1)
+
+
+@triton.jit
+def _dropout_apply_kernel(x, out, bits, copy, n_bytes, row_bytes, copy_row, scale,
+                          COPY: tl.constexpr, BLOCK: tl.constexpr):
+    """out = x · keep · scale (``out`` may be ``x``: in place), keep read from the one-bit mask; ``COPY``: x also
+    written into ``copy`` (rows of ``copy_row`` elements)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n_bytes
-    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), i)
     k = tl.arange(0, 8)[None, :]
-    word = tl.where(k < 2, r0[:, None], tl.where(k < 4, r1[:, None], tl.where(k < 6, r2[:, None], r3[:, None])))
-    keep = ((word >> ((k & 1) * 16)) & 0xFFFF) >= threshold
+    keep = ((tl.load(bits + i, mask=ok, other=0).to(tl.int32)[:, None] >> k) & 1) != 0
     i64 = i.to(tl.int64)[:, None]
     elements = i64 * 8 + k
     inside = ok[:, None]
     xv = tl.load(x + elements, mask=inside, other=0.0)
     tl.store(out + elements, tl.where(keep, xv.to(tl.float32) * scale, 0.0).to(out.dtype.element_ty), mask=inside)
-    tl.store(bits + i, tl.sum(keep.to(tl.int32) << k, axis=1).to(tl.uint8), mask=ok)
     if COPY:
         row = i64 // row_bytes
         tl.store(copy + row * copy_row + (i64 - row * row_bytes) * 8 + k, xv, mask=inside)
 
 
-@triton.jit
-def _dropout_backward_kernel(g, bits, n_bytes, scale, BLOCK: tl.constexpr):
-    """In place: g = g · keep · scale, keep read from the one-bit mask."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < n_bytes
-    k = tl.arange(0, 8)[None, :]
-    keep = ((tl.load(bits + i, mask=ok, other=0).to(tl.int32)[:, None] >> k) & 1) != 0
-    elements = i.to(tl.int64)[:, None] * 8 + k
-    inside = ok[:, None]
-    gv = tl.load(g + elements, mask=inside, other=0.0)
-    tl.store(g + elements, tl.where(keep, gv.to(tl.float32) * scale, 0.0).to(g.dtype.element_ty), mask=inside)
-
-
-DROPOUT_BLOCK = 256  # mask bytes per program: 2,048 elements
+DROPOUT_BLOCK = 256  # mask bytes per program of the apply pass: 2,048 elements
+BITS_BLOCK = 1024  # mask bytes per program of the draw
 
 
 def lora_dropout_supported(features: int) -> bool:
@@ -209,9 +213,11 @@ class LoraDropout:
         self.out = torch.empty_like(x)
         self.bits = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
         if n_bytes:
-            _dropout_forward_kernel[(triton.cdiv(n_bytes, DROPOUT_BLOCK),)](
-                x, self.out, self.bits, copy if copy is not None else x, seed, n_bytes, features // 8,
-                copy.stride(0) if copy is not None else 0, threshold, self.scale,
+            _dropout_bits_kernel[(triton.cdiv(n_bytes, BITS_BLOCK),)](seed, self.bits, n_bytes, threshold,
+                                                                     BLOCK=BITS_BLOCK, num_warps=4)
+            _dropout_apply_kernel[(triton.cdiv(n_bytes, DROPOUT_BLOCK),)](
+                x, self.out, self.bits, copy if copy is not None else x, n_bytes, features // 8,
+                copy.stride(0) if copy is not None else 0, self.scale,
                 COPY=copy is not None, BLOCK=DROPOUT_BLOCK, num_warps=4)
 
     def backward_(self, g: torch.Tensor) -> torch.Tensor:
@@ -220,11 +226,65 @@ class LoraDropout:
             raise ValueError(f"LoRA dropout backward: a contiguous {self.shape} gradient, not {tuple(g.shape)}.")
         n_bytes = self.bits.numel()
         if n_bytes:
-            _dropout_backward_kernel[(triton.cdiv(n_bytes, DROPOUT_BLOCK),)](g, self.bits, n_bytes, self.scale,
-                                                                           BLOCK=DROPOUT_BLOCK, num_warps=4)
+            _dropout_apply_kernel[(triton.cdiv(n_bytes, DROPOUT_BLOCK),)](g, g, self.bits, g, n_bytes, 1, 0,
+                                                                        self.scale, COPY=False, BLOCK=DROPOUT_BLOCK,
+                                                                        num_warps=4)
         return g
 
     def keep(self) -> torch.Tensor:
         """The kept flags as a (tokens × features) bool tensor (for tests and the PyTorch reference)."""
         flags = (self.bits[:, None].to(torch.int32) >> torch.arange(8, device=self.bits.device)) & 1
         return flags.bool().reshape(self.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# 4-bit dequantisation into rows with a stride
+# --------------------------------------------------------------------------------------------
+# The fused-LoRA GEMM reads [W | alpha·B] (``FusedProjection.frozen_weight_with_lora``): W's rows have the LoRA
+# columns after them. bitsandbytes' kernel writes a contiguous tensor, which then had to be copied into place (10 ms
+# of a micro-batch-32 step); this kernel writes the rows where they go. Same maths as bitsandbytes' blockwise NF4/FP4
+# dequantisation (``dequantize_4bit``): element e = code[its 4 bits] · absmax[e // blocksize] in fp32, rounded once;
+# the high nibble of each byte is the first element; with double quantisation, absmax[b] = code2[absmax_q[b]] ·
+# absmax2[b // blocksize2] + offset.
+
+
+@triton.jit
+def _dequantize_4bit_kernel(packed, code, absmax, code2, absmax2, offset, out, n, cols, out_row, blocksize,
+                            blocksize2, NESTED: tl.constexpr, BLOCK: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < n
+    byte = tl.load(packed + (e >> 1), mask=ok, other=0).to(tl.int32)
+    nibble = tl.where((e & 1) == 0, byte >> 4, byte & 0xF)
+    block = e // blocksize
+    if NESTED:
+        scale = tl.load(code2 + tl.load(absmax + block, mask=ok, other=0).to(tl.int32), mask=ok, other=0.0) * \
+            tl.load(absmax2 + block // blocksize2, mask=ok, other=0.0) + offset
+    else:
+        scale = tl.load(absmax + block, mask=ok, other=0.0)
+    value = tl.load(code + nibble, mask=ok, other=0.0) * scale
+    row = e // cols
+    tl.store(out + row * out_row + (e - row * cols), value.to(out.dtype.element_ty), mask=ok)
+
+
+DEQUANT_BLOCK = 1024
+
+
+def dequantize_4bit_rows(packed: torch.Tensor, state, out: torch.Tensor, offset: float | None = None) -> torch.Tensor:
+    """bitsandbytes' 4-bit ``packed`` weight (its quant ``state``) into ``out``: a (rows × cols) view, unit column
+    stride, any row stride. ``offset``: the double quantisation's offset as a float (None: read from ``state``,
+    a device-to-host copy)."""
+    rows, cols = state.shape
+    if tuple(out.shape) != (rows, cols) or out.stride(1) != 1:
+        raise ValueError(f"4-bit dequantisation: the output must be a {(rows, cols)} view with unit column stride.")
+    n = rows * cols
+    nested = bool(state.nested)
+    if offset is None:
+        offset = float(state.offset) if nested else 0.0
+    absmax2 = state.state2.absmax if nested else state.absmax
+    code2 = state.state2.code if nested else state.code
+    if n:
+        _dequantize_4bit_kernel[(triton.cdiv(n, DEQUANT_BLOCK),)](
+            packed, state.code, state.absmax, code2, absmax2, offset, out, n, cols,
+            out.stride(0), state.blocksize, state.state2.blocksize if nested else 1,
+            NESTED=nested, BLOCK=DEQUANT_BLOCK, num_warps=4)
+    return out

@@ -62,7 +62,10 @@ class FusedProjection:
                 if state.nested:  # bitsandbytes moves the nested code table to the device on every call
                     state.state2 = copy.copy(state.state2)
                     state.state2.code = state.state2.code.to(base.weight.device)
+                state.code = state.code.to(base.weight.device)
             self.quant_states.append(state)
+        # double quantisation's offset as a Python float, read once (the strided kernel takes it as an argument)
+        self.offsets = [float(s.offset) if s is not None and s.nested else 0.0 for s in self.quant_states]
 
     def _lora_of(self, module: torch.nn.Module) -> dict | None:
         if not hasattr(module, "lora_A"):
@@ -98,9 +101,15 @@ class FusedProjection:
     def frozen_weight_with_lora(self, b: torch.Tensor, alpha: float) -> torch.Tensor:
         """[W | alpha · B] (out_features × (in_features + r_total)): the frozen weight with the LoRA up-projection
         as extra columns, so that [x | x·Aᵀ] @ [W | alpha·B]ᵀ = x·Wᵀ + alpha·(x·Aᵀ)·Bᵀ is one GEMM."""
-        weight = self.frozen_weight()
-        out = weight.new_empty(self.out_features, self.in_features + b.shape[1])
-        out[:, :self.in_features].copy_(weight)
+        from utils.speed.kernels import dequantize_4bit_rows  # Triton: the fused-LoRA path runs where it can
+
+        device = self.bases[0].weight.device
+        out = torch.empty(self.out_features, self.in_features + b.shape[1], dtype=self.dtype, device=device)
+        for base, state, offset, rows in zip(self.bases, self.quant_states, self.offsets, out.split(self.out_sizes)):
+            if state is None:
+                rows[:, :self.in_features].copy_(base.weight)
+            else:  # straight into the strided rows (bitsandbytes' kernel writes contiguous tensors only)
+                dequantize_4bit_rows(base.weight.data, state, rows[:, :self.in_features], offset)
         torch.mul(b, alpha, out=out[:, self.in_features:])
         return out
 
