@@ -398,3 +398,62 @@ def test_frozen_weight_with_lora_dequantises_into_strided_rows_as_bitsandbytes_o
     b = torch.randn(128, 8, device="cuda", dtype=torch.bfloat16)
     wide = projection.frozen_weight_with_lora(b, 2.0)
     assert torch.equal(wide, torch.cat([projection.frozen_weight(), 2.0 * b], 1))
+
+
+@CUDA
+@pytest.mark.parametrize("lengths", [(128, 128, 128), (7, 130, 64)], ids=["rows-of-one-length", "packed-rows"])
+def test_cudnn_attention_matches_flash_varlen_forward_and_backward_on_gpu(lengths):
+    """attention="cudnn": rows of one length through SDPA's cuDNN kernel (grouped k/v heads as they are), packed rows
+    of different lengths through FlashAttention's variable-length kernel: the same outputs and gradients."""
+    from utils.speed.fastpath.attention import _CUDNN, attention_cudnn, attention_varlen, cudnn_supported
+
+    if not cudnn_supported(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("no cuDNN attention on this GPU / PyTorch")
+    torch.manual_seed(0)
+    seg = find_segments(torch.cat([torch.arange(n) for n in lengths]).cuda())
+    q, k, v = (torch.randn(sum(lengths), heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for heads in (24, 8, 8))
+    upstream = torch.randn(sum(lengths), 24, 128, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for attention in (attention_varlen, attention_cudnn):
+        out = attention(q, k, v, seg)
+        out.backward(upstream)
+        results.append([out.detach().float()] + [t.grad.float() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    assert "failed" not in _CUDNN, _CUDNN.get("failed")
+    assert results[1][0].shape == (sum(lengths), 24, 128)
+    for cudnn, flash in zip(*results):
+        assert (cudnn - flash).abs().max().item() < 3e-2 * (flash.abs().max().item() + 1)
+
+
+@CUDA
+def test_fast_path_with_cudnn_attention_trains_as_with_flash_varlen_on_gpu():
+    """A bf16 step of the tiny model on rows of one length: the cuDNN and the FlashAttention fast paths agree."""
+    pytest.importorskip("liger_kernel")
+    from utils.speed.fastpath.attention import cudnn_supported
+
+    if not cudnn_supported(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("no cuDNN attention on this GPU / PyTorch")
+    model = _tiny_peft().cuda().to(torch.bfloat16)
+    ids, _, _ = _batch()
+    ids = ids.cuda()
+    results = []
+    for attention in ("varlen", "cudnn"):
+        enable_fast_path(model, torch.bfloat16, FastPathOptions(kernels="liger", small_pass_tokens=0,
+                                                               attention=attention))
+        assert model.get_base_model().model._fast_path.describe()["attention"] == attention
+        model.zero_grad()
+        loss = _fast_loss(model, ids, None, ids)
+        loss.backward()
+        results.append((loss.item(), _grads(model)))
+        disable_fast_path(model)
+    assert results[1][0] == pytest.approx(results[0][0], abs=2e-2)
+    for name, grad in results[0][1].items():
+        scale = grad.float().abs().max().item() + 1e-6
+        assert (results[1][1][name].float() - grad.float()).abs().max().item() / scale < 0.1, name
+
+
+def test_cudnn_attention_is_refused_where_it_cannot_run_with_the_way_out():
+    with pytest.raises(FastPathError, match="attention='cudnn'.*attention='auto'"):
+        enable_fast_path(_tiny_peft(), torch.float32, FastPathOptions(attention="cudnn"))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from utils.speed.fastpath.attention import _FLASH, find_segments, varlen_supported
+from utils.speed.fastpath.attention import _FLASH, cudnn_supported, find_segments, varlen_supported
 from utils.speed.fastpath.checkpoint import CheckpointStore, _CheckpointedLayer, _Recompute
 from utils.speed.fastpath.layers import FastLayer, StepContext
 from utils.speed.fastpath.ops import KERNELS, resolve_kernels
@@ -37,6 +37,9 @@ class FastPath:
         elif attention == "varlen" and not varlen_supported(device, dtype):
             raise FastPathError("attention='varlen' needs an Ampere-or-newer GPU, fp16/bf16 and PyTorch's "
                                 "FlashAttention kernels (torch.ops.aten._flash_attention_forward); use attention='sdpa' or 'auto'.")
+        elif attention == "cudnn" and not cudnn_supported(device, dtype):
+            raise FastPathError("attention='cudnn' needs an Ampere-or-newer GPU, fp16/bf16 and PyTorch's cuDNN "
+                                "attention (torch.nn.attention.SDPBackend.CUDNN_ATTENTION); use attention='auto'.")
         self.attention = attention
         self.residual_dtype = torch.float32 if options.fp32_residual else dtype
         self.layers = [FastLayer(layer, i, config, dtype, attention)

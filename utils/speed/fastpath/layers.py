@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from bitsandbytes.cextension import lib as BNB_LIB
 
-from utils.speed.fastpath.attention import Segments, attention_sdpa, attention_varlen
+from utils.speed.fastpath.attention import Segments, attention_cudnn, attention_sdpa, attention_varlen
 from utils.speed.fastpath.ops import _Kernels
 from utils.speed.fastpath.options import FastPathError
 
@@ -400,7 +400,7 @@ class FastLayer:
             raise FastPathError(f"{where}: only Llama-style attention (no q/k norm) is supported.")
         self.index = index
         self.dtype = dtype
-        self.attention_kernel = attention_varlen if attention == "varlen" else attention_sdpa
+        self.attention_kernel = {"varlen": attention_varlen, "cudnn": attention_cudnn}.get(attention, attention_sdpa)
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 KERNEL_CHOICES = ("auto", "liger", "torch")
 KEEP_CHOICES = ("auto", "input", "mid", "mid+qkv")
-ATTENTION_CHOICES = ("auto", "varlen", "sdpa")
+ATTENTION_CHOICES = ("auto", "varlen", "sdpa", "cudnn")
 
 
 class FastPathError(ValueError):
@@ -35,7 +35,9 @@ class FastPathOptions:
     # A checkpointed layer runs its MLP (and its recomputation and backward) over at most this many tokens at a
     # time (0: the whole pass at once): the MLP's (tokens × 2 · intermediate) activations are the largest alive
     mlp_chunk_tokens: int = 0
-    attention: str = "auto"  # "varlen" (FlashAttention), "sdpa" (one padded row per sequence), or "auto"
+    # "varlen" (FlashAttention over packed rows), "sdpa" (one padded row per sequence), "cudnn" (SDPA's cuDNN kernel
+    # where all rows of a pass have one length, varlen otherwise; Ampere or newer), or "auto" (varlen where it runs)
+    attention: str = "auto"
     fp32_residual: bool = False  # keep the residual stream in fp32 (costs memory; for activations beyond fp16)
     # Where the Triton kernel set runs (CUDA, passes of ``small_pass_tokens`` or more): LoRA dropout as one Triton
     # pass each way with a one-bit mask, and the LoRA update of q/k/v and gate/up inside the frozen GEMM
