@@ -113,10 +113,16 @@ def test_checkpoints_replay_the_same_dropout_and_skip_down_changes_nothing(optio
 
     The reference is the default recomputation with the same MLP chunks (each chunk draws its own masks).
     """
-    model = _tiny_peft(dropout=0.3)
-    ids, mask, labels = _batch()
+    _assert_same_dropout_grads(_tiny_peft(dropout=0.3), FastPathOptions(mlp_chunk_tokens=options.mlp_chunk_tokens),
+                               options, atol=1e-6)
+
+
+def _assert_same_dropout_grads(model, reference: FastPathOptions, options: FastPathOptions, atol: float) -> None:
+    """The LoRA gradients of one step from the same seed under two fast-path settings: equal within ``atol``."""
+    device = next(model.parameters()).device
+    ids, mask, labels = (t.to(device) for t in _batch())
     results = []
-    for opts in (FastPathOptions(mlp_chunk_tokens=options.mlp_chunk_tokens), options):
+    for opts in (reference, options):
         enable_fast_path(model, torch.float32, opts)
         model.zero_grad()
         torch.manual_seed(5)
@@ -124,7 +130,7 @@ def test_checkpoints_replay_the_same_dropout_and_skip_down_changes_nothing(optio
         results.append(_grads(model))
         disable_fast_path(model)
     for name in results[0]:
-        assert torch.allclose(results[0][name], results[1][name], atol=1e-6), name
+        assert torch.allclose(results[0][name], results[1][name], atol=atol), name
 
 
 def test_dropout_is_on_in_training_and_off_in_eval():
@@ -313,18 +319,8 @@ def test_fast_path_on_gpu_matches_peft_through_the_fused_dropout_kernels():
 def test_recomputation_replays_the_fused_dropout_masks_on_gpu(options):
     """Dropout 0.3 through the Triton kernels: each checkpointed layer's recomputation draws the forward's masks."""
     pytest.importorskip("liger_kernel")
-    model = _tiny_peft(dropout=0.3).cuda()
-    ids, mask, labels = (t.cuda() for t in _batch())
-    results = []
-    for opts in (FastPathOptions(kernels="liger", small_pass_tokens=0), options):
-        enable_fast_path(model, torch.float32, opts)
-        model.zero_grad()
-        torch.manual_seed(5)
-        _fast_loss(model, ids, mask, labels).backward()
-        results.append(_grads(model))
-        disable_fast_path(model)
-    for name in results[0]:
-        assert torch.allclose(results[0][name], results[1][name], atol=1e-5), name
+    _assert_same_dropout_grads(_tiny_peft(dropout=0.3).cuda(), FastPathOptions(kernels="liger", small_pass_tokens=0),
+                               options, atol=1e-5)
 
 
 @CUDA
