@@ -91,9 +91,19 @@ class FusedProjection:
             return w if w.dtype == self.dtype else w.to(self.dtype)
         device = self.bases[0].weight.device
         out = torch.empty(self.out_features, self.in_features, dtype=self.dtype, device=device)
-        for base, state, part in zip(self.bases, self.quant_states, out.split(self.out_sizes)):
+        return self._write_frozen(out)
+
+    def _write_frozen(self, out: torch.Tensor, strided: bool = False) -> torch.Tensor:
+        """Each module's frozen weight into its rows of ``out``, columns ``:in_features``. ``strided``: ``out`` has
+        more columns, so 4-bit weights go through the Triton kernel that writes rows with a stride."""
+        for base, state, offset, rows in zip(self.bases, self.quant_states, self.offsets, out.split(self.out_sizes)):
+            part = rows[:, :self.in_features]
             if state is None:
                 part.copy_(base.weight)
+            elif strided:
+                from utils.speed.kernels import dequantize_4bit_rows  # Triton: the fused-LoRA path runs where it can
+
+                dequantize_4bit_rows(base.weight.data, state, part, offset)
             else:
                 dequantize_4bit_into(base.weight.data, state, part)
         return out
@@ -101,15 +111,10 @@ class FusedProjection:
     def frozen_weight_with_lora(self, b: torch.Tensor, alpha: float) -> torch.Tensor:
         """[W | alpha · B] (out_features × (in_features + r_total)): the frozen weight with the LoRA up-projection
         as extra columns, so that [x | x·Aᵀ] @ [W | alpha·B]ᵀ = x·Wᵀ + alpha·(x·Aᵀ)·Bᵀ is one GEMM."""
-        from utils.speed.kernels import dequantize_4bit_rows  # Triton: the fused-LoRA path runs where it can
-
         device = self.bases[0].weight.device
         out = torch.empty(self.out_features, self.in_features + b.shape[1], dtype=self.dtype, device=device)
-        for base, state, offset, rows in zip(self.bases, self.quant_states, self.offsets, out.split(self.out_sizes)):
-            if state is None:
-                rows[:, :self.in_features].copy_(base.weight)
-            else:  # straight into the strided rows (bitsandbytes' kernel writes contiguous tensors only)
-                dequantize_4bit_rows(base.weight.data, state, rows[:, :self.in_features], offset)
+        # straight into the strided rows (bitsandbytes' kernel writes contiguous tensors only)
+        self._write_frozen(out, strided=True)
         torch.mul(b, alpha, out=out[:, self.in_features:])
         return out
 
@@ -295,17 +300,24 @@ class _LoraLinear(torch.autograd.Function):
         lora_in, a, b, xa = ctx.saved_tensors
         # no input gradient for an input nobody trains through (the first layer's): no frozen GEMM
         weight = _weight_for_backward(ctx, needed=ctx.needs_input_grad[0])
-        if xa is None:
-            xa = lora_in @ a.t()
-        grad_xa = (grad @ b).mul_(ctx.alpha)  # (T × r): small
-        grad_b = (grad.t() @ xa).mul_(ctx.alpha)
-        grad_a = grad_xa.t() @ lora_in
+        grad_xa, grad_a, grad_b = _lora_grads(grad, lora_in, a, b, xa, ctx.alpha)
         if weight is None:
             return None, None, grad_a, grad_b, None, None, None
         if ctx.dropped:  # the LoRA input is a different tensor: its gradient goes back through the dropout
             return grad @ weight, grad_xa @ a, grad_a, grad_b, None, None, None
         grad_x = (grad_xa @ a).addmm_(grad, weight)
         return grad_x, None, grad_a, grad_b, None, None, None
+
+
+def _lora_grads(grad: torch.Tensor, lora_in: torch.Tensor, a: torch.Tensor, b: torch.Tensor, xa: torch.Tensor | None,
+                alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gradient of x·Aᵀ, of A, of B) of ``alpha · (lora_in·Aᵀ)·Bᵀ`` for the output gradient ``grad``; ``xa`` is
+    lora_in·Aᵀ (None after a skipped forward: recomputed)."""
+    if xa is None:
+        xa = lora_in @ a.t()
+    grad_xa = (grad @ b).mul_(alpha)  # (T × r): small
+    grad_b = (grad.t() @ xa).mul_(alpha)
+    return grad_xa, grad_xa.t() @ lora_in, grad_b
 
 
 class _FusedLoraLinear(torch.autograd.Function):
@@ -358,11 +370,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         lora_in, a, b, xa = ctx.saved_tensors
         drop, ctx.drop = ctx.drop, None
         weight = _weight_for_backward(ctx, needed=ctx.needs_input_grad[0])
-        if xa is None:
-            xa = lora_in @ a.t()
-        grad_xa = (grad @ b).mul_(ctx.alpha)
-        grad_b = (grad.t() @ xa).mul_(ctx.alpha)
-        grad_a = grad_xa.t() @ lora_in
+        grad_xa, grad_a, grad_b = _lora_grads(grad, lora_in, a, b, xa, ctx.alpha)
         if weight is None:
             return None, grad_a, grad_b, None, None, None, None, None
         grad_x = grad_xa @ a
