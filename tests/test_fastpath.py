@@ -453,3 +453,80 @@ def test_fast_path_with_cudnn_attention_trains_as_with_flash_varlen_on_gpu():
 def test_cudnn_attention_is_refused_where_it_cannot_run_with_the_way_out():
     with pytest.raises(FastPathError, match="attention='cudnn'.*attention='auto'"):
         enable_fast_path(_tiny_peft(), torch.float32, FastPathOptions(attention="cudnn"))
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["plain", "cuda-graphs"])
+def test_auto_attention_takes_cudnn_for_large_passes_only(monkeypatch, cuda_graphs):
+    """attention="auto" where FlashAttention and cuDNN both run: cuDNN's kernel for passes of ``small_pass_tokens``
+    or more, the layers' FlashAttention kernel for smaller ones, and never under CUDA graphs. The kernels are replaced
+    by recording wrappers around SDPA so the choice runs on the CPU."""
+    from utils.speed.fastpath import attention as attention_module
+    from utils.speed.fastpath import backbone as backbone_module
+
+    calls = []
+
+    def recording(name):
+        def kernel(q, k, v, seg):
+            calls.append((name, q.shape[0]))
+            return attention_module.attention_sdpa(q, k, v, seg)
+        return kernel
+
+    monkeypatch.setattr(backbone_module, "varlen_supported", lambda device, dtype: True)
+    monkeypatch.setattr(backbone_module, "cudnn_supported", lambda device, dtype: True)
+    monkeypatch.setitem(attention_module.ATTENTION_KERNELS, "varlen", recording("varlen"))
+    monkeypatch.setitem(attention_module.ATTENTION_KERNELS, "cudnn", recording("cudnn"))
+    model = _tiny_peft()
+    ids, _, _ = _batch()  # 3 rows x 20 tokens: 60 tokens per pass
+    enable_fast_path(model, torch.float32, FastPathOptions(small_pass_tokens=60, offload_checkpoints=False,
+                                                           cuda_graphs=cuda_graphs))
+    fast = model.get_base_model().model._fast_path
+    _fast_loss(model, ids, None, ids).backward()  # a large pass (60 tokens)
+    _fast_loss(model, ids[:2], None, ids[:2]).backward()  # a small one (40 tokens)
+    disable_fast_path(model)
+    large = "varlen" if cuda_graphs else "cudnn"
+    assert fast.large_attention == large
+    assert ("cudnn" in fast.describe()["attention"]) is not cuda_graphs
+    # each pass runs attention once per layer forward and once per recomputation (3 layers, checkpointed)
+    assert {name for name, tokens in calls if tokens == 60} == {large}
+    assert {name for name, tokens in calls if tokens == 40} == {"varlen"}
+
+
+def test_explicit_attention_choices_hold_for_every_pass(monkeypatch):
+    """attention="varlen" is not promoted to cuDNN for large passes: only "auto" chooses per pass."""
+    from utils.speed.fastpath import backbone as backbone_module
+
+    monkeypatch.setattr(backbone_module, "varlen_supported", lambda device, dtype: True)
+    monkeypatch.setattr(backbone_module, "cudnn_supported", lambda device, dtype: True)
+    model = _tiny_peft()
+    enable_fast_path(model, torch.float32, FastPathOptions(attention="varlen", small_pass_tokens=0))
+    fast = model.get_base_model().model._fast_path
+    assert (fast.attention, fast.large_attention, fast.describe()["attention"]) == ("varlen", "varlen", "varlen")
+    disable_fast_path(model)
+
+
+@CUDA
+def test_auto_attention_runs_cudnn_on_a_large_pass_of_one_length_on_gpu():
+    """On the GPU, "auto" picks cuDNN for a large pass of equal rows, and its step equals an explicit "varlen" one."""
+    pytest.importorskip("liger_kernel")
+    from utils.speed.fastpath.attention import _CUDNN, cudnn_supported
+
+    if not cudnn_supported(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("no cuDNN attention on this GPU / PyTorch")
+    model = _tiny_peft().cuda().to(torch.bfloat16)
+    ids = _batch()[0].cuda()
+    results = []
+    for attention in ("varlen", "auto"):
+        enable_fast_path(model, torch.bfloat16, FastPathOptions(kernels="liger", small_pass_tokens=0,
+                                                               attention=attention))
+        fast = model.get_base_model().model._fast_path
+        model.zero_grad()
+        loss = _fast_loss(model, ids, None, ids)
+        loss.backward()
+        results.append((fast.large_attention, loss.item(), _grads(model)))
+        disable_fast_path(model)
+    assert [r[0] for r in results] == ["varlen", "cudnn"]
+    assert "failed" not in _CUDNN, _CUDNN.get("failed")
+    assert results[1][1] == pytest.approx(results[0][1], abs=2e-2)
+    for name, grad in results[0][2].items():
+        scale = grad.float().abs().max().item() + 1e-6
+        assert (results[1][2][name].float() - grad.float()).abs().max().item() / scale < 0.1, name

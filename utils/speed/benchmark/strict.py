@@ -71,8 +71,8 @@ RECIPE_PAIRS = (
 RECIPE_ROWS = ("original_fp16", "fast_2x1_fp16", "fast_2x1_graphs_fp16",
                "original_corpus_fp16", "fast_2x1_corpus_fp16", "fast_2x1_graphs_corpus_fp16")
 STRICT8_ROWS = (
-    "fast_mb32_keep_input_bf16", "fast_mb32_keep_input_fp16", "fast_mb32_keep_input_cudnn_bf16",
-    "fast_mb32_keep_input_cudnn_fp16", "fast_mb32_keep_input_unfused_lora_bf16",
+    "fast_mb32_keep_input_bf16", "fast_mb32_keep_input_fp16", "fast_mb32_keep_input_varlen_bf16",
+    "fast_mb32_keep_input_varlen_fp16", "fast_mb32_keep_input_unfused_lora_bf16",
     "unsloth_mb32_bf16", "unsloth_mb40_bf16", "unsloth_mb32_fp16", *RECIPE_ROWS,
 )
 

@@ -26,8 +26,10 @@ saving, loading and merging adapters are unchanged. What changes, and why it pay
   Liger's copies them out first), all three as PyTorch ops for smaller passes (where the CPU's kernel launches
   set the pace and Triton's launcher costs more CPU time than the extra ATen kernels) and off CUDA; attention is
   FlashAttention's variable-length kernel over the real tokens only (no padding), or PyTorch SDPA over one
-  padded row per sequence where that kernel is unavailable (CPU, GPUs older than Ampere); ``attention="cudnn"``
-  (opt-in) takes SDPA's cuDNN kernel where every row of a pass has one length.
+  padded row per sequence where that kernel is unavailable (CPU, GPUs older than Ampere). Passes of 4096 tokens
+  or more whose rows all have one length (fixed-length blocks, the benchmark's rows) take SDPA's cuDNN kernel on
+  views of the packed tensors where it runs (``attention_cudnn``; not under CUDA graphs); ``attention="varlen"``
+  keeps FlashAttention for every pass, ``attention="cudnn"`` asks for cuDNN for every pass.
 - In those large passes on CUDA (``fused_lora``), LoRA dropout is one Triton pass writing the dropped copy and a
   one-bit mask, and one in-place pass in the backward; q/k/v and gate/up add their LoRA update inside the frozen
   GEMM as extra K columns (``[x | x·Aᵀ] @ [W | alpha·B]ᵀ``, W dequantised straight into the wide operand) instead

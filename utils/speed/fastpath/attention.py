@@ -152,3 +152,6 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segme
     out = F.scaled_dot_product_attention(rows(q), _repeat_kv(rows(k), n_rep, 1), _repeat_kv(rows(v), n_rep, 1),
                                          is_causal=True)
     return out.transpose(1, 2)[seg.index, seg.position]
+
+
+ATTENTION_KERNELS = {"varlen": attention_varlen, "cudnn": attention_cudnn, "sdpa": attention_sdpa}

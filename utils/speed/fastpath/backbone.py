@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from utils.speed.fastpath.attention import _FLASH, cudnn_supported, find_segments, varlen_supported
+from utils.speed.fastpath.attention import _FLASH, ATTENTION_KERNELS, cudnn_supported, find_segments, varlen_supported
 from utils.speed.fastpath.checkpoint import CheckpointStore, _CheckpointedLayer, _Recompute
 from utils.speed.fastpath.layers import FastLayer, StepContext
 from utils.speed.fastpath.ops import KERNELS, resolve_kernels
@@ -41,6 +41,14 @@ class FastPath:
             raise FastPathError("attention='cudnn' needs an Ampere-or-newer GPU, fp16/bf16 and PyTorch's cuDNN "
                                 "attention (torch.nn.attention.SDPBackend.CUDNN_ATTENTION); use attention='auto'.")
         self.attention = attention
+        # "auto" where cuDNN's attention runs: its kernel for passes of ``small_pass_tokens`` or more whose rows share
+        # one length, FlashAttention's varlen for the rest (attention_cudnn's own rule). Smaller passes keep the
+        # direct FlashAttention call: they are bound by the CPU's launches, and SDPA's dispatch costs more CPU. Not
+        # with CUDA graphs: cuDNN refusing a shape mid-capture would break the capture rather than fall back
+        self.large_attention = attention
+        if options.attention == "auto" and attention == "varlen" and not options.cuda_graphs \
+                and cudnn_supported(device, dtype):
+            self.large_attention = "cudnn"
         self.residual_dtype = torch.float32 if options.fp32_residual else dtype
         self.layers = [FastLayer(layer, i, config, dtype, attention)
                        for i, layer in enumerate(backbone.layers)]
@@ -55,7 +63,11 @@ class FastPath:
         kernels = self.kernels.name
         if self.small_kernels is not self.kernels:
             kernels += f" ({self.small_kernels.name} below {self.options.small_pass_tokens} tokens per pass)"
-        return {"kernels": kernels, "attention": self.attention,
+        attention = self.attention
+        if self.large_attention != self.attention:
+            attention += (f" ({self.large_attention} for passes of {self.options.small_pass_tokens} tokens or more "
+                          "whose rows share one length)")
+        return {"kernels": kernels, "attention": attention,
                 "compute_dtype": str(self.dtype).replace("torch.", ""),
                 "residual_dtype": str(self.residual_dtype).replace("torch.", ""),
                 "checkpoint": self.options.checkpoint, "offload_checkpoints": self.store.offload,
@@ -87,9 +99,11 @@ class FastPath:
             if grad and self.options.checkpoint:
                 x = x.detach().requires_grad_(True)  # so the checkpointed layers' backward runs
             cos, sin = backbone.rotary_emb(x, pos.unsqueeze(0))
-            kernels = self.small_kernels if ids.numel() < self.options.small_pass_tokens else self.kernels
+            large = ids.numel() >= self.options.small_pass_tokens
+            kernels = self.kernels if large else self.small_kernels
             step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training, kernels, grad,
-                               mlp_chunk=self.options.mlp_chunk_tokens)
+                               mlp_chunk=self.options.mlp_chunk_tokens,
+                               attention=ATTENTION_KERNELS[self.large_attention] if large else None)
             keep = self.checkpoint_keep
             plan = _Recompute(self.options.skip_down_recompute, keep != "input", keep == "mid+qkv",
                               training and self.dropout, len(self.layers) - 1)

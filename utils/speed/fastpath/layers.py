@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes; where CUDA is available also its CUDA backend)
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from bitsandbytes.cextension import lib as BNB_LIB
 
-from utils.speed.fastpath.attention import Segments, attention_cudnn, attention_sdpa, attention_varlen
+from utils.speed.fastpath.attention import ATTENTION_KERNELS, Segments
 from utils.speed.fastpath.ops import _Kernels
 from utils.speed.fastpath.options import FastPathError
 
@@ -396,6 +397,7 @@ class StepContext:
     grad: bool = False  # the pass records a graph: the LoRA matrices are prepared with autograd on
     mlp_chunk: int = 0  # a checkpointed layer's MLP runs over at most this many tokens at a time (0: all)
     lora: dict = field(default_factory=dict)  # each projection's LoRA matrices for this pass (and its recomputation)
+    attention: Callable | None = None  # this pass's attention kernel (None: the one each layer was built with)
 
 
 class FastLayer:
@@ -408,7 +410,7 @@ class FastLayer:
             raise FastPathError(f"{where}: only Llama-style attention (no q/k norm) is supported.")
         self.index = index
         self.dtype = dtype
-        self.attention_kernel = {"varlen": attention_varlen, "cudnn": attention_cudnn}.get(attention, attention_sdpa)
+        self.attention_kernel = ATTENTION_KERNELS[attention]
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -434,7 +436,7 @@ class FastLayer:
         ``o="skip"``: no forward GEMM for o_proj's frozen weight (a recomputation that only needs the graph).
         """
         q, k, v = ctx.kernels.rope_qkv(qkv, ctx.cos, ctx.sin, self.heads, self.kv_heads, self.head_dim)
-        a = self.attention_kernel(q, k, v, ctx.segments).reshape(qkv.shape[0], self.heads * self.head_dim)
+        a = (ctx.attention or self.attention_kernel)(q, k, v, ctx.segments).reshape(qkv.shape[0], self.heads * self.head_dim)
         return self.o(a, ctx, o)
 
     def attention(self, x: torch.Tensor, ctx: StepContext, o: str = "mm") -> torch.Tensor:

@@ -36,7 +36,8 @@ class FastPathOptions:
     # time (0: the whole pass at once): the MLP's (tokens × 2 · intermediate) activations are the largest alive
     mlp_chunk_tokens: int = 0
     # "varlen" (FlashAttention over packed rows), "sdpa" (one padded row per sequence), "cudnn" (SDPA's cuDNN kernel
-    # where all rows of a pass have one length, varlen otherwise; Ampere or newer), or "auto" (varlen where it runs)
+    # where all rows of a pass have one length, varlen otherwise; Ampere or newer), or "auto": varlen where it runs,
+    # and "cudnn" for passes of ``small_pass_tokens`` or more where that runs (not under CUDA graphs), else "sdpa"
     attention: str = "auto"
     fp32_residual: bool = False  # keep the residual stream in fp32 (costs memory; for activations beyond fp16)
     # Where the Triton kernel set runs (CUDA, passes of ``small_pass_tokens`` or more): LoRA dropout as one Triton
