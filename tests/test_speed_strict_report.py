@@ -117,11 +117,32 @@ def test_a_run_stopped_before_its_plan_ends_says_how_much_it_measured(spread):
 
 
 def test_the_committed_strict_run_is_consistent_with_its_rows(spread):
-    """results/04_speed_strict8.json: its ratios are recomputed from its rows, its stop is said, and the Unsloth row
-    that ran out of memory under the cap is named with PyTorch's three numbers, not its paragraph."""
+    """results/04_speed_strict8.json: its ratios are recomputed from its rows, every planned row ran within the
+    budget, and the text leads with the recipe's medians and the ratios to Unsloth read from those rows."""
     report = load_report(RESULTS_DIR / STRICT8_REPORT.removeprefix("results/"))
     assert report["strict"] == strict_summary(report["rows"]) and report["strict"]["same_allocator"]
     assert report["device"].startswith("NVIDIA") and report["command"].startswith("python -m utils.speed.benchmark")
+    assert len(report["rows"]) == len(report["plan"]) and all(r.get("ok") for r in report["rows"])
+    assert not report["strict"]["out_of_budget"]
+    text = describe_strict(report, spread)
+    assert "Corrida incompleta" not in text
+    rows = {r["name"]: r["tokens_per_second"] for r in merged_rows(report["rows"])}
+    for dtype in ("bf16", "fp16"):
+        best = report["strict"][f"fast_best_{dtype}"]
+        unsloth = report["strict"][f"unsloth_best_{dtype}"]
+        assert best["x_unsloth_best"] == pytest.approx(rows[best["name"]] / rows[unsloth["name"]], abs=1e-3)
+        assert f"**{fmt_ratio(best['x_unsloth_best'])}**" in text
+    for key in ("recipe_twin_graphs", "recipe_corpus_graphs"):
+        recipe = report["strict"][key]
+        assert recipe["repeats"] >= 5 and recipe["paired_min"] <= recipe["x_fewer_seconds"] <= recipe["paired_max"]
+        assert f"**{fmt_ratio(recipe['x_fewer_seconds'])} menos**" in text
+
+
+def test_a_row_out_of_memory_under_the_cap_is_named_with_pytorchs_numbers(spread):
+    """The 544d8ed strict run (history): the Unsloth row that ran out of memory under the cap is named with
+    PyTorch's three numbers, not its paragraph, and the stopped run says so first."""
+    report = load_report(RESULTS_DIR / "history" / "04_speed_strict8_544d8ed.json")
+    assert report["strict"] == strict_summary(report["rows"])
     text = describe_strict(report, spread)
     assert text.splitlines()[1].startswith("- **Corrida incompleta:**")
     table = strict_table(report)
