@@ -161,6 +161,10 @@ CONFIGS: list[BenchConfig] = [
     _c("fast_mb40_keep_input_bf16", "fast", "bf16", micro_batch=40, **{**FAST, "fast": _fast(checkpoint_keep="input")},
        group="throughput", prediction="27 x 120 MiB counted, the same 128 MiB blocks as micro-batch 32: within 4 GiB "
        "pinned if the GPU side fits"),
+    _c("fast_mb40_keep_input_fp16", "fast", "fp16", micro_batch=40, **{**FAST, "fast": _fast(checkpoint_keep="input")},
+       group="throughput", prediction="the fp16 row at micro-batch 32 left 0.99 GiB of the GPU budget unused: 40 rows "
+       "may fit it, with the pinned blocks of micro-batch 32; ~1-2 % more tokens/s (longer GEMMs, the per-step costs "
+       "spread over more tokens)"),
     _c("fast_mb20_keep_mid_bf16", "fast", "bf16", micro_batch=20, **{**FAST, "fast": _fast(checkpoint_keep="mid")},
        group="throughput", prediction="input and residual: 54 x 60 MiB counted (3.4 GiB as 64 MiB blocks)"),
     _c("fast_mb16_no_offload_bf16", "fast", "bf16", micro_batch=16,

@@ -436,7 +436,8 @@ class FastLayer:
         ``o="skip"``: no forward GEMM for o_proj's frozen weight (a recomputation that only needs the graph).
         """
         q, k, v = ctx.kernels.rope_qkv(qkv, ctx.cos, ctx.sin, self.heads, self.kv_heads, self.head_dim)
-        a = (ctx.attention or self.attention_kernel)(q, k, v, ctx.segments).reshape(qkv.shape[0], self.heads * self.head_dim)
+        attention = ctx.attention or self.attention_kernel
+        a = attention(q, k, v, ctx.segments).reshape(qkv.shape[0], self.heads * self.head_dim)
         return self.o(a, ctx, o)
 
     def attention(self, x: torch.Tensor, ctx: StepContext, o: str = "mm") -> torch.Tensor:
