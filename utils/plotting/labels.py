@@ -106,7 +106,7 @@ _SPEED_WORDS = {
     "keep_down": "recalcula down_proj", "no_offload": "sin descarga a la CPU", "dropout0": "sin dropout",
     "keep_input": "solo la entrada como punto de control", "keep_mid": "entrada y residual como puntos de control",
     "mlp8k": "MLP en trozos de 8.192 tokens", "corpus": "corpus real", "graphs": "grafos CUDA",
-    "unfused_lora": "LoRA sin fusionar", "varlen": "atención FlashAttention de longitud variable",
+    "unfused_lora": "LoRA sin fusionar", "varlen": "FlashAttention varlen",
 }
 SPEED_IDS = (
     "original_fp16", "original_bf16", "hf_2x1_fp16", "hf_2x1_noprep_liger_bf16", "fast_2x1_fp16", "fast_2x1_bf16",

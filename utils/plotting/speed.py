@@ -148,7 +148,8 @@ def plot_strict(report: dict) -> plt.Figure:
                         va="center", ha="right", fontsize=8)
     # the compute type is the bar's colour: the label leaves it out
     names = [config_label(r["name"]).removesuffix(f", {r['dtype']}") for r in rows]
-    speed.set_yticks(np.arange(len(rows)), [textwrap.fill(n, 36) for n in names])
+    labels = [textwrap.fill(n, 36) for n in names]
+    speed.set_yticks(np.arange(len(rows)), labels)
     speed.invert_yaxis()
     speed.set_xlabel("tokens reales por segundo")
     speed.set_xlim(0, max(r["tokens_per_second"] for r in rows) * 1.22)
@@ -166,8 +167,10 @@ def plot_strict(report: dict) -> plt.Figure:
         handles.append(Patch(facecolor="white", edgecolor=PALETTE[0], hatch="//", label="Unsloth (rayado)"))
     parts, texts = memory.get_legend_handles_labels()
     handles += list(dict(zip(texts, parts)).values())  # each memory part and line once (labelled artists)
-    # about 0,75 cm a bar (two lines of label), 2,6 cm for the axes' labels, 0,5 cm a line of the legend (two a line)
-    fig.set_figheight((0.75 * len(rows) + 2.6 + 0.5 * -(-len(handles) // 2)) / 2.54)
+    # about 0,75 cm a bar for labels of two lines (0,36 cm a line where the longest has more, so that neighbouring
+    # labels do not overlap), 2,6 cm for the axes' labels, 0,5 cm a line of the legend (two entries a line)
+    per_bar = max(0.75, 0.36 * max(label.count("\n") + 1 for label in labels))
+    fig.set_figheight((per_bar * len(rows) + 2.6 + 0.5 * -(-len(handles) // 2)) / 2.54)
     legend_outside(fig, ncol=2, handles=handles)
     return fig
 
