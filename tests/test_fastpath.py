@@ -423,31 +423,43 @@ def test_cudnn_attention_matches_flash_varlen_forward_and_backward_on_gpu(length
         assert (cudnn - flash).abs().max().item() < 3e-2 * (flash.abs().max().item() + 1)
 
 
-@CUDA
-def test_fast_path_with_cudnn_attention_trains_as_with_flash_varlen_on_gpu():
-    """A bf16 step of the tiny model on rows of one length: the cuDNN and the FlashAttention fast paths agree."""
+def _bf16_steps_on_gpu(attentions: tuple[str, ...]) -> list[tuple]:
+    """One bf16 step of the tiny model (rows of one length, the Liger kernels on every pass) per ``attention``
+    setting: (the FastPath, its loss, its LoRA gradients) each. Skips where cuDNN attention or Liger cannot run."""
     pytest.importorskip("liger_kernel")
     from utils.speed.fastpath.attention import cudnn_supported
 
     if not cudnn_supported(torch.device("cuda"), torch.bfloat16):
         pytest.skip("no cuDNN attention on this GPU / PyTorch")
     model = _tiny_peft().cuda().to(torch.bfloat16)
-    ids, _, _ = _batch()
-    ids = ids.cuda()
+    ids = _batch()[0].cuda()
     results = []
-    for attention in ("varlen", "cudnn"):
+    for attention in attentions:
         enable_fast_path(model, torch.bfloat16, FastPathOptions(kernels="liger", small_pass_tokens=0,
                                                                attention=attention))
-        assert model.get_base_model().model._fast_path.describe()["attention"] == attention
+        fast = model.get_base_model().model._fast_path
         model.zero_grad()
         loss = _fast_loss(model, ids, None, ids)
         loss.backward()
-        results.append((loss.item(), _grads(model)))
+        results.append((fast, loss.item(), _grads(model)))
         disable_fast_path(model)
-    assert results[1][0] == pytest.approx(results[0][0], abs=2e-2)
-    for name, grad in results[0][1].items():
+    return results
+
+
+def _assert_same_step(reference: tuple, other: tuple) -> None:
+    """Two results of ``_bf16_steps_on_gpu``: losses within 0.02, each LoRA gradient within 10 % of its scale."""
+    assert other[1] == pytest.approx(reference[1], abs=2e-2)
+    for name, grad in reference[2].items():
         scale = grad.float().abs().max().item() + 1e-6
-        assert (results[1][1][name].float() - grad.float()).abs().max().item() / scale < 0.1, name
+        assert (other[2][name].float() - grad.float()).abs().max().item() / scale < 0.1, name
+
+
+@CUDA
+def test_fast_path_with_cudnn_attention_trains_as_with_flash_varlen_on_gpu():
+    """A bf16 step of the tiny model on rows of one length: the cuDNN and the FlashAttention fast paths agree."""
+    varlen, cudnn = _bf16_steps_on_gpu(("varlen", "cudnn"))
+    assert [r[0].describe()["attention"] for r in (varlen, cudnn)] == ["varlen", "cudnn"]
+    _assert_same_step(varlen, cudnn)
 
 
 def test_cudnn_attention_is_refused_where_it_cannot_run_with_the_way_out():
@@ -507,26 +519,9 @@ def test_explicit_attention_choices_hold_for_every_pass(monkeypatch):
 @CUDA
 def test_auto_attention_runs_cudnn_on_a_large_pass_of_one_length_on_gpu():
     """On the GPU, "auto" picks cuDNN for a large pass of equal rows, and its step equals an explicit "varlen" one."""
-    pytest.importorskip("liger_kernel")
-    from utils.speed.fastpath.attention import _CUDNN, cudnn_supported
+    from utils.speed.fastpath.attention import _CUDNN
 
-    if not cudnn_supported(torch.device("cuda"), torch.bfloat16):
-        pytest.skip("no cuDNN attention on this GPU / PyTorch")
-    model = _tiny_peft().cuda().to(torch.bfloat16)
-    ids = _batch()[0].cuda()
-    results = []
-    for attention in ("varlen", "auto"):
-        enable_fast_path(model, torch.bfloat16, FastPathOptions(kernels="liger", small_pass_tokens=0,
-                                                               attention=attention))
-        fast = model.get_base_model().model._fast_path
-        model.zero_grad()
-        loss = _fast_loss(model, ids, None, ids)
-        loss.backward()
-        results.append((fast.large_attention, loss.item(), _grads(model)))
-        disable_fast_path(model)
-    assert [r[0] for r in results] == ["varlen", "cudnn"]
+    varlen, auto = _bf16_steps_on_gpu(("varlen", "auto"))
+    assert [r[0].large_attention for r in (varlen, auto)] == ["varlen", "cudnn"]
     assert "failed" not in _CUDNN, _CUDNN.get("failed")
-    assert results[1][1] == pytest.approx(results[0][1], abs=2e-2)
-    for name, grad in results[0][2].items():
-        scale = grad.float().abs().max().item() + 1e-6
-        assert (results[1][2][name].float() - grad.float()).abs().max().item() / scale < 0.1, name
+    _assert_same_step(varlen, auto)

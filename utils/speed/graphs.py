@@ -140,9 +140,9 @@ def graph_hidden(fast: FastPath, backbone: torch.nn.Module, ids: torch.Tensor, p
         if options.checkpoint:
             x = x.detach().requires_grad_(True)
         cos, sin = backbone.rotary_emb(x, positions.unsqueeze(0))
-        kernels = fast.small_kernels if ids.numel() < options.small_pass_tokens else fast.kernels
+        kernels, attention = fast.pass_choices(ids.numel())
         step = StepContext(cos[0].to(fast.dtype), sin[0].to(fast.dtype), segments, backbone.training, kernels, True,
-                           mlp_chunk=options.mlp_chunk_tokens)
+                           mlp_chunk=options.mlp_chunk_tokens, attention=attention)
         keep = fast.checkpoint_keep
         plan = _Recompute(options.skip_down_recompute, keep != "input", keep == "mid+qkv",
                           backbone.training and fast.dropout, len(fast.layers) - 1)

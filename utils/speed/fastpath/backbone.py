@@ -58,6 +58,12 @@ class FastPath:
         self.dropout = any(p.dropout > 0 for layer in self.layers
                            for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
 
+    def pass_choices(self, tokens: int) -> tuple[Any, Any]:
+        """The kernel set and the attention kernel of a pass of ``tokens`` tokens (None: the layers' own kernel)."""
+        if tokens < self.options.small_pass_tokens:
+            return self.small_kernels, None
+        return self.kernels, ATTENTION_KERNELS[self.large_attention]
+
     def describe(self) -> dict[str, Any]:
         """The resolved choices, for run records."""
         kernels = self.kernels.name
@@ -99,11 +105,9 @@ class FastPath:
             if grad and self.options.checkpoint:
                 x = x.detach().requires_grad_(True)  # so the checkpointed layers' backward runs
             cos, sin = backbone.rotary_emb(x, pos.unsqueeze(0))
-            large = ids.numel() >= self.options.small_pass_tokens
-            kernels = self.kernels if large else self.small_kernels
+            kernels, attention = self.pass_choices(ids.numel())
             step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training, kernels, grad,
-                               mlp_chunk=self.options.mlp_chunk_tokens,
-                               attention=ATTENTION_KERNELS[self.large_attention] if large else None)
+                               mlp_chunk=self.options.mlp_chunk_tokens, attention=attention)
             keep = self.checkpoint_keep
             plan = _Recompute(self.options.skip_down_recompute, keep != "input", keep == "mid+qkv",
                               training and self.dropout, len(self.layers) - 1)
