@@ -50,6 +50,7 @@ import pytest
 
 from utils import config as config_module
 from utils import data as data_module
+from utils import paths as paths_module
 from utils import runner as runner_module
 from utils.data import tokenizers as tokenizers_module
 from utils.paths import PARAMS_DIR, REPO_ROOT
@@ -192,7 +193,8 @@ def _cached_tokenizer(name: str = "embedded"):
 
 @contextlib.contextmanager
 def sandbox(work: Path, stop_at: str = "model"):
-    """Profiles read from ``work/params``, runs under ``work/runs``, the stand-ins, the hub offline."""
+    """Profiles read from ``work/params``, runs under ``work/runs`` (published: ``work/figures``, ``work/results``),
+    the stand-ins, the hub offline."""
     from utils.training import run as run_module
 
     TRACE.clear()
@@ -202,7 +204,10 @@ def sandbox(work: Path, stop_at: str = "model"):
         stack.enter_context(patched(config_module, "PARAMS_DIR", work / "params"))
         stack.enter_context(patched(runner_module, "run_notebook", _fake_run_notebook))
         stack.enter_context(patched(runner_module, "declared_parameters", _cached_declared))
-        stack.enter_context(patched(runner_module, "run_dir", lambda name: work / "runs" / name))
+        # runs/, figures/ and results/ of the work folder, for the runner and for --publish (paths' functions read
+        # these at call time): a scenario never reads or writes the repository's own
+        for name, folder in (("RUNS_DIR", "runs"), ("FIGURES_DIR", "figures"), ("RESULTS_DIR", "results")):
+            stack.enter_context(patched(paths_module, name, work / folder))
         stack.enter_context(patched(tokenizers_module, "load_tokenizer", _cached_tokenizer))
         if stop_at == "model":
             stack.enter_context(patched(run_module, "load_training_model", _fake_model))
@@ -790,9 +795,7 @@ def sym_link(work: Path) -> None:
 
 def convert_from_dataset_folder(work: Path) -> int:
     """``cd dataset && python -m utils.data convert dataset/d.jsonl d.jsonl --force`` (repo root = ``work``)."""
-    from utils import paths
-
-    with patched(paths, "REPO_ROOT", work):
+    with patched(paths_module, "REPO_ROOT", work):
         os.chdir(work / "dataset")
         return data_module.main(["convert", "dataset/d.jsonl", "d.jsonl", "--to", "text", "--force"])
 

@@ -117,6 +117,27 @@ def test_figures_go_to_the_run_and_publish_copies_them(tmp_path, monkeypatch):
     assert "01_x" in (target / "figuras.tex").read_text() and "02_y" not in (target / "figuras.tex").read_text()
 
 
+def test_a_run_sets_the_kernels_environment_and_leaves_the_process_as_it_was(tmp_path, monkeypatch):
+    """Called in-process (a notebook cell, a test), the runner's QLORA_* variables reach the notebooks it runs and
+    are gone afterwards: a benchmark run later in the same process recorded the runner's command as its own."""
+    monkeypatch.setattr(runner, "run_dir", lambda name: tmp_path / name)
+    monkeypatch.setenv("QLORA_FIGURES_DIR", "/somewhere/of/mine")
+    monkeypatch.delenv("QLORA_COMMAND", raising=False)
+    monkeypatch.delenv("QLORA_PROFILE", raising=False)
+    seen = []
+
+    def fake_run(nb, out_dir, params, desc, log_output):
+        seen.append({k: os.environ.get(k) for k in ("QLORA_PROFILE", "QLORA_FIGURES_DIR", "QLORA_COMMAND")})
+        return 0.0
+
+    monkeypatch.setattr(runner, "run_with_progress", fake_run)
+    runner.run_profile("smoke", only=["01", "03"], run_name="mine")
+    assert seen == [{"QLORA_PROFILE": "mine", "QLORA_FIGURES_DIR": str(tmp_path / "mine" / "figures"),
+                     "QLORA_COMMAND": config.runner_command("smoke", [nb], "mine", [])} for nb in ("01", "03")]
+    assert os.environ["QLORA_FIGURES_DIR"] == "/somewhere/of/mine"
+    assert "QLORA_COMMAND" not in os.environ and "QLORA_PROFILE" not in os.environ
+
+
 def test_publish_needs_a_complete_run():
     out = subprocess.run([sys.executable, "-m", "utils.runner", "--profile", "smoke", "--only", "01", "--publish"],
                          capture_output=True, text=True)

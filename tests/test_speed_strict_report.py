@@ -4,6 +4,7 @@ spread across the committed invocations (``original_spread``) and the notebook's
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -269,15 +270,17 @@ def test_a_tiny_strict_run_on_the_cpu_is_described_from_its_own_rows(tmp_path, s
         plt.close(fig)
 
 
-def test_the_figure_command_draws_the_strict_figure_for_a_strict_run(tmp_path):
+def test_the_figure_command_draws_the_strict_figure_for_a_strict_run(tmp_path, monkeypatch):
     from utils.plotting.speed import draw_figures
 
+    monkeypatch.delenv("QLORA_FIGURES_DIR", raising=False)
     report = {**_fabricated(), "label": "tiny twin (logic test, not a result)"}  # a test run: drawn next to it
     path = tmp_path / "strict.json"
     path.write_text(json.dumps(report))
     drawn = draw_figures(path)
     assert [p.name for p in drawn] == ["04_speed_strict8.pdf"]
     assert (tmp_path / "04_speed_strict8.png").exists()
+    assert "QLORA_FIGURES_DIR" not in os.environ  # next to the JSON for this drawing only
 
 
 def test_round5_text_leads_with_the_ratios_that_hold_then_the_original_with_its_spread():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +38,27 @@ TENSORBOARD_DIR = "04_tensorboard"  # TensorBoard event files of the run (when t
 
 
 FIGURES_DIR = REPO_ROOT / "figures"
+
+
+@contextlib.contextmanager
+def scoped_environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of a block, then put back what was there (or nothing).
+
+    The runner and the figure command set ``QLORA_PROFILE``, ``QLORA_FIGURES_DIR`` and ``QLORA_COMMAND`` for the
+    kernels and figures they start; called from a notebook or a test, they must not leave them set for what runs
+    next in that process (a later benchmark would record the runner's command as its own). Variables the block
+    itself sets among these names are put back too.
+    """
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def figures_dir() -> Path:

@@ -45,7 +45,7 @@ from utils.config import (
     runner_command,
 )
 from utils.files import read_json, save_json
-from utils.paths import NOTEBOOKS_DIR, run_dir
+from utils.paths import NOTEBOOKS_DIR, run_dir, scoped_environ
 from utils.publishing import publish_run
 
 
@@ -407,22 +407,22 @@ def run_profile(profile_name: str, only: list[str] | None = None, log_output: bo
     overrides = list(overrides or [])
     profile, notebooks, run_name = plan_profile(profile_name, only, run_name, overrides)
     out_dir = run_dir(run_name)
-    os.environ["QLORA_PROFILE"] = run_name
-    # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads slowed
-    # forward passes several-fold. Kernels inherit the variable; a user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ["QLORA_FIGURES_DIR"] = str(out_dir / "figures")
     timings: dict[str, float] = {}
     # written before the first notebook and after each: a run stopped half-way still says how it was started
     summary = {"profile": profile_name, "run": run_name, "overrides": overrides,
                "command": runner_command(profile_name, only, run_name, overrides), "seconds": timings}
     save_json(summary, out_dir / "runner.json")
-    for i, nb in enumerate(notebooks, 1):
-        params = resolve_parameters(nb, notebook_parameters(profile, nb.name[:2]))
-        os.environ["QLORA_COMMAND"] = runner_command(profile_name, [nb.name[:2]], run_name, overrides)
-        desc = f"[{i}/{len(notebooks)}] {nb.stem} ({run_name})"
-        timings[nb.stem] = run_with_progress(nb, out_dir, params, desc, log_output)
-        save_json(summary, out_dir / "runner.json")
+    # What the kernels inherit, for the run only (a call from a notebook or a test leaves the process as it was).
+    # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads slowed forward passes
+    # several-fold; a user's own setting wins.
+    with scoped_environ(QLORA_PROFILE=run_name, QLORA_FIGURES_DIR=str(out_dir / "figures"), QLORA_COMMAND="",
+                        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE")):
+        for i, nb in enumerate(notebooks, 1):
+            params = resolve_parameters(nb, notebook_parameters(profile, nb.name[:2]))
+            os.environ["QLORA_COMMAND"] = runner_command(profile_name, [nb.name[:2]], run_name, overrides)
+            desc = f"[{i}/{len(notebooks)}] {nb.stem} ({run_name})"
+            timings[nb.stem] = run_with_progress(nb, out_dir, params, desc, log_output)
+            save_json(summary, out_dir / "runner.json")
     return out_dir
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.patches import Patch
 
 from utils.numbers import fmt_num, tick_formatter
+from utils.paths import scoped_environ
 from utils.plotting import COLORS, PALETTE, draw_budget, figure_context, label, legend_outside, new_figure
 from utils.plotting import save_figure, set_figure_context
 from utils.plotting.labels import LABELS, compose_speed_label
@@ -231,8 +232,12 @@ def draw_figures(path: Path) -> list[Path]:
     """Redraw the figure of a benchmark or correctness JSON with ``save_figure`` (a tiny test run: next to it); a
     strict run with rows within its budget gets ``plot_strict`` (its rows out of the budget are in its table)."""
     report = load_report(path)
-    if "tiny" in report.get("label", "") or report.get("model") not in (None, "embedded"):
-        os.environ["QLORA_FIGURES_DIR"] = str(path.parent)
+    beside = "tiny" in report.get("label", "") or report.get("model") not in (None, "embedded")
+    with scoped_environ(**({"QLORA_FIGURES_DIR": str(Path(path).parent)} if beside else {})):
+        return _draw_report(report, Path(path))
+
+
+def _draw_report(report: dict, path: Path) -> list[Path]:
     model = report.get("model") or "twin"
     try:
         figure_context()
