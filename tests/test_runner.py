@@ -225,6 +225,21 @@ def test_quiet_known_noise_drops_only_the_known_messages(monkeypatch):
     assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "0"
 
 
+def test_importing_utils_drops_the_bitsandbytes_hub_message_and_nothing_else():
+    """The commands import ``utils`` before bitsandbytes: its hub probe's line is dropped there, and only that (the
+    progress bars and warnings stay the user's until a notebook or child calls quiet_known_noise)."""
+    code = ("import logging, os, utils; from utils import quiet; bnb = logging.getLogger(quiet.BNB_CPU_LOGGER); "
+            "print(sum(isinstance(f, quiet.DropMessage) for f in bnb.filters), "
+            "os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'))")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["1", "None"]
+    # and a command, end to end: on a CPU where bitsandbytes probes the hub, its line would open the help text
+    done = subprocess.run([sys.executable, "-m", "utils.training", "--help"], capture_output=True, text=True,
+                          check=True)
+    assert quiet.BNB_CPU_MESSAGE not in done.stdout + done.stderr and done.stdout.startswith("usage:")
+
+
 def test_llama_tokenizer_decodes_without_the_bpe_cleanup_warning():
     tokenizer = load_tokenizer("llama-3.2")
     assert tokenizer.clean_up_tokenization_spaces is False

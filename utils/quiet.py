@@ -50,11 +50,19 @@ class DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
-def quiet_known_noise() -> None:
-    """Install the narrow filters above (idempotent); a later import of the libraries then stays quiet."""
+def drop_bitsandbytes_hub_probe() -> None:
+    """Drop bitsandbytes' one log line about the CPU kernel it could not download (idempotent).
+
+    ``import utils`` calls it, so every ``python -m utils.…`` command is rid of it before bitsandbytes loads.
+    """
     logger = logging.getLogger(BNB_CPU_LOGGER)
     if not any(isinstance(f, DropMessage) and f.prefix == BNB_CPU_MESSAGE for f in logger.filters):
         logger.addFilter(DropMessage(BNB_CPU_MESSAGE))
+
+
+def quiet_known_noise() -> None:
+    """Install the narrow filters above (idempotent); a later import of the libraries then stays quiet."""
+    drop_bitsandbytes_hub_probe()
     warnings.filterwarnings("ignore", message=GC_DEPRECATION, category=FutureWarning,
                             module=r"transformers\.modeling_utils")
     warnings.filterwarnings("ignore", message=TQDM_WIDGET, category=TqdmWarning)
