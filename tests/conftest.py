@@ -1,4 +1,10 @@
-"""Shared fixtures: the embedded assets are prepared once per session (cheap when cached)."""
+"""Shared fixtures: the embedded assets are prepared once per session (cheap when cached).
+
+``make test`` runs the suite on two workers (pytest-xdist, ``--dist loadfile``: a file's tests share one worker and
+its module fixtures). The tests of the smoke run (``smoke_run``, five minutes of notebooks) are collected first and
+``--no-loadscope-reorder`` keeps that order (xdist would otherwise hand out the files with most tests first), so one
+worker starts with them while the other works through the rest.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,11 @@ import subprocess
 import sys
 
 import pytest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The smoke run's tests first (a stable sort: the rest keep their order)."""
+    items.sort(key=lambda item: "smoke_run" not in getattr(item, "fixturenames", ()))
 
 
 @pytest.fixture(scope="session")

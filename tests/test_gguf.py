@@ -140,7 +140,7 @@ def test_export_refuses_to_overwrite_and_bad_input(embedded_export, tmp_path):
 
 @needs_embedded
 # q8_0: the smoke run's notebook 05 exports the merged embedded model to it and round-trips it (strict), and
-# tests/test_evaluation.py::test_notebook_05_runs_on_smoke asserts this test's checks on its recorded report.
+# tests/test_notebooks_smoke.py::test_notebook_05_runs_on_smoke asserts this test's checks on its recorded report.
 @pytest.mark.parametrize("type_name", ["f16"])
 def test_roundtrip_within_tolerance(embedded_export, type_name):
     report = roundtrip_check(EMBEDDED_DIR, embedded_export["files"][type_name]["path"], sample_prompts(),
