@@ -46,8 +46,7 @@ def scoped_environ(**values: str) -> Iterator[None]:
 
     The runner and the figure command set ``QLORA_PROFILE``, ``QLORA_FIGURES_DIR`` and ``QLORA_COMMAND`` for the
     kernels and figures they start; called from a notebook or a test, they must not leave them set for what runs
-    next in that process (a later benchmark would record the runner's command as its own). Variables the block
-    itself sets among these names are put back too.
+    next in that process (a later benchmark would record the runner's command as its own).
     """
     before = {name: os.environ.get(name) for name in values}
     os.environ.update(values)

@@ -415,13 +415,13 @@ def run_profile(profile_name: str, only: list[str] | None = None, log_output: bo
     # What the kernels inherit, for the run only (a call from a notebook or a test leaves the process as it was).
     # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads slowed forward passes
     # several-fold; a user's own setting wins.
-    with scoped_environ(QLORA_PROFILE=run_name, QLORA_FIGURES_DIR=str(out_dir / "figures"), QLORA_COMMAND="",
+    with scoped_environ(QLORA_PROFILE=run_name, QLORA_FIGURES_DIR=str(out_dir / "figures"),
                         OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE")):
         for i, nb in enumerate(notebooks, 1):
             params = resolve_parameters(nb, notebook_parameters(profile, nb.name[:2]))
-            os.environ["QLORA_COMMAND"] = runner_command(profile_name, [nb.name[:2]], run_name, overrides)
             desc = f"[{i}/{len(notebooks)}] {nb.stem} ({run_name})"
-            timings[nb.stem] = run_with_progress(nb, out_dir, params, desc, log_output)
+            with scoped_environ(QLORA_COMMAND=runner_command(profile_name, [nb.name[:2]], run_name, overrides)):
+                timings[nb.stem] = run_with_progress(nb, out_dir, params, desc, log_output)
             save_json(summary, out_dir / "runner.json")
     return out_dir
 

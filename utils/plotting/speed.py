@@ -231,10 +231,11 @@ def correctness_caption(report: dict) -> str:
 def draw_figures(path: Path) -> list[Path]:
     """Redraw the figure of a benchmark or correctness JSON with ``save_figure`` (a tiny test run: next to it); a
     strict run with rows within its budget gets ``plot_strict`` (its rows out of the budget are in its table)."""
+    path = Path(path)
     report = load_report(path)
     beside = "tiny" in report.get("label", "") or report.get("model") not in (None, "embedded")
-    with scoped_environ(**({"QLORA_FIGURES_DIR": str(Path(path).parent)} if beside else {})):
-        return _draw_report(report, Path(path))
+    with scoped_environ(**({"QLORA_FIGURES_DIR": str(path.parent)} if beside else {})):
+        return _draw_report(report, path)
 
 
 def _draw_report(report: dict, path: Path) -> list[Path]:
