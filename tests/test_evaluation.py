@@ -4,7 +4,6 @@ notebook end to end on the smoke profile."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np

@@ -37,7 +37,7 @@ def fabricate_run(folder, run: str, fast_path: str = "auto", seed: int = 42, eva
     """A finished run folder as notebooks 04 and 05 leave it, with an adapter and a progress file beside."""
     folder.mkdir(parents=True)
     record = {"notebook": "04", "profile": run, "started_at": "2026-12-02T14:40:00+00:00", "wall_time_s": 300.0,
-              "commit": "0123456789abcdef", "command": f"python -m utils.runner --profile gpu --only 04",
+              "commit": "0123456789abcdef", "command": "python -m utils.runner --profile gpu --only 04",
               "device": "NVIDIA H200", "compute_capability": "9.0", "versions": {"torch": "2.11.0"},
               "parameters": {"profile": run, "model_name": "embedded", "learning_rate": 1e-4, "max_steps": 20,
                              "fast_path": fast_path, "seed": seed, "output_dir": ""},

@@ -15,7 +15,7 @@ from peft import PeftModel
 from tqdm import tqdm  # plain text bar: renders the same in JupyterLab, papermill and a terminal
 from transformers import AutoTokenizer
 
-from utils.data import apply_system_prompt, system_prompt_policy
+from utils.data import apply_system_prompt
 from utils.device import default_device, torch_dtype
 from utils.files import read_json
 from utils.modeling import load_model

@@ -232,9 +232,9 @@ def coerce_profile(profile_name: str, profile: dict[str, Any],
         converted = {}
         for key, value in values.items():
             errors = []
-            for default in (d[key] for d in defaults if key in d):
+            for notebook_default in (d[key] for d in defaults if key in d):
                 try:
-                    converted[key] = coerce_value(value, default)
+                    converted[key] = coerce_value(value, notebook_default)
                     break
                 except ValueError as exc:
                     errors.append(str(exc))

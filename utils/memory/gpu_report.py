@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 from utils.config import THESIS
 from utils.device import default_device
