@@ -117,3 +117,19 @@ def test_readme_table_of_tested_versions_is_the_lock():
     stale = [f"{name} {version} (lock: {pins.get(canonicalize_name(name))})" for name, version in rows
              if pins.get(canonicalize_name(name)) != version]
     assert not stale, f"README, Tested versions: {stale}"
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped (hyphens kept), spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_in_page_link_of_the_readme_names_one_of_its_headings():
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # a "# comment" in a code block is no heading
+    anchors = [github_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", prose, re.M)]
+    assert len(anchors) == len(set(anchors)), "two headings share an anchor: a link can reach only the first"
+    links = re.findall(r"\]\(#([^)\s]+)\)", text)
+    assert len(links) >= 10, "the contents list links every main section"
+    broken = sorted(set(links) - set(anchors))
+    assert not broken, f"README links to anchors no heading has: {broken}"
