@@ -28,10 +28,15 @@ def test_the_layer_gemms_of_llama_3_2_3b_carry_the_lora_columns_in_k():
 
 def test_the_step_estimate_weighs_each_gemm_by_its_runs_and_layers_and_swaps_in_the_padded_ones():
     def row(name, per_layer, fp16, bf16, padded=False):
-        return {"name": name, "per_layer": per_layer, "fp16_ms": fp16, "bf16_ms": bf16, "padded": padded}
+        return {"name": name, "per_layer": per_layer, "fp16_ms": fp16, "bf16_ms": bf16, "padded": padded,
+                "blas": "cublas"}
 
     rows = [row("a", 2, 1.0, 0.5), row("b", 1, 3.0, 3.0), row("a", 2, 0.5, 0.5, padded=True)]
-    estimate = gemm_dtypes.step_estimate(rows, layers=10)
+    other = [{**r, "blas": "cublaslt", "fp16_ms": 2 * r["fp16_ms"]} for r in rows]
+    estimates = gemm_dtypes.step_estimate(rows + other, layers=10)
+    assert list(estimates) == ["cublas", "cublaslt"]  # one estimate per library, from its own rows only
+    assert estimates["cublaslt"]["plain_fp16_ms"] == 2 * estimates["cublas"]["plain_fp16_ms"]
+    estimate = estimates["cublas"]
     assert estimate["plain_fp16_ms"] == 10 * (2 * 1.0 + 3.0)
     assert estimate["plain_bf16_ms"] == 10 * (2 * 0.5 + 3.0)
     assert estimate["padded_fp16_ms"] == estimate["padded_bf16_ms"] == 10 * (2 * 0.5 + 3.0)
@@ -48,9 +53,10 @@ def test_a_cpu_run_times_every_shape_in_both_dtypes_and_writes_its_report(tmp_pa
     assert report["tokens"] == 8 and report["layers"] == 2 and report["commit"]
     # 8 GEMMs, 4 of them again with K padded (96 + 3 × 32 and 96 + 2 × 32 → 256)
     assert len(report["rows"]) == 8 + 4
-    assert all(r["fp16_ms"] > 0 and r["bf16_ms"] > 0 for r in report["rows"])
-    assert set(report["step_estimate"]) == {"plain_fp16_ms", "plain_bf16_ms", "padded_fp16_ms", "padded_bf16_ms",
-                                            "plain_fp16_over_bf16", "padded_fp16_over_bf16"}
+    assert all(r["fp16_ms"] > 0 and r["bf16_ms"] > 0 and r["blas"] == "default" for r in report["rows"])
+    assert set(report["step_estimate"]["default"]) == {"plain_fp16_ms", "plain_bf16_ms", "padded_fp16_ms",
+                                                       "padded_bf16_ms", "plain_fp16_over_bf16",
+                                                       "padded_fp16_over_bf16"}
     assert f"wrote {out}" in capsys.readouterr().out
 
 

@@ -8,11 +8,13 @@ on K? The fused q/k/v and gate/up GEMMs read the LoRA update as extra columns of
 ``utils.speed.fastpath.layers``), so their K is 3,072 + 96 and 3,072 + 64, not a multiple of 128; the ``padded``
 variants round it up.
 
-Each GEMM of one decoder layer (shapes from the model config and the thesis's LoRA rank) runs at ``--tokens``
-rows (a micro-batch's tokens), the dtypes interleaved, ``--repeats`` times after a warm-up; each time is the
-median. The per-step estimate weighs each GEMM by how often a step runs it with checkpoint_keep="input": the
-forward GEMMs twice (forward and recomputation; down_proj's once, its recomputation is skipped), the input-gradient
-GEMMs once, times the number of layers. The LoRA's own small GEMMs and everything else are left out::
+Each GEMM of one decoder layer (shapes from the model config and the thesis's LoRA rank) runs at ``--tokens`` rows
+(a micro-batch's tokens) in each dtype under each BLAS library PyTorch can prefer on CUDA (cuBLAS, its default, and
+cuBLASLt: their kernel choices may differ by dtype), all of them taking turns, ``--repeats`` times after a warm-up;
+each time is the median. The per-step estimate weighs each GEMM by how often a step runs it with
+checkpoint_keep="input": the forward GEMMs twice (forward and recomputation; down_proj's once, its recomputation is
+skipped), the input-gradient GEMMs once, times the number of layers. The LoRA's own small GEMMs and everything else
+are left out::
 
     .venv/bin/python tools/gemm_dtypes.py                            # CUDA: micro-batch 32 of Llama-3.2-3B
     .venv/bin/python tools/gemm_dtypes.py --tokens 20480 --out /tmp/g.json
@@ -128,55 +130,75 @@ def _timer(device: torch.device):
     return wall_time
 
 
+def blas_libraries(device: torch.device) -> tuple[str, ...]:
+    """The BLAS libraries PyTorch can be told to prefer here (``torch.backends.cuda.preferred_blas_library``)."""
+    return ("cublas", "cublaslt") if device.type == "cuda" else ("default",)
+
+
+def _distinct_shapes(config: dict, tokens: int, r: int) -> list[tuple[bool, Gemm]]:
+    """Every GEMM plain, then padded where padding changed it (K already a multiple of PAD_TO: timed once)."""
+    seen, todo = set(), []
+    for padded in (False, True):
+        for gemm in layer_gemms(config, tokens, r, padded):
+            key = (gemm.m, gemm.n, gemm.k, gemm.kind, gemm.k_stride)
+            if key not in seen:
+                seen.add(key)
+                todo.append((padded, gemm))
+    return todo
+
+
 def measure(config: dict, tokens: int, r: int, device: torch.device, repeats: int, warmup: int) -> list[dict]:
-    """Median seconds of every GEMM in each dtype, plain and padded; the dtypes interleaved within each repeat."""
+    """Median seconds of every GEMM in each dtype and BLAS library, plain and padded; within each repeat the
+    libraries and dtypes take turns, so that a drift of the GPU's clock touches them alike."""
     timer = _timer(device)
+    libraries = blas_libraries(device)
+    prefer = torch.backends.cuda.preferred_blas_library if device.type == "cuda" else (lambda backend=None: None)
+    before = prefer()
     rows = []
-    variants = [(padded, gemm) for padded in (False, True) for gemm in layer_gemms(config, tokens, r, padded)]
-    # a padded variant identical to its plain one (K already a multiple of PAD_TO) is not timed twice
-    seen = set()
-    todo = []
-    for padded, gemm in variants:
-        key = (gemm.m, gemm.n, gemm.k, gemm.kind, gemm.k_stride)
-        if padded and key in seen:
-            continue
-        seen.add(key)
-        todo.append((padded, gemm))
-    for padded, gemm in tqdm(todo, desc="GEMMs", unit="shape"):
-        calls = {name: _operands(gemm, dtype, device) for name, dtype in DTYPES.items()}
-        times = {name: [] for name in DTYPES}
-        for _ in range(warmup):
-            for call in calls.values():
-                call()
-        for _ in range(repeats):
-            for name, call in calls.items():
-                times[name].append(timer(call))
-        row = {**asdict(gemm), "padded": padded, "flops": 2 * gemm.m * gemm.n * gemm.k}
-        for name in DTYPES:
-            seconds = statistics.median(times[name])
-            row[f"{name}_ms"] = round(seconds * 1000, 4)
-            row[f"{name}_tflops"] = round(row["flops"] / seconds / 1e12, 1)
-        row["fp16_over_bf16"] = round(row["fp16_ms"] / row["bf16_ms"], 4)
-        rows.append(row)
-        del calls
+    try:
+        for padded, gemm in tqdm(_distinct_shapes(config, tokens, r), desc="GEMMs", unit="shape"):
+            calls = {name: _operands(gemm, dtype, device) for name, dtype in DTYPES.items()}
+            times = {(blas, name): [] for blas in libraries for name in DTYPES}
+            for round_ in range(warmup + repeats):
+                for blas in libraries:
+                    prefer(blas if blas != "default" else None)
+                    for name, call in calls.items():
+                        seconds = timer(call)
+                        if round_ >= warmup:
+                            times[blas, name].append(seconds)
+            for blas in libraries:
+                row = {**asdict(gemm), "padded": padded, "blas": blas, "flops": 2 * gemm.m * gemm.n * gemm.k}
+                for name in DTYPES:
+                    seconds = statistics.median(times[blas, name])
+                    row[f"{name}_ms"] = round(seconds * 1000, 4)
+                    row[f"{name}_tflops"] = round(row["flops"] / seconds / 1e12, 1)
+                row["fp16_over_bf16"] = round(row["fp16_ms"] / row["bf16_ms"], 4)
+                rows.append(row)
+            del calls
+    finally:
+        if before is not None:
+            prefer(before)
     return rows
 
 
 def step_estimate(rows: list[dict], layers: int) -> dict:
-    """GEMM milliseconds per optimizer step, per dtype, plain and padded (padded: where the padding changed K)."""
+    """GEMM milliseconds per optimizer step, per BLAS library and dtype, K plain and padded (padded: the padded
+    GEMMs where padding changed K, the plain ones elsewhere)."""
     out = {}
-    for padded in (False, True):
-        chosen = {}
-        for row in rows:
-            if not row["padded"]:
-                chosen.setdefault(row["name"], row)
-        if padded:
-            chosen.update({row["name"]: row for row in rows if row["padded"]})
-        for name in DTYPES:
-            key = f"{'padded' if padded else 'plain'}_{name}_ms"
-            out[key] = round(layers * sum(r[f"{name}_ms"] * r["per_layer"] for r in chosen.values()), 2)
-    out["plain_fp16_over_bf16"] = round(out["plain_fp16_ms"] / out["plain_bf16_ms"], 4)
-    out["padded_fp16_over_bf16"] = round(out["padded_fp16_ms"] / out["padded_bf16_ms"], 4)
+    for blas in dict.fromkeys(row["blas"] for row in rows):
+        mine = [row for row in rows if row["blas"] == blas]
+        estimate = {}
+        for padded in (False, True):
+            chosen = {row["name"]: row for row in mine if not row["padded"]}
+            if padded:
+                chosen.update({row["name"]: row for row in mine if row["padded"]})
+            for name in DTYPES:
+                key = f"{'padded' if padded else 'plain'}_{name}_ms"
+                estimate[key] = round(layers * sum(r[f"{name}_ms"] * r["per_layer"] for r in chosen.values()), 2)
+        for variant in ("plain", "padded"):
+            ratio = estimate[f"{variant}_fp16_ms"] / estimate[f"{variant}_bf16_ms"]
+            estimate[f"{variant}_fp16_over_bf16"] = round(ratio, 4)
+        out[blas] = estimate
     return out
 
 
@@ -208,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     config = read_json(args.config)
     rows = measure(config, args.tokens, THESIS.lora_r, device, args.repeats, args.warmup)
     report = {
-        "label": "GEMMs of one fast-path decoder layer in fp16 and bf16 (plain and K padded to a multiple of "
-                 f"{PAD_TO}), median of {args.repeats} interleaved repeats, CUDA events",
+        "label": "GEMMs of one fast-path decoder layer in fp16 and bf16, under each BLAS library PyTorch can "
+                 f"prefer, K plain and padded to a multiple of {PAD_TO}; median of {args.repeats} interleaved "
+                 "repeats (CUDA events on a GPU)",
         **result_provenance(),
         "config": str(args.config.name), "tokens": args.tokens, "lora_r": THESIS.lora_r,
         "layers": config["num_hidden_layers"], "rows": rows,
@@ -217,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = save_json(report, args.out or default_out(device))
     for row in rows:
-        print(f"{row['name']:<34} {'pad' if row['padded'] else '   '} {row['m']:>6}×{row['k']:>5}→{row['n']:>6}  "
+        shape = f"{row['m']:>6}×{row['k']:>5}→{row['n']:>6}"
+        print(f"{row['name']:<34} {'pad' if row['padded'] else '   '} {row['blas']:<8} {shape}  "
               f"fp16 {row['fp16_ms']:8.3f} ms ({row['fp16_tflops']:6.1f} TFLOP/s)  bf16 {row['bf16_ms']:8.3f} ms "
               f"({row['bf16_tflops']:6.1f})  fp16/bf16 {row['fp16_over_bf16']:.3f}")
     print(json.dumps(report["step_estimate"]))
