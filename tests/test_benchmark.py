@@ -433,3 +433,22 @@ def test_a_stopped_run_resumes_with_the_rows_it_lacks_in_the_same_order(monkeypa
         run_benchmark(out, **options, resume=True, alloc_conf="expandable_segments:False")
     with pytest.raises(SystemExit, match="does not exist"):
         run_benchmark(tmp_path / "none.json", **options, resume=True)
+
+
+def test_a_row_prefers_its_blas_library_on_a_gpu_only_and_refuses_an_unknown_one(monkeypatch):
+    from utils.speed.benchmark import measure
+
+    chosen = []
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", lambda backend=None: chosen.append(backend))
+    lt = config_by_name("fast_mb32_keep_input_cublaslt_fp16")
+    assert lt.blas == "cublaslt" and config_by_name("fast_mb32_keep_input_fp16").blas == ""
+    measure._prefer_blas(lt, cuda=False)  # a CPU has no BLAS library to choose
+    measure._prefer_blas(config_by_name("fast_mb32_keep_input_fp16"), cuda=True)  # "": PyTorch's default, untouched
+    assert chosen == []
+    measure._prefer_blas(lt, cuda=True)
+    assert chosen == ["cublaslt"]
+    with pytest.raises(ValueError, match=r"blas='cublass'.*cublaslt"):
+        measure._prefer_blas(replace(lt, blas="cublass"), cuda=True)
+    # a result file written before the field existed reads back with PyTorch's default
+    old_row = {k: v for k, v in vars(lt).items() if k != "blas"}
+    assert BenchConfig.from_dict(old_row).blas == ""

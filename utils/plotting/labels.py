@@ -106,7 +106,7 @@ _SPEED_WORDS = {
     "keep_down": "recalcula down_proj", "no_offload": "sin descarga a la CPU", "dropout0": "sin dropout",
     "keep_input": "solo la entrada como punto de control", "keep_mid": "entrada y residual como puntos de control",
     "mlp8k": "MLP en trozos de 8.192 tokens", "corpus": "corpus real", "graphs": "grafos CUDA",
-    "unfused_lora": "LoRA sin fusionar", "varlen": "FlashAttention varlen",
+    "unfused_lora": "LoRA sin fusionar", "varlen": "FlashAttention varlen", "cublaslt": "cuBLASLt",
 }
 SPEED_IDS = (
     "original_fp16", "original_bf16", "hf_2x1_fp16", "hf_2x1_noprep_liger_bf16", "fast_2x1_fp16", "fast_2x1_bf16",
@@ -121,7 +121,8 @@ SPEED_IDS = (
     "fast_mb32_corpus_bf16", "fast_mb32_corpus_fp16", "unsloth_2x1_bf16", "unsloth_mb32_bf16", "unsloth_mb40_bf16",
     "unsloth_mb48_bf16", "unsloth_mb32_fp16", "unsloth_mb40_fp16", "fast_mb32_keep_input_bf16",
     "fast_mb32_keep_input_fp16", "fast_mb40_keep_input_bf16", "fast_mb40_keep_input_fp16", "fast_mb20_keep_mid_bf16",
-    "fast_mb16_no_offload_bf16", "fast_mb36_keep_input_bf16", "fast_mb36_keep_input_fp16", "unsloth_mb36_bf16",
+    "fast_mb16_no_offload_bf16", "fast_mb32_keep_input_cublaslt_fp16", "fast_mb32_keep_input_cublaslt_bf16",
+    "fast_mb36_keep_input_bf16", "fast_mb36_keep_input_fp16", "unsloth_mb36_bf16",
     "unsloth_mb36_fp16",
     "fast_2x1_graphs_fp16", "fast_mb32_keep_input_unfused_lora_bf16", "fast_mb32_keep_input_varlen_bf16",
     "fast_mb32_keep_input_varlen_fp16", "fast_2x1_graphs_corpus_fp16",

@@ -27,6 +27,9 @@ class BenchConfig:
     fast: FastPathOptions = field(default_factory=FastPathOptions)  # fast: how the fast path runs (see fastpath)
     fused_loss: bool = True  # fast: Liger's fused linear cross-entropy where it runs (False: PyTorch's, in chunks)
     expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    # The BLAS library the row's process prefers (torch.backends.cuda.preferred_blas_library): "" leaves PyTorch's
+    # default (cuBLAS); "cublaslt" asks cuBLASLt, whose kernel choices for a shape and dtype may differ
+    blas: str = ""
     group: str = ""  # what the row tests (for the notes and the figure)
     prediction: str = ""  # what we expected before measuring
 
@@ -158,6 +161,12 @@ CONFIGS: list[BenchConfig] = [
        prediction="PyTorch's dropout (a byte mask, a masked copy of the gradient, autograd's sum of two input "
        "gradients) and the LoRA update as a separate (tokens x out) GEMM read back as the frozen GEMM's beta: the "
        "profile put them at ~45 and ~30 ms of a 640 ms step; ~10 % slower than the fused path"),
+    _c("fast_mb32_keep_input_cublaslt_fp16", "fast", "fp16", micro_batch=32, blas="cublaslt",
+       **{**FAST, "fast": _fast(checkpoint_keep="input")}, group="ablation",
+       prediction="PyTorch's GEMMs through cuBLASLt instead of cuBLAS: fp16 loses 3.3 % against bf16 here and "
+       "Unsloth 1.9 %; if cuBLAS picks slower fp16 kernels for these shapes (tools/gemm_dtypes.py), up to ~2 %"),
+    _c("fast_mb32_keep_input_cublaslt_bf16", "fast", "bf16", micro_batch=32, blas="cublaslt",
+       **{**FAST, "fast": _fast(checkpoint_keep="input")}, group="ablation"),
     _c("fast_mb36_keep_input_bf16", "fast", "bf16", micro_batch=36, **{**FAST, "fast": _fast(checkpoint_keep="input")},
        group="throughput", prediction="between micro-batch 32 (0.67 GiB of the GPU budget unused in bf16) and 40: "
        "12 % more activations, the same 27 x 128 MiB pinned blocks; ~1 % more tokens/s if it fits"),

@@ -228,6 +228,7 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
     """
     device = device or str(default_device())
     cuda = device.startswith("cuda")
+    _prefer_blas(config, cuda)
     torch.manual_seed(seed)
     limits, tracker = _start_budget(device, budget, memory_cap_gib) if cuda else (None, None)
     started = time.perf_counter()
@@ -266,6 +267,17 @@ def measure(config: BenchConfig, model: str, steps: int, warmup: int, device: st
     if use:
         out["budget"] = use()
     return out
+
+
+BLAS_CHOICES = ("", "cublas", "cublaslt")
+
+
+def _prefer_blas(config: BenchConfig, cuda: bool) -> None:
+    """Set the row's BLAS library for its process (each row runs in its own); on a CPU there is none to choose."""
+    if config.blas not in BLAS_CHOICES:
+        raise ValueError(f"{config.name}: blas={config.blas!r}: use one of {BLAS_CHOICES} ('' = PyTorch's default)")
+    if config.blas and cuda:
+        torch.backends.cuda.preferred_blas_library(config.blas)
 
 
 def _pinned_buffers(peft_model, config: BenchConfig) -> list[torch.Tensor]:
