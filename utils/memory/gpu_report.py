@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-
 from utils.config import THESIS
 from utils.device import default_device
 from utils.files import save_json

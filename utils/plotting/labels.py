@@ -122,8 +122,7 @@ SPEED_IDS = (
     "unsloth_mb48_bf16", "unsloth_mb32_fp16", "unsloth_mb40_fp16", "fast_mb32_keep_input_bf16",
     "fast_mb32_keep_input_fp16", "fast_mb40_keep_input_bf16", "fast_mb40_keep_input_fp16", "fast_mb20_keep_mid_bf16",
     "fast_mb16_no_offload_bf16", "fast_mb32_keep_input_cublaslt_fp16", "fast_mb32_keep_input_cublaslt_bf16",
-    "fast_mb36_keep_input_bf16", "fast_mb36_keep_input_fp16", "unsloth_mb36_bf16",
-    "unsloth_mb36_fp16",
+    "fast_mb36_keep_input_bf16", "fast_mb36_keep_input_fp16", "unsloth_mb36_bf16", "unsloth_mb36_fp16",
     "fast_2x1_graphs_fp16", "fast_mb32_keep_input_unfused_lora_bf16", "fast_mb32_keep_input_varlen_bf16",
     "fast_mb32_keep_input_varlen_fp16", "fast_2x1_graphs_corpus_fp16",
 )
