@@ -139,6 +139,33 @@ def test_the_committed_strict_run_is_consistent_with_its_rows(spread):
         assert f"**{fmt_ratio(recipe['x_fewer_seconds'])} menos**" in text
 
 
+def test_the_second_strict_run_is_consistent_with_its_rows_and_quoted_by_the_readme():
+    """results/04_speed_strict8_mb36.json (goal-1 rows only): its summary is recomputed from its rows, the rows that
+    did not run are Unsloth's micro-batch 40 out of memory under the cap, and the README quotes its rows and ratios."""
+    report = load_report(RESULTS_DIR / "04_speed_strict8_mb36.json")
+    assert report["strict"] == strict_summary(report["rows"]) and report["strict"]["same_allocator"]
+    assert len(report["commit"]) == 40 and report["command"].startswith("python -m utils.speed.benchmark run")
+    assert len(report["rows"]) == len(report["plan"])
+    failed = sorted(r["name"] for r in report["rows"] if not r.get("ok"))
+    assert failed == ["unsloth_mb40_bf16", "unsloth_mb40_fp16"]
+    assert all("Tried to allocate" in r["error"] for r in report["rows"] if not r.get("ok"))
+    assert sorted(report["strict"]["out_of_budget"]) == failed
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("`results/04_speed_strict8_mb36.{json,log}`"):]
+    section = section[:section.index("\n\nMeasured on one")]
+    use = strict_table(report)["GiB GPU en total"]
+    for row in merged_rows(report["rows"]):
+        assert f"{row['tokens_per_second']:,.0f}" in section, row["name"]
+        assert f"| {use[row['name']]:.2f} |" in section, row["name"]
+    ratios = []
+    for dtype in ("bf16", "fp16"):
+        best, unsloth = report["strict"][f"fast_best_{dtype}"], report["strict"][f"unsloth_best_{dtype}"]
+        assert best["x_unsloth_best"] == pytest.approx(best["tokens_per_second"] / unsloth["tokens_per_second"],
+                                                       abs=1e-3)
+        ratios.append(f"{best['x_unsloth_best']:.3f}× in {dtype}")
+    assert f"**Best against best: {ratios[0]}, {ratios[1]}.**" in section
+
+
 def test_a_row_out_of_memory_under_the_cap_is_named_with_pytorchs_numbers(spread):
     """The 544d8ed strict run (history): the Unsloth row that ran out of memory under the cap is named with
     PyTorch's three numbers, not its paragraph, and the stopped run says so first."""
