@@ -105,9 +105,12 @@ def test_one_padding_free_row_equals_the_padded_batch():
                                      FastPathOptions(checkpoint_keep="mid"), FastPathOptions(checkpoint_keep="mid+qkv"),
                                      FastPathOptions(checkpoint=False, mlp_chunk_tokens=16),
                                      FastPathOptions(checkpoint_keep="input", mlp_chunk_tokens=16),
-                                     FastPathOptions(checkpoint_keep="mid+qkv", mlp_chunk_tokens=16)],
+                                     FastPathOptions(checkpoint_keep="mid+qkv", mlp_chunk_tokens=16),
+                                     FastPathOptions(checkpoint_keep="mid", keep_layers=1),
+                                     FastPathOptions(checkpoint_keep="mid+qkv", keep_layers=2)],
                          ids=["no-checkpoint", "recompute-down", "keep-mid", "keep-mid-qkv", "no-checkpoint-mlp-in-chunks",
-                              "input-mlp-in-chunks", "keep-mid-qkv-mlp-in-chunks"])
+                              "input-mlp-in-chunks", "keep-mid-qkv-mlp-in-chunks", "keep-mid-first-layer",
+                              "keep-mid-qkv-first-two-layers"])
 def test_checkpoints_replay_the_same_dropout_and_skip_down_changes_nothing(options):
     """Recomputation must draw the same LoRA-dropout masks, and skipping frozen GEMMs must not change grads.
 
@@ -183,6 +186,14 @@ def test_unsupported_models_and_settings_fail_with_one_clear_message():
         FastPathOptions(checkpoint_keep="everything")
     with pytest.raises(FastPathError, match="mlp_chunk_tokens="):
         FastPathOptions(mlp_chunk_tokens=-8)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(FastPathError, match=r"keep_layers=.*whole number of layers"):
+            FastPathOptions(checkpoint_keep="mid", keep_layers=bad)
+    for keep in ("input", "auto"):
+        with pytest.raises(FastPathError, match=f"checkpoint_keep='{keep}'.*'mid' or 'mid\\+qkv'"):
+            FastPathOptions(checkpoint_keep=keep, keep_layers=4)
+    with pytest.raises(FastPathError, match="exact_pinned="):
+        FastPathOptions(exact_pinned="yes")
     unfrozen = _tiny_peft()
     unfrozen.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight.requires_grad_(True)
     with pytest.raises(FastPathError, match="layers.0.mlp.down_proj.*trainable"):
@@ -190,6 +201,23 @@ def test_unsupported_models_and_settings_fail_with_one_clear_message():
     if not torch.cuda.is_available():
         with pytest.raises(FastPathError, match="needs a CUDA GPU"):
             enable_fast_path(_tiny_peft(), torch.float32, FastPathOptions(kernels="liger"))
+
+
+@pytest.mark.parametrize("keep, first, mids, qkvs", [
+    ("mid", None, [True, True, True], [False, False, False]),
+    ("mid", 1, [True, False, False], [False, False, False]),
+    ("mid+qkv", 2, [True, True, False], [True, True, False]),
+    ("mid+qkv", 0, [False, False, False], [False, False, False]),
+    ("input", None, [False, False, False], [False, False, False]),
+])
+def test_keep_layers_gives_only_the_first_layers_the_extra_checkpoints(keep, first, mids, qkvs):
+    model = _tiny_peft(dropout=0.1)
+    enable_fast_path(model, torch.float32, FastPathOptions(checkpoint_keep=keep, keep_layers=first))
+    fast = model.get_base_model().model._fast_path
+    plans = fast.recompute_plans(training=True)
+    assert [p.mid for p in plans] == mids and [p.qkv for p in plans] == qkvs
+    assert all(p.rng and p.last == 2 for p in plans) and not any(p.rng for p in fast.recompute_plans(False))
+    assert fast.describe()["keep_layers"] == first and fast.describe()["exact_pinned"] is False
 
 
 def test_auto_kernels_use_pytorch_ops_for_small_passes(monkeypatch):
@@ -261,14 +289,37 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @CUDA
 @pytest.mark.parametrize("options", [FastPathOptions(kernels="liger", small_pass_tokens=0),
-                                     FastPathOptions(kernels="liger", small_pass_tokens=0, mlp_chunk_tokens=16)],
-                         ids=["triton-kernels", "triton-kernels-mlp-in-chunks"])
+                                     FastPathOptions(kernels="liger", small_pass_tokens=0, mlp_chunk_tokens=16),
+                                     FastPathOptions(kernels="liger", small_pass_tokens=0, checkpoint_keep="mid",
+                                                     keep_layers=1, exact_pinned=True)],
+                         ids=["triton-kernels", "triton-kernels-mlp-in-chunks", "keep-mid-first-layer-exact-pinned"])
 def test_fast_path_on_gpu_matches_peft(options):
     """On CUDA: Liger's and this project's Triton kernels, checkpoints offloaded through pinned memory."""
     pytest.importorskip("liger_kernel")
     model = _tiny_peft().cuda()
     _assert_fast_path_matches_peft(model, options)
     assert model.get_base_model().model._fast_path.describe()["offload_checkpoints"]
+
+
+@CUDA
+def test_exact_pinned_checkpoints_are_page_locked_at_their_size_and_come_back_equal():
+    """exact_pinned: the buffer is page-locked (asynchronous copies) and exactly as large as the checkpoint, where
+    PyTorch's pinned allocator would round 3 × 10,000 fp16 values (60,000 bytes) up to 65,536; a larger checkpoint
+    under the same key gets a new buffer; loaded directly or through a prefetch, the tensor comes back equal."""
+    from utils.speed.fastpath import CheckpointStore
+
+    store = CheckpointStore(True, torch.device("cuda"), exact_pinned=True)
+    x = torch.randn(3, 10_000, device="cuda", dtype=torch.float16)
+    handle = store.save((0, 0), x)
+    store.mark(0)
+    buf = store.buffers[(0, 0)]
+    assert buf.is_pinned() and buf.untyped_storage().nbytes() == x.numel() * x.element_size() == 60_000
+    assert torch.equal(store.load(handle), x)
+    y = torch.randn(4, 10_000, device="cuda", dtype=torch.float16)
+    handle = store.save((0, 0), y)
+    store.prefetch((0, 0))
+    assert store.buffers[(0, 0)].untyped_storage().nbytes() == 80_000 and torch.equal(store.load(handle), y)
+    torch.cuda.synchronize()
 
 
 @CUDA
@@ -314,8 +365,10 @@ def test_fast_path_on_gpu_matches_peft_through_the_fused_dropout_kernels():
 @CUDA
 @pytest.mark.parametrize("options", [FastPathOptions(kernels="liger", small_pass_tokens=0, checkpoint=False),
                                      FastPathOptions(kernels="liger", small_pass_tokens=0, checkpoint_keep="mid+qkv"),
-                                     FastPathOptions(kernels="liger", small_pass_tokens=0, skip_down_recompute=False)],
-                         ids=["no-checkpoint", "keep-mid-qkv", "recompute-down"])
+                                     FastPathOptions(kernels="liger", small_pass_tokens=0, skip_down_recompute=False),
+                                     FastPathOptions(kernels="liger", small_pass_tokens=0, checkpoint_keep="mid+qkv",
+                                                     keep_layers=1, exact_pinned=True)],
+                         ids=["no-checkpoint", "keep-mid-qkv", "recompute-down", "keep-mid-qkv-first-layer-exact-pinned"])
 def test_recomputation_replays_the_fused_dropout_masks_on_gpu(options):
     """Dropout 0.3 through the Triton kernels: each checkpointed layer's recomputation draws the forward's masks."""
     pytest.importorskip("liger_kernel")

@@ -107,6 +107,9 @@ _SPEED_WORDS = {
     "keep_input": "solo la entrada como punto de control", "keep_mid": "entrada y residual como puntos de control",
     "mlp8k": "MLP en trozos de 8.192 tokens", "corpus": "corpus real", "graphs": "grafos CUDA",
     "unfused_lora": "LoRA sin fusionar", "varlen": "FlashAttention varlen", "cublaslt": "cuBLASLt",
+    "exact_pin": "memoria fijada a medida", "mid14": "residual como punto de control en 14 capas",
+    "mid10": "residual como punto de control en 10 capas",
+    "midqkv5": "residual y q/k/v como puntos de control en 5 capas",
 }
 SPEED_IDS = (
     "original_fp16", "original_bf16", "hf_2x1_fp16", "hf_2x1_noprep_liger_bf16", "fast_2x1_fp16", "fast_2x1_bf16",
@@ -124,7 +127,9 @@ SPEED_IDS = (
     "fast_mb16_no_offload_bf16", "fast_mb32_keep_input_cublaslt_fp16", "fast_mb32_keep_input_cublaslt_bf16",
     "fast_mb36_keep_input_bf16", "fast_mb36_keep_input_fp16", "unsloth_mb36_bf16", "unsloth_mb36_fp16",
     "fast_2x1_graphs_fp16", "fast_mb32_keep_input_unfused_lora_bf16", "fast_mb32_keep_input_varlen_bf16",
-    "fast_mb32_keep_input_varlen_fp16", "fast_2x1_graphs_corpus_fp16",
+    "fast_mb32_keep_input_varlen_fp16", "fast_2x1_graphs_corpus_fp16", "fast_mb32_keep_input_exact_pin_fp16",
+    "fast_mb32_mid14_exact_pin_fp16", "fast_mb32_mid14_exact_pin_bf16", "fast_mb32_midqkv5_exact_pin_fp16",
+    "fast_mb36_mid10_exact_pin_fp16", "fast_mb36_mid10_exact_pin_bf16",
 )
 
 

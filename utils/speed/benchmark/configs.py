@@ -179,6 +179,28 @@ CONFIGS: list[BenchConfig] = [
        group="throughput", prediction="the fp16 row at micro-batch 32 left 0.99 GiB of the GPU budget unused: 40 rows "
        "may fit it, with the pinned blocks of micro-batch 32; ~1-2 % more tokens/s (longer GEMMs, the per-step costs "
        "spread over more tokens)"),
+    # Offloaded checkpoints page-locked at their exact size (``FastPathOptions.exact_pinned``): 27 x 96 MiB of layer
+    # inputs at micro-batch 32 is 2.53 GiB instead of 27 x 128 MiB blocks (3.38 GiB). The pinned memory this frees
+    # keeps the residual after attention for the first layers (``keep_layers``): their recomputation skips o_proj's
+    # frozen GEMM (keeping it in every layer was +2.7 % in invocation c4 of 04_speed_runs_h200.json)
+    _c("fast_mb32_keep_input_exact_pin_fp16", "fast", "fp16", micro_batch=32,
+       **{**FAST, "fast": _fast(checkpoint_keep="input", exact_pinned=True)}, group="ablation",
+       prediction="the same speed as fast_mb32_keep_input_fp16 with 2.53 GiB pinned instead of 3.38"),
+    _c("fast_mb32_mid14_exact_pin_fp16", "fast", "fp16", micro_batch=32,
+       **{**FAST, "fast": _fast(checkpoint_keep="mid", keep_layers=14, exact_pinned=True)}, group="throughput",
+       prediction="27 x 96 MiB of inputs + 14 x 96 MiB of residuals = 3.84 GiB pinned; 14 layers skip o_proj's "
+       "recomputation: ~1.4 % more tokens/s than keep_input"),
+    _c("fast_mb32_mid14_exact_pin_bf16", "fast", "bf16", micro_batch=32,
+       **{**FAST, "fast": _fast(checkpoint_keep="mid", keep_layers=14, exact_pinned=True)}, group="throughput"),
+    _c("fast_mb32_midqkv5_exact_pin_fp16", "fast", "fp16", micro_batch=32,
+       **{**FAST, "fast": _fast(checkpoint_keep="mid+qkv", keep_layers=5, exact_pinned=True)}, group="ablation",
+       prediction="5 layers keep residual and q/k/v (256 MiB each): 3.78 GiB pinned; the same pinned memory spent "
+       "on fewer layers that skip more (q/k/v too): about the gain of mid14"),
+    _c("fast_mb36_mid10_exact_pin_fp16", "fast", "fp16", micro_batch=36,
+       **{**FAST, "fast": _fast(checkpoint_keep="mid", keep_layers=10, exact_pinned=True)}, group="throughput",
+       prediction="27 x 108 + 10 x 108 MiB = 3.90 GiB pinned; micro-batch 36's +0.5 % and 10 layers' residuals"),
+    _c("fast_mb36_mid10_exact_pin_bf16", "fast", "bf16", micro_batch=36,
+       **{**FAST, "fast": _fast(checkpoint_keep="mid", keep_layers=10, exact_pinned=True)}, group="throughput"),
     _c("fast_mb20_keep_mid_bf16", "fast", "bf16", micro_batch=20, **{**FAST, "fast": _fast(checkpoint_keep="mid")},
        group="throughput", prediction="input and residual: 54 x 60 MiB counted (3.4 GiB as 64 MiB blocks)"),
     _c("fast_mb16_no_offload_bf16", "fast", "bf16", micro_batch=16,

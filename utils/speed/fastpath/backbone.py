@@ -52,11 +52,23 @@ class FastPath:
         self.residual_dtype = torch.float32 if options.fp32_residual else dtype
         self.layers = [FastLayer(layer, i, config, dtype, attention)
                        for i, layer in enumerate(backbone.layers)]
-        self.store = CheckpointStore(options.offload_checkpoints, device)
+        self.store = CheckpointStore(options.offload_checkpoints, device, exact_pinned=options.exact_pinned)
         keep = options.checkpoint_keep
         self.checkpoint_keep = ("mid+qkv" if self.store.offload else "input") if keep == "auto" else keep
         self.dropout = any(p.dropout > 0 for layer in self.layers
                            for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
+
+    def recompute_plans(self, training: bool) -> list[_Recompute]:
+        """Each layer's recomputation plan: what it keeps (``checkpoint_keep``; only the first ``keep_layers`` layers
+        keep more than their input) and whether it replays dropout masks."""
+        keep, first = self.checkpoint_keep, self.options.keep_layers
+        last = len(self.layers) - 1
+        plans = []
+        for index in range(len(self.layers)):
+            layer_keep = keep if first is None or index < first else "input"
+            plans.append(_Recompute(self.options.skip_down_recompute, layer_keep != "input", layer_keep == "mid+qkv",
+                                    training and self.dropout, last))
+        return plans
 
     def pass_choices(self, tokens: int) -> tuple[Any, Any]:
         """The kernel set and the attention kernel of a pass of ``tokens`` tokens (None: the layers' own kernel)."""
@@ -78,6 +90,7 @@ class FastPath:
                 "residual_dtype": str(self.residual_dtype).replace("torch.", ""),
                 "checkpoint": self.options.checkpoint, "offload_checkpoints": self.store.offload,
                 "skip_down_recompute": self.options.skip_down_recompute, "checkpoint_keep": self.checkpoint_keep,
+                "keep_layers": self.options.keep_layers, "exact_pinned": self.store.exact_pinned,
                 "mlp_chunk_tokens": self.options.mlp_chunk_tokens, "fused_lora": self.kernels.fused_lora,
                 "native_gqa": _FLASH.get("native_gqa")}
 
@@ -108,12 +121,10 @@ class FastPath:
             kernels, attention = self.pass_choices(ids.numel())
             step = StepContext(cos[0].to(self.dtype), sin[0].to(self.dtype), segments, training, kernels, grad,
                                mlp_chunk=self.options.mlp_chunk_tokens, attention=attention)
-            keep = self.checkpoint_keep
-            plan = _Recompute(self.options.skip_down_recompute, keep != "input", keep == "mid+qkv",
-                              training and self.dropout, len(self.layers) - 1)
+            plans = self.recompute_plans(training)
             for layer in self.layers:
                 if grad and self.options.checkpoint:
-                    x = _CheckpointedLayer.apply(x, layer, step, self.store, plan)
+                    x = _CheckpointedLayer.apply(x, layer, step, self.store, plans[layer.index])
                 else:
                     x = layer.forward(x, step)  # without checkpoints autograd keeps what it needs
             x = kernels.rms_norm(x, backbone.norm.weight, backbone.norm.variance_epsilon).to(self.dtype)

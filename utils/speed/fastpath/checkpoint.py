@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +23,11 @@ class CheckpointStore:
     GPU memory: ``throttle`` makes the compute stream wait whenever they are more than ``lag`` layers behind.
     """
 
-    def __init__(self, offload: bool, device: torch.device, lag: int = 2):
+    def __init__(self, offload: bool, device: torch.device, lag: int = 2, exact_pinned: bool = False):
         self.offload = offload and device.type == "cuda"
         self.device = device
         self.lag = lag
+        self.exact_pinned = exact_pinned
         self.copied: dict[int, Any] = {}  # layer index -> event recorded after that layer's copies
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.handles: dict[tuple, tuple] = {}
@@ -38,7 +40,11 @@ class CheckpointStore:
     def _buffer(self, key: tuple, x: torch.Tensor) -> torch.Tensor:
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype:
-            buf = torch.empty(x.numel(), dtype=x.dtype, pin_memory=True)
+            if buf is not None:  # copies queued on the side streams may still use the buffer it replaces
+                self.d2h.synchronize()
+                self.h2d.synchronize()
+            buf = page_locked_empty(x.numel(), x.dtype) if self.exact_pinned else \
+                torch.empty(x.numel(), dtype=x.dtype, pin_memory=True)
             self.buffers[key] = buf
         return buf[:x.numel()].view(x.shape)
 
@@ -113,6 +119,22 @@ class CheckpointStore:
         return buf.to(self.device, non_blocking=True)
 
 
+def page_locked_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of exactly ``numel`` elements whose memory is page-locked (``cudaHostRegister``), so copies to and
+    from the GPU run asynchronously as from PyTorch's pinned memory, without its rounding up to a power of two. The
+    pages are unregistered when the tensor is freed."""
+    tensor = torch.empty(numel, dtype=dtype)
+    size = tensor.numel() * tensor.element_size()
+    if size:
+        cudart = torch.cuda.cudart()
+        error = int(cudart.cudaHostRegister(tensor.data_ptr(), size, 0))
+        if error:
+            raise RuntimeError(f"cudaHostRegister of {size / 2**20:.0f} MiB failed (CUDA error {error}): the host "
+                               "may limit page-locked memory (ulimit -l); use FastPathOptions(exact_pinned=False).")
+        weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr())
+    return tensor
+
+
 @dataclass(frozen=True)
 class _Recompute:
     """How a checkpointed layer is recomputed."""
@@ -153,7 +175,9 @@ class _CheckpointedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         layer, step, store, plan = ctx.layer, ctx.step, ctx.store, ctx.plan
-        for slot in (1, 2, 0) if plan.qkv else (1, 0) if plan.mid else (0,):  # in the order they are needed
+        # The previous layer's checkpoints, in the order they are needed: the slots it kept (its plan may differ from
+        # this layer's, ``FastPathOptions.keep_layers``); prefetch skips those it did not keep
+        for slot in (1, 2, 0):
             store.prefetch((layer.index - 1, slot))
         # The first layer's input is the embedding, detached (frozen): its gradient would go nowhere, so neither
         # the input-gradient GEMMs of q/k/v nor the RMSNorm backward run for it

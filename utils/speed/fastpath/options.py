@@ -26,6 +26,13 @@ class FastPathOptions:
     # pinned CPU memory and copies that overlap the compute: for Llama-3.2-3B ~630 KB per token of a step, against
     # ~172 KB for "input"), "input" where they stay on the GPU
     checkpoint_keep: str = "auto"
+    # With checkpoint_keep "mid" or "mid+qkv": how many layers (the first ones) keep those extra tensors; the others
+    # keep their input only (None: every layer). Bounds the pinned memory of offloaded checkpoints: at micro-batch 32
+    # of Llama-3.2-3B a layer's input and its residual after attention are 96 MiB each
+    keep_layers: int | None = None
+    # Offloaded checkpoints in host memory page-locked at its exact size (cudaHostRegister) instead of PyTorch's
+    # pinned-memory allocator, which rounds each buffer up to a power of two (96 MiB -> 128 MiB at micro-batch 32)
+    exact_pinned: bool = False
     # "liger" (Triton, CUDA), "torch", or "auto": liger where it can run, for passes of ``small_pass_tokens`` tokens
     # or more; smaller passes are bound by the CPU's kernel launches, and Triton's launcher costs several times the
     # CPU time of an ATen op (the original recipe's 2 × 512 tokens ran ~10 % faster with PyTorch's ops). Training
@@ -58,6 +65,16 @@ class FastPathOptions:
             raise FastPathError(f"attention={self.attention!r}: use one of {ATTENTION_CHOICES}.")
         if self.checkpoint_keep not in KEEP_CHOICES:
             raise FastPathError(f"checkpoint_keep={self.checkpoint_keep!r}: use one of {KEEP_CHOICES}.")
+        if self.keep_layers is not None:
+            if isinstance(self.keep_layers, bool) or not isinstance(self.keep_layers, int) or self.keep_layers < 0:
+                raise FastPathError(f"keep_layers={self.keep_layers!r}: use None (every layer) or a whole number of "
+                                    "layers, 0 or more.")
+            if self.checkpoint_keep not in ("mid", "mid+qkv"):
+                raise FastPathError(f"keep_layers={self.keep_layers} with checkpoint_keep={self.checkpoint_keep!r}: "
+                                    "keep_layers says how many layers keep the extra tensors of 'mid' or 'mid+qkv'; "
+                                    "set checkpoint_keep to one of them, or keep_layers=None.")
+        if not isinstance(self.exact_pinned, bool):
+            raise FastPathError(f"exact_pinned={self.exact_pinned!r}: use True or False.")
         if not isinstance(self.mlp_chunk_tokens, int) or self.mlp_chunk_tokens < 0:
             raise FastPathError(f"mlp_chunk_tokens={self.mlp_chunk_tokens!r}: use a whole number of tokens, 0 or more "
                                 "(0: the MLP runs over the whole pass at once).")
