@@ -203,6 +203,41 @@ def test_unsupported_models_and_settings_fail_with_one_clear_message():
             enable_fast_path(_tiny_peft(), torch.float32, FastPathOptions(kernels="liger"))
 
 
+def test_page_locked_buffers_register_their_exact_bytes_and_unregister_when_freed(monkeypatch):
+    """``page_locked_empty`` asks CUDA to page-lock exactly the tensor's bytes, unpins them when the tensor is freed,
+    and turns a refusal into one message naming the size and the way out (CUDA's runtime faked: runs on a CPU)."""
+    import gc
+
+    from utils.speed.fastpath import checkpoint
+
+    calls = []
+
+    class FakeCudart:
+        error = 0
+
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr, size, flags))
+            return self.error
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    fake = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    buf = checkpoint.page_locked_empty(30_000, torch.float16)
+    assert buf.shape == (30_000,) and buf.dtype == torch.float16
+    assert calls == [("register", buf.data_ptr(), 60_000, 0)]
+    ptr = buf.data_ptr()
+    del buf
+    gc.collect()
+    assert calls[-1] == ("unregister", ptr)
+    assert checkpoint.page_locked_empty(0, torch.float16).numel() == 0 and len(calls) == 2  # nothing to lock
+    fake.error = 2
+    with pytest.raises(RuntimeError, match=r"cudaHostRegister of 95 MiB failed \(CUDA error 2\).*exact_pinned=False"):
+        checkpoint.page_locked_empty(50_000_000, torch.float16)
+
+
 @pytest.mark.parametrize("keep, first, mids, qkvs", [
     ("mid", None, [True, True, True], [False, False, False]),
     ("mid", 1, [True, False, False], [False, False, False]),
