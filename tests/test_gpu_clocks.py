@@ -1,4 +1,4 @@
-"""tools/gpu_clocks.py: reading nvidia-smi's samples and the rows' marks, the per-row and per-dtype summary, the
+"""utils.speed.clocks and tools/gpu_clocks.py: reading nvidia-smi's samples and the rows' marks, the per-row and per-dtype summary, the
 committed H200 summary recomputed from its raw files, and one clear error for each kind of bad input."""
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import pytest
 
 from utils.files import read_json
 from utils.paths import REPO_ROOT, RESULTS_DIR
+from utils.speed import clocks as gpu_clocks
 
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-import gpu_clocks  # noqa: E402
 
 HEADER = ("timestamp, clocks.current.sm [MHz], clocks.current.memory [MHz], power.draw [W], power.limit [W], "
           "temperature.gpu, clocks_event_reasons.active")

@@ -258,7 +258,19 @@ def _chapter_figures() -> dict:
         "04_fast_path_loss_match": lambda: speed_plots.plot_correctness(
             load_report(RESULTS_DIR / "04_fast_path_correctness.json")),
         "04_speed_strict8": lambda: speed_plots.plot_strict(load_report(RESULTS_DIR / "04_speed_strict8.json")),
+        "04_gpu_clocks_fp16_bf16": _clocks_figure,
     }
+
+
+def _clocks_figure():
+    from utils.files import read_json
+    from utils.paths import RESULTS_DIR
+    from utils.plotting import speed as speed_plots
+    from utils.speed import clocks
+
+    report = read_json(RESULTS_DIR / "04_gpu_clocks_h200.json")
+    return speed_plots.plot_clocks(clocks.read_samples(RESULTS_DIR / report["smi_file"]),
+                                   clocks.read_segments(RESULTS_DIR / report["marks_file"]), report)
 
 
 @pytest.mark.parametrize("name", list(_chapter_figures()))

@@ -4,8 +4,10 @@
 (``04_speed_benchmark``); ``plot_correctness``: the per-step loss of both paths and their differences
 (``04_fast_path_loss_match``); ``plot_strict``: the run under the strict 8 GB budget (``run --budget strict8``),
 tokens/s of each row within it and its GPU memory, part by part, against the 8 GiB card (``04_speed_strict8``).
-``benchmark_caption``, ``correctness_caption`` and ``strict_caption`` say what each shows, with the device and the
-date of the measurement, for ``save_figure``.
+``plot_clocks``: the GPU's SM clock and power while fp16 and bf16 rows of the fast path take turns
+(``04_gpu_clocks_fp16_bf16``, from ``tools/gpu_clocks.sh``'s samples). ``benchmark_caption``, ``correctness_caption``,
+``strict_caption`` and ``clocks_caption`` say what each shows, with the device and the date of the measurement, for
+``save_figure``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from utils.units import CARD_GIB
 FIGURE = "04_speed_benchmark"
 CORRECTNESS_FIGURE = "04_fast_path_loss_match"
 STRICT_FIGURE = "04_speed_strict8"
+CLOCKS_FIGURE = "04_gpu_clocks_fp16_bf16"
 DTYPE_COLORS = {"bf16": PALETTE[5], "fp16": PALETTE[1]}
 # The parts of a row's GPU memory under the strict budget (its ``budget`` record), stacked in this order
 BUDGET_PARTS = (("peak_reserved_gib", "pico reservado por PyTorch", PALETTE[2]),
@@ -253,3 +256,47 @@ def _draw_report(report: dict, path: Path) -> list[Path]:
                             show=False, model=model)]
     return [save_figure(plot_benchmark(report), FIGURE, caption=benchmark_caption(report), source=source,
                         show=False, model=model)]
+
+
+def plot_clocks(samples: list, segments: list, summary: dict, margin_s: float = 1.5) -> plt.Figure:
+    """SM clock (top) and power (bottom) of each row's steps, the rows overlaid from their first busy sample (at half
+    the power limit or more, ``utils.speed.clocks.summarise``), coloured by dtype, the median clock in the legend;
+    the power limit dashed. ``margin_s``: seconds shown before the first and after the last busy sample."""
+    fig, (clock, power) = new_figure(nrows=2, aspect=0.36, sharex=True)
+    seen: dict[str, int] = {}
+    limit = max(s.power_limit_w for s in samples)
+    for number, (seg, row) in enumerate(zip(segments, summary["rows"]), start=1):
+        inside = [s for s in samples if seg.start <= s.time <= seg.end]
+        busy = [s.time for s in inside if s.power_w >= summary["busy_fraction_of_power_limit"] * s.power_limit_w]
+        first, last = min(busy), max(busy)
+        shown = [s for s in inside if -margin_s <= (s.time - first).total_seconds() <= (last - first).total_seconds()
+                 + margin_s]
+        x = [(s.time - first).total_seconds() for s in shown]
+        seen[row["dtype"]] = seen.get(row["dtype"], 0) + 1
+        style = dict(color=DTYPE_COLORS.get(row["dtype"], PALETTE[0]), linewidth=1.2,
+                     linestyle="-" if seen[row["dtype"]] == 1 else "--")
+        text = f"{row['dtype']}, fila {number}: mediana {fmt_num(row['sm_mhz_median'], 0)} MHz, " \
+               f"{fmt_num(row['power_w_median'], 0)} W"
+        clock.plot(x, [s.sm_mhz for s in shown], label=text, **style)
+        power.plot(x, [s.power_w for s in shown], **style)
+    power.axhline(limit, color=COLORS["budget"], linestyle=":", linewidth=1.0,
+                  label=f"límite de potencia ({fmt_num(limit, 0)}\u00a0W)")
+    clock.set_ylabel("reloj de los SM (MHz)")
+    power.set_ylabel("potencia (W)")
+    power.set_xlabel("segundos desde la primera muestra en el límite de potencia de cada fila")
+    power.set_ylim(0, limit * 1.1)
+    for ax in (clock, power):
+        ax.yaxis.set_major_formatter(tick_formatter(0))
+    legend_outside(fig, "below", ncol=2)
+    return fig
+
+
+def clocks_caption(report: dict) -> str:
+    """The Spanish caption of ``plot_clocks``."""
+    fp16, bf16 = report["dtypes"]["fp16"], report["dtypes"]["bf16"]
+    higher = (bf16["sm_mhz_median"] / fp16["sm_mhz_median"] - 1) * 100
+    return (f"Reloj de los SM y potencia de una {report.get('sampled_on') or 'GPU'}, cada 200 ms, durante los pasos "
+            "del camino rápido sobre el gemelo de Llama-3.2-3B (micro-lote 32), tres filas una tras otra: fp16, bf16 "
+            f"y fp16. Ambos tipos consumen lo mismo, en el límite de potencia (mediana {fmt_num(fp16['power_w_median'], 0)}"
+            f" W en fp16, {fmt_num(bf16['power_w_median'], 0)} W en bf16), y el reloj mediano en bf16 es "
+            f"{fmt_num(higher, 1)} % más alto que en fp16.")
