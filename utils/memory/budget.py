@@ -203,7 +203,8 @@ def pinned_host_bytes(buffers: Any = (), host_stats: dict | None = None) -> int:
     """Pinned host memory of a run: the larger of the buffers counted (e.g. the fast path's checkpoint buffers)
     and the peak of pinned blocks PyTorch's pinned-memory allocator owned (``torch.cuda.host_memory_stats()``
     ``allocated_bytes.peak``: it also sees other libraries' pinned copies, e.g. Unsloth's offloaded checkpoints,
-    and it rounds each block up to a power of two, which is what the host really gives up)."""
+    and it rounds each block up to a power of two, which is what the host really gives up). The fast path's buffers
+    under ``FastPathOptions(exact_pinned=True)`` are page-locked in place at their own size, and counted at it."""
     counted = sum(t.numel() * t.element_size() for t in buffers)
     owned = (host_stats or {}).get("allocated_bytes.peak") or 0
     return max(counted, int(owned))
