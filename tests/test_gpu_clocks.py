@@ -1,5 +1,6 @@
-"""utils.speed.clocks and tools/gpu_clocks.py: reading nvidia-smi's samples and the rows' marks, the per-row and per-dtype summary, the
-committed H200 summary recomputed from its raw files, and one clear error for each kind of bad input."""
+"""utils.speed.clocks and tools/gpu_clocks.py: reading nvidia-smi's samples and the rows' marks, the per-row and
+per-dtype summary, the committed H200 summary recomputed from its raw files, and one clear error for each kind of
+bad input."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _marks(*rows: tuple[str, float, float, str]) -> str:
     lines = []
     for name, start, end, tokens in rows:
         lines += [f"BEGIN {name} 2026/12/05 02:00:{start:06.3f}",
-                  f"[benchmark]      {name}:    {tokens} tokens/s  0.6 s/step", f"END {name} 2026/12/05 02:00:{end:06.3f}"]
+                  f"[benchmark]      {name}:    {tokens} tokens/s  0.6 s/step",
+                  f"END {name} 2026/12/05 02:00:{end:06.3f}"]
     return "\n".join(lines) + "\n"
 
 
@@ -78,31 +80,24 @@ def test_the_committed_h200_summary_is_recomputed_from_its_raw_files():
     assert min(d["power_capped_fraction"] for d in dtypes.values()) > 0.9
 
 
-@pytest.mark.parametrize("text, message", [
-    ("timestamp, clocks.current.sm [MHz]\n", "line 1: no column"),
-    (HEADER + "\n" + _sample(1.0, 1500, 690.0) + "\nnot, a, sample\n", "line 3: not a sample"),
-    ("", "empty"),
-])
-def test_a_bad_samples_file_names_its_line(tmp_path, text, message):
-    path = tmp_path / "smi.csv"
+@pytest.mark.parametrize("read, text, message", [
+    (gpu_clocks.read_samples, "timestamp, clocks.current.sm [MHz]\n", "line 1: no column"),
+    (gpu_clocks.read_samples, HEADER + "\n" + _sample(1.0, 1500, 690.0) + "\nnot, a, sample\n", "line 3: not a sample"),
+    (gpu_clocks.read_samples, "", "empty"),
+    (gpu_clocks.read_segments, "BEGIN a 2026/12/05 02:00:01.000\n", "has no END"),
+    (gpu_clocks.read_segments, "BEGIN a 2026/12/05 02:00:01.000\nBEGIN b 2026/12/05 02:00:02.000\n",
+     "line 2: BEGIN b before END a"),
+    (gpu_clocks.read_segments, "END a 2026/12/05 02:00:01.000\n", "line 1: END a without its BEGIN"),
+    (gpu_clocks.read_segments, "BEGIN a 02:00:01\n", "line 1: expected"),
+    (gpu_clocks.read_segments, "BEGIN a 2026-12-05 02:00:01\n", "line 1: the time"),
+    (gpu_clocks.read_segments, "nothing here\n", "no BEGIN/END pair"),
+], ids=["samples-no-column", "samples-bad-line", "samples-empty", "marks-no-end", "marks-begin-twice",
+        "marks-end-alone", "marks-short-line", "marks-bad-time", "marks-none"])
+def test_a_bad_samples_or_marks_file_names_its_line(tmp_path, read, text, message):
+    path = tmp_path / "input.txt"
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
-        gpu_clocks.read_samples(path)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("BEGIN a 2026/12/05 02:00:01.000\n", "has no END"),
-    ("BEGIN a 2026/12/05 02:00:01.000\nBEGIN b 2026/12/05 02:00:02.000\n", "line 2: BEGIN b before END a"),
-    ("END a 2026/12/05 02:00:01.000\n", "line 1: END a without its BEGIN"),
-    ("BEGIN a 02:00:01\n", "line 1: expected"),
-    ("BEGIN a 2026-12-05 02:00:01\n", "line 1: the time"),
-    ("nothing here\n", "no BEGIN/END pair"),
-])
-def test_bad_marks_name_their_line(tmp_path, text, message):
-    path = tmp_path / "marks.txt"
-    path.write_text(text)
-    with pytest.raises(ValueError, match=message):
-        gpu_clocks.read_segments(path)
+        read(path)
 
 
 def test_a_row_without_samples_or_without_load_says_why(files, tmp_path):

@@ -25,6 +25,7 @@ from utils.paths import scoped_environ
 from utils.plotting import COLORS, PALETTE, draw_budget, figure_context, label, legend_outside, new_figure
 from utils.plotting import save_figure, set_figure_context
 from utils.plotting.labels import LABELS, compose_speed_label
+from utils.speed import clocks
 from utils.speed.benchmark.configs import CONFIGS_BY_NAME
 from utils.speed.benchmark.strict import measured_rounds
 from utils.speed.results import load_report, merged_rows
@@ -261,14 +262,14 @@ def _draw_report(report: dict, path: Path) -> list[Path]:
 def plot_clocks(samples: list, segments: list, summary: dict, margin_s: float = 1.5) -> plt.Figure:
     """SM clock (top) and power (bottom) of each row's steps, the rows overlaid from their first busy sample (at half
     the power limit or more, ``utils.speed.clocks.summarise``), coloured by dtype, the median clock in the legend;
-    the power limit dashed. ``margin_s``: seconds shown before the first and after the last busy sample."""
+    the power limit dotted. ``margin_s``: seconds shown before the first and after the last busy sample."""
     fig, (clock, power) = new_figure(nrows=2, aspect=0.36, sharex=True)
     seen: dict[str, int] = {}
     limit = max(s.power_limit_w for s in samples)
     for number, (seg, row) in enumerate(zip(segments, summary["rows"]), start=1):
-        inside = [s for s in samples if seg.start <= s.time <= seg.end]
-        busy = [s.time for s in inside if s.power_w >= summary["busy_fraction_of_power_limit"] * s.power_limit_w]
-        first, last = min(busy), max(busy)
+        inside = clocks.row_samples(samples, seg)
+        steps = [s.time for s in clocks.busy(inside, summary["busy_fraction_of_power_limit"])]
+        first, last = min(steps), max(steps)
         shown = [s for s in inside if -margin_s <= (s.time - first).total_seconds() <= (last - first).total_seconds()
                  + margin_s]
         x = [(s.time - first).total_seconds() for s in shown]

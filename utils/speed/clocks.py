@@ -107,6 +107,16 @@ def read_segments(path: Path) -> list[Segment]:
     return segments
 
 
+def row_samples(samples: list[Sample], segment: Segment) -> list[Sample]:
+    """The samples taken between a row's BEGIN and END marks."""
+    return [s for s in samples if segment.start <= s.time <= segment.end]
+
+
+def busy(samples: list[Sample], fraction: float) -> list[Sample]:
+    """The samples drawing at least ``fraction`` of the power limit: the steps, not the model's loading."""
+    return [s for s in samples if s.power_w >= fraction * s.power_limit_w]
+
+
 def _describe(samples: list[Sample]) -> dict:
     clocks = [s.sm_mhz for s in samples]
     capped = [s for s in samples if s.reasons is not None and s.reasons & POWER_CAP_BIT]
@@ -124,20 +134,20 @@ def summarise(samples: list[Sample], segments: list[Segment], busy_fraction: flo
     """Per row and per dtype: the samples within the row's marks that draw ≥ ``busy_fraction`` of the power limit."""
     rows, by_dtype = [], {}
     for seg in segments:
-        inside = [s for s in samples if seg.start <= s.time <= seg.end]
+        inside = row_samples(samples, seg)
         if not inside:
             raise ValueError(f"row {seg.name}: no nvidia-smi sample between {seg.start} and {seg.end}; the two "
                              "files must use one clock (run with TZ=UTC).")
-        busy = [s for s in inside if s.power_w >= busy_fraction * s.power_limit_w]
-        if not busy:
+        steps = busy(inside, busy_fraction)
+        if not steps:
             raise ValueError(f"row {seg.name}: none of its {len(inside)} samples draws {busy_fraction:.0%} of the "
                              "power limit; did the row fail? (its benchmark line is in the marks file)")
         match = DTYPE.search(seg.name)
         dtype = match[1] if match else "other"
-        by_dtype.setdefault(dtype, []).extend(busy)
+        by_dtype.setdefault(dtype, []).extend(steps)
         rows.append({"name": seg.name, "dtype": dtype, "start": seg.start.isoformat(), "end": seg.end.isoformat(),
-                     "tokens_per_second": seg.tokens_per_second, "samples": len(inside), **_describe(busy)})
-    dtypes = {dtype: _describe(busy) for dtype, busy in by_dtype.items()}
+                     "tokens_per_second": seg.tokens_per_second, "samples": len(inside), **_describe(steps)})
+    dtypes = {dtype: _describe(steps) for dtype, steps in by_dtype.items()}
     out = {"busy_fraction_of_power_limit": busy_fraction, "rows": rows, "dtypes": dtypes}
     if {"fp16", "bf16"} <= dtypes.keys():
         out["bf16_over_fp16_sm_mhz"] = round(dtypes["bf16"]["sm_mhz_median"] / dtypes["fp16"]["sm_mhz_median"], 4)
