@@ -15,7 +15,7 @@ from utils.numbers import fmt_num, fmt_ratio, fmt_unit
 from utils.plotting import label
 from utils.plotting.speed import config_label
 from utils.speed import FastPathOptions
-from utils.speed.benchmark.strict import RECIPE_PAIRS, RECIPE_ROWS, measured_rounds, strict_table
+from utils.speed.benchmark.strict import RECIPE_PAIRS, RECIPE_ROWS, measured_rounds, strict_table, unsloth_goal
 from utils.speed.results import STRICT8_REPORT, merged_rows, original_spread
 from utils.units import BUDGET_GIB
 
@@ -49,6 +49,17 @@ def _unsloth_lines(s: dict, where: str = "en la misma corrida y el mismo presupu
             missing = "Unsloth" if fast else "el camino rápido"
             lines.append(f"- En {dtype}, {missing} no tuvo ninguna fila dentro del presupuesto: no hay cociente.")
     return lines
+
+
+def _goal_line(s: dict) -> str:
+    """Issue #20's goal 1 against this run: both ratios with 4 decimals (a 1.2996 must not read 1,30) and whether
+    the run meets it."""
+    goal = unsloth_goal(s)
+    ratios = ", ".join(f"{dtype} {fmt_ratio(goal[dtype], 4) if goal[dtype] else 'no medido'}"
+                       for dtype in ("bf16", "fp16"))
+    verdict = "se cumple" if goal["met"] else "no se cumple en esta invocación"
+    return (f"- Objetivo 1 del issue #20, al menos {fmt_ratio(goal['goal'], 1)} la mejor fila de Unsloth en bf16 y en "
+            f"fp16 dentro de una misma invocación: {ratios}: **{verdict}**.")
 
 
 def _original_lines(s: dict, orig: dict, spread: dict) -> list[str]:
@@ -281,7 +292,7 @@ def describe_strict(report: dict, spread: dict[str, Any] | None = None) -> str:
     limit = fmt_unit(report["budget"]["device_limit_gib"], "GiB", 1)
     lines = ["Con el presupuesto estricto de 8 GB (issue #20), en una sola invocación:",
              *_strict_incomplete_lines(report), *_strict_recipe_lines(s),
-             *_unsloth_lines(s, f"dentro de los mismos {limit}"),
+             *_unsloth_lines(s, f"dentro de los mismos {limit}"), _goal_line(s),
              _strict_use_line(s, report["budget"]), *_strict_original_lines(report, spread),
              *_strict_excluded_lines(report), "", _strict_rules_line(report)]
     return "\n".join(lines)
