@@ -346,15 +346,18 @@ def test_pinned_memory_over_the_limit_stops_the_row_after_its_first_step():
 def test_strict_table_shows_each_part_of_the_budget():
     from utils.speed.benchmark.strict import strict_table
 
-    row = _strict_row("fast_mb32_keep_input_bf16", 0.6, tokens=26000.0)
-    row["budget"] = {"in_budget": True, "peak_reserved_gib": 6.5, "outside_allocator_gib": 0.2,
-                     "paged_optimizer_gib": 0.09, "cuda_context_gib": 0.51, "device_gib": 7.21,
-                     "device_headroom_gib": 0.29, "pinned_host_gib": 3.38}
+    row = _strict_row("fast_mb32_keep_input_bf16", 0.6, tokens=26000.0, allocator={"num_alloc_retries": 3})
+    again = {**row, "repeat": 1, "allocator": {"num_alloc_retries": 8}}  # the most retries of the row's repeats
+    row["budget"] = again["budget"] = {"in_budget": True, "peak_reserved_gib": 6.5, "outside_allocator_gib": 0.2,
+                                       "paged_optimizer_gib": 0.09, "cuda_context_gib": 0.51, "device_gib": 7.21,
+                                       "device_headroom_gib": 0.29, "pinned_host_gib": 3.38}
     stopped = {**_strict_row("fast_mb32_bf16", None), "ok": False, "error": "out of budget: 9.40 GiB of pinned host "
                "memory", "budget": {"in_budget": False, "over": ["pinned host memory 9.40 GiB > 4 GiB"],
                                     "pinned_host_gib": 9.4}}
-    table = strict_table({"rows": [row, _strict_row("unsloth_mb32_bf16", 0.8, in_budget=False), stopped]})
+    table = strict_table({"rows": [row, again, _strict_row("unsloth_mb32_bf16", 0.8, in_budget=False), stopped]})
     assert table.loc["fast_mb32_keep_input_bf16", "GiB GPU en total"] == 7.21
+    assert table.loc["fast_mb32_keep_input_bf16", "reintentos del asignador"] == 8
+    assert pd.isna(table.loc["unsloth_mb32_bf16", "reintentos del asignador"])  # no allocator statistics
     assert table["dentro del presupuesto"].tolist() == [True, False, False]
     assert table.loc["fast_mb32_bf16", "GiB fijados en la CPU"] == 9.4  # stopped: its use shown, no speed
     assert table.loc["fast_mb32_bf16", "motivo"] == "pinned host memory 9.40 GiB > 4 GiB"

@@ -226,10 +226,17 @@ def brief_error(error: str | None) -> str:
 def strict_table(report: dict) -> pd.DataFrame:
     """The strict run's rows (repeats merged), each part of the budget in GiB, and whether the row fits.
 
-    A configuration that never finished (stopped for its pinned memory, out of GPU memory) has no speed; its row
-    shows the use it had reached, when it was measured, and the reason (``motivo``).
+    ``reintentos del asignador``: the most times PyTorch's allocator freed its cache and retried a failed
+    ``cudaMalloc`` in one of the row's repeats (the cap reached: a row near it slows down); none without the GPU's
+    allocator statistics. A configuration that never finished (stopped for its pinned memory, out of GPU memory) has
+    no speed; its row shows the use it had reached, when it was measured, and the reason (``motivo``).
     """
     fits = in_budget_names(report["rows"])
+    retries: dict[str, int] = {}
+    for r in report["rows"]:
+        count = (r.get("allocator") or {}).get("num_alloc_retries") if r.get("ok") else None
+        if count is not None:
+            retries[r["name"]] = max(retries.get(r["name"], 0), int(count))
     merged = merged_rows(report["rows"])
     finished = {r["name"] for r in merged}
     stopped = {r["name"]: r for r in report["rows"] if not r.get("ok") and r["name"] not in finished}
@@ -245,8 +252,11 @@ def strict_table(report: dict) -> pd.DataFrame:
             "GiB fuera del asignador": use.get("outside_allocator_gib"),
             "GiB optimizador paginado": use.get("paged_optimizer_gib"),
             "GiB contexto CUDA": use.get("cuda_context_gib"), "GiB GPU en total": use.get("device_gib"),
-            "GiB de margen": use.get("device_headroom_gib"), "GiB fijados en la CPU": use.get("pinned_host_gib"),
+            "GiB de margen": use.get("device_headroom_gib"), "reintentos del asignador": retries.get(r["name"]),
+            "GiB fijados en la CPU": use.get("pinned_host_gib"),
             "dentro del presupuesto": r["name"] in fits,
             "motivo": "; ".join(use.get("over") or []) or (brief_error(r.get("error")) if not r.get("ok") else ""),
         })
-    return pd.DataFrame(rows).set_index("configuración")
+    table = pd.DataFrame(rows).set_index("configuración")
+    table["reintentos del asignador"] = table["reintentos del asignador"].astype("Int64")  # whole numbers, or <NA>
+    return table
