@@ -60,6 +60,13 @@ def _fabricated() -> dict:
     return _report(rows)
 
 
+def _readme_block(start: str) -> str:
+    """The README's text from ``start`` (a strict run's file names) to the round-5 run's paragraph after them."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index(start):]
+    return section[:section.index("\n\nMeasured on one")]
+
+
 @pytest.fixture(scope="module")
 def spread() -> dict:
     return original_spread()
@@ -151,9 +158,7 @@ def test_the_second_strict_run_is_consistent_with_its_rows_and_quoted_by_the_rea
     assert failed == ["unsloth_mb40_bf16", "unsloth_mb40_fp16"]
     assert all("Tried to allocate" in r["error"] for r in report["rows"] if not r.get("ok"))
     assert sorted(report["strict"]["out_of_budget"]) == failed
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("`results/04_speed_strict8_mb36.{json,log}`"):]
-    section = section[:section.index("\n\nMeasured on one")]
+    section = _readme_block("`results/04_speed_strict8_mb36.{json,log}`")
     use = strict_table(report)["GiB GPU en total"]
     for row in merged_rows(report["rows"]):
         assert f"{row['tokens_per_second']:,.0f}" in section, row["name"]
@@ -165,7 +170,6 @@ def test_the_second_strict_run_is_consistent_with_its_rows_and_quoted_by_the_rea
                                                        abs=1e-3)
         ratios.append(f"{best['x_unsloth_best']:.3f}× in {dtype}")
     assert f"**Best against best: {ratios[0]}, {ratios[1]}.**" in section
-
 
 
 @pytest.mark.parametrize(("fp16_tokens", "met", "shown"), [(26814.6, False, "fp16 1,2996×"),
@@ -192,9 +196,7 @@ def test_the_exact_pin_strict_runs_are_consistent_with_their_rows_and_quoted_by_
     """results/04_speed_strict8_exact_pin{,_b,_c}.json: each summary is recomputed from its rows, the stopped run says
     so, no invocation meets goal 1, and the README quotes every row (tokens/s, GPU and pinned GiB) and every ratio
     with the decimals that keep a ratio below 1.3× from reading as 1.3×."""
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("`results/04_speed_strict8_exact_pin.{json,log}`"):]
-    section = section[:section.index("\n\nMeasured on one")]
+    section = _readme_block("`results/04_speed_strict8_exact_pin.{json,log}`")
     assert "goal 1 is still open" in section
     for suffix, planned in (("", 12), ("_b", 6), ("_c", 3)):
         report = load_report(RESULTS_DIR / f"04_speed_strict8_exact_pin{suffix}.json")
@@ -204,8 +206,7 @@ def test_the_exact_pin_strict_runs_are_consistent_with_their_rows_and_quoted_by_
         assert (len(report["rows"]) < planned) == (suffix == "") == ("INCOMPLETE" in report["note"])
         table = strict_table(report)
         for row in merged_rows(report["rows"]):
-            line = f"{row['tokens_per_second']:,.0f}"
-            assert line in section, (suffix, row["name"])
+            assert f"{row['tokens_per_second']:,.0f}" in section, (suffix, row["name"])
             assert f"| {table.loc[row['name'], 'GiB GPU en total']:.2f} |" in section, (suffix, row["name"])
             assert f"| {table.loc[row['name'], 'GiB fijados en la CPU']:.2f} |" in section, (suffix, row["name"])
         goal = unsloth_goal(report["strict"])
@@ -215,6 +216,7 @@ def test_the_exact_pin_strict_runs_are_consistent_with_their_rows_and_quoted_by_
                 x = goal[dtype]
                 shown = f"{x:.3f}×" if (round(x, 3) >= UNSLOTH_GOAL) == (x >= UNSLOTH_GOAL) else f"{x:.4f}×"
                 assert f"{shown} in {dtype}" in section, (suffix, dtype, shown)
+
 
 def test_a_row_out_of_memory_under_the_cap_is_named_with_pytorchs_numbers(spread):
     """The 544d8ed strict run (history): the Unsloth row that ran out of memory under the cap is named with

@@ -197,7 +197,6 @@ def strict_summary(rows: Sequence[dict]) -> dict[str, Any]:
     return out
 
 
-
 def unsloth_goal(summary: dict, goal: float = UNSLOTH_GOAL) -> dict[str, Any]:
     """Goal 1 of issue #20 in one strict run: per dtype, the best fast row's tokens/s over Unsloth's best (None where
     a side has no row within the budget), from the rows' tokens/s and not the summary's ratio, which is rounded to 3
@@ -207,6 +206,7 @@ def unsloth_goal(summary: dict, goal: float = UNSLOTH_GOAL) -> dict[str, Any]:
         fast, peer = summary.get(f"fast_best_{dtype}"), summary.get(f"unsloth_best_{dtype}")
         ratios[dtype] = fast["tokens_per_second"] / peer["tokens_per_second"] if fast and peer else None
     return {"goal": goal, **ratios, "met": all(x is not None and x >= goal for x in ratios.values())}
+
 
 _OOM = re.compile(r"Tried to allocate ([\d.]+ [KMG]iB).*?([\d.]+ [KMG]iB) allowed.*?([\d.]+ [KMG]iB) is allocated by "
                   r"PyTorch", re.S)
