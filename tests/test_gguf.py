@@ -154,7 +154,8 @@ def test_roundtrip_within_tolerance(embedded_export, type_name):
 
 
 @needs_llama_tokenizer
-def test_llama3_layout_roundtrip(tiny_llama3):
+def test_llama3_layout_roundtrip(tiny_llama3, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as in a notebook's kernel (utils.quiet)
     folder, export = tiny_llama3
     path = Path(export["files"]["f16"]["path"])
     meta, tensors, _ = read_gguf_header(path)
@@ -166,7 +167,9 @@ def test_llama3_layout_roundtrip(tiny_llama3):
     plain = 1.0 / (500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
     factors = llama3_rope_factors(config.rope_parameters, 16)
     np.testing.assert_allclose(factors, (plain / scaled).numpy(), rtol=1e-5)
+    capsys.readouterr()
     report = roundtrip_check(folder, path, sample_prompts(), MAX_NEW_TOKENS)
+    assert "GGUF tensors" not in capsys.readouterr().err  # transformers' loader drew no bar (utils.quiet)
     assert report["passed"] and report["max_rel_diff"] < 1e-4  # an fp16 merge survives f16 exactly
     assert report["tokenizer_agreement_llama_cpp"] == 1.0 and report["llama_cpp_pre_tokenizer_hash_ok"]
     assert export["stop_tokens"] == ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"]

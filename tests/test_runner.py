@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -223,6 +224,22 @@ def test_quiet_known_noise_drops_only_the_known_messages(monkeypatch):
     assert [str(w.message) for w in caught] == ["`is_gradient_checkpointing` is deprecated"]
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "0"
+
+
+def test_gguf_loader_bar_is_off_only_inside_the_block_and_only_when_bars_are_off(monkeypatch):
+    module = importlib.import_module(quiet.GGUF_LOADER_MODULE)
+    original = module.tqdm
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    with quiet.quiet_gguf_loader():
+        assert module.tqdm(range(3), file=io.StringIO()).disable
+    assert module.tqdm is original
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user asked for the bars
+    with quiet.quiet_gguf_loader():
+        assert module.tqdm is original
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    with pytest.raises(RuntimeError, match="inside"), quiet.quiet_gguf_loader():  # an error restores the bar too
+        raise RuntimeError("inside")
+    assert module.tqdm is original
 
 
 def test_importing_utils_drops_the_bitsandbytes_hub_message_and_nothing_else():

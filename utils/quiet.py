@@ -9,10 +9,14 @@ other warning still shows.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 
 from tqdm import TqdmWarning
 
@@ -36,6 +40,11 @@ TQDM_WIDGET = r"IProgress not found"
 # in an executed notebook each one lands in stderr as raw text. The libraries read these variables when they
 # are imported; a user's own setting wins.
 PROGRESS_BAR_VARIABLES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+
+# transformers' GGUF loader (``load_gguf_checkpoint``) draws its own tqdm bar, "Converting and de-quantizing GGUF
+# tensors...", from ``tqdm.auto`` imported into its module: ``disable_progress_bar`` does not reach it, and in notebook
+# 05's round trip of the exported GGUF it left nine lines of raw English text. ``quiet_gguf_loader`` turns it off.
+GGUF_LOADER_MODULE = "transformers.modeling_gguf_pytorch_utils"
 
 
 class DropMessage(logging.Filter):
@@ -81,3 +90,20 @@ def disable_loaded_progress_bars() -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     if "datasets" in sys.modules and os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS") == "1":
         sys.modules["datasets"].disable_progress_bars()
+
+
+@contextmanager
+def quiet_gguf_loader() -> Iterator[None]:
+    """Within the block, transformers' GGUF loader draws no progress bar, unless the user asked for the bars
+    (``HF_HUB_DISABLE_PROGRESS_BARS`` set to anything but 1). A transformers release without the module-level ``tqdm``
+    is left as it is."""
+    module = importlib.import_module(GGUF_LOADER_MODULE)
+    original = getattr(module, "tqdm", None)
+    if original is None or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1":
+        yield
+        return
+    module.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original

@@ -29,6 +29,7 @@ from utils.files import save_json
 from utils.inference import adapter_state, model_device
 from utils.modeling import load_model
 from utils.provenance import result_provenance
+from utils.quiet import quiet_gguf_loader
 from utils.units import GIB
 
 MERGE_CHECK_FILE = "05_merge_check.json"
@@ -190,8 +191,9 @@ def load_gguf_model(gguf_path: Path, merged_dir: Path, config: PretrainedConfig)
             raise GGUFRoundTripError(f"{gguf_path}: its rope_freqs do not match the llama3 rope parameters of "
                                      f"{merged_dir}/config.json; the file was not written from this model.")
         config.rope_parameters = rope
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=config,
-                                                 dtype=torch.float32)
+    with quiet_gguf_loader():
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=config,
+                                                     dtype=torch.float32)
     return model.eval()
 
 
