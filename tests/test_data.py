@@ -92,6 +92,20 @@ def test_example_longer_than_max_length_is_a_warning_with_the_count(llama_tokeni
     assert any(w.line == 0 and "1 of 2 examples exceed" in w.message for w in report.warnings)
 
 
+def test_every_special_token_of_the_tokenizer_is_refused_in_content(llama_tokenizer, tmp_path):
+    """transformers 5's ``all_special_tokens`` names only BOS, EOS and PAD; ``<|image|>`` (id 128256, one past the text
+    model's embeddings) and ``<|python_tag|>`` are added tokens flagged special, each read as one id, not as text."""
+    assert llama_tokenizer("<|image|>", add_special_tokens=False)["input_ids"] == [128256]
+    path = tmp_path / "d.jsonl"
+    lines = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "Eso."}]}
+             for question in ("¿Qué es <|image|>?", "¿Dónde va <|python_tag|>?", "¿Cuándo se usa <image>?")]
+    path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    report = data.validate_file(path, tokenizer=llama_tokenizer)
+    assert [(e.line, "special token" in e.message) for e in report.errors] == [(1, True), (2, True)]
+    assert "<|image|>" in report.errors[0].message and "<|python_tag|>" in report.errors[1].message
+    assert data.validate_file(path).ok  # without a tokenizer, only the chat markers of SPECIAL_TOKENS are known
+
+
 def test_text_with_bos_warns_about_the_double_bos(llama_tokenizer):
     report = data.validate_file(FIXTURES / "original_text.jsonl", tokenizer=llama_tokenizer)
     assert any("two BOS" in w.message for w in report.warnings)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 
@@ -266,6 +267,22 @@ def test_findings_without_live_measurements_use_the_analytic_sizes():
     assert "gemelo, medido en GPU" in text  # the committed measurements still reach the conclusions
     # the seed's "~6 GB" whole model: the twin's 16-bit weights, 6,43 GB = 5,98 GiB
     assert "= 6,43\xa0GB = 5,98\xa0GiB" in text and "3.212.749.824 parámetros" in text
+    # the card's 8 GiB less the CUDA context, and less the Windows display's reserve too: 5,338 GiB reserved leaves
+    # 2,16 and 1,66 GiB; the fp16-weights LoRA (7,836 GiB) fits neither; bf16 is flagged on the thesis's Turing card
+    assert "margen 2,16\xa0GiB; bajo Windows, con la pantalla en la misma tarjeta, 0,5\xa0GiB menos: 1,66\xa0GiB" in text
+    assert "LoRA sobre pesos fp16, con checkpointing: 7,836\xa0GiB reservados (no cabe)" in text
+    assert "QLoRA bf16, con prepare: 5,338\xa0GiB reservados (cabe; la RTX 2070 SUPER (Turing) no calcula" in text
+    assert "(QLoRA fp16, con prepare)" in text and "(original))" not in text
+
+
+def test_twin_verdicts_separate_the_card_with_and_without_the_windows_display():
+    from utils.reports.memory import _twin_train_lines
+
+    rows = [dict(configuración=f"row{i}", formato="nf4_dq", variante="prepare", cómputo="fp16",
+                 pico_gib=g - 0.2, pico_reservado_gib=g) for i, g in enumerate((5.0, 7.2, 7.6))]
+    lines = _twin_train_lines(pd.DataFrame(rows), 8.0)  # 7,5 GiB usable; 7,0 with the display on the same card
+    assert lines[1].endswith("7,200\xa0GiB reservados (cabe solo si la tarjeta no maneja además la pantalla).")
+    assert lines[2].endswith("7,600\xa0GiB reservados (no cabe).")
 
 
 # The strict 8 GB budget's accounting (utils.memory.budget; the benchmark's --budget strict8)

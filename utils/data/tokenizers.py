@@ -15,8 +15,14 @@ def as_tokenizer(tokenizer: Any) -> Any:
 
 
 def tokenizer_special_tokens(tokenizer: Any) -> list[str]:
-    """A loaded tokenizer's ``all_special_tokens`` (none for None): text that must not appear in content."""
-    return [t for t in getattr(tokenizer, "all_special_tokens", None) or [] if isinstance(t, str) and t.strip()]
+    """Text that must not appear in content (none for None): a loaded tokenizer's ``all_special_tokens`` and every
+    added token it flags special. transformers 5 lists only the named ones (BOS, EOS, PAD) in the first; Llama-3.2's
+    other 254 (its chat markers, ``<|python_tag|>``, the reserved ones, and ``<|image|>``, id 128256, one past the
+    text model's embeddings) are only in ``added_tokens_decoder``, and each one in content becomes its single id."""
+    named = getattr(tokenizer, "all_special_tokens", None) or []
+    added = [t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+             if getattr(t, "special", False)]
+    return [t for t in dict.fromkeys([*named, *added]) if isinstance(t, str) and t.strip()]
 
 
 def tokenizer_name(tokenizer: Any) -> str:

@@ -154,12 +154,14 @@ def _check_messages(messages: Any, report: ValidationReport, line: int,
 
 def _check_special_tokens(content: str, n: int, role: Any, special_tokens: tuple[str, ...],
                           report: ValidationReport, line: int) -> bool:
-    """An error per chat-template special token inside a turn's content (a fake turn or an early stop)."""
+    """An error per special token inside a turn's content: a chat marker would open or close a turn (a fake turn,
+    an early stop); any other becomes one control id instead of its text."""
     found = special_tokens_in(content, special_tokens)
     for token in found:
-        report.error(line, f"message {n} ({role}) contains the chat-template special token {token} at character "
-                           f"{content.index(token)} — in training it would open or close a turn (a fake turn, an "
-                           "early stop); remove it or write it without the <| |> brackets")
+        report.error(line, f"message {n} ({role}) contains the special token {token} at character "
+                           f"{content.index(token)} — the tokenizer reads it as one control token, not as text (a "
+                           "chat marker would open or close a turn in training: a fake turn, an early stop); remove "
+                           "it or write it without its brackets")
     return not found
 
 

@@ -80,6 +80,25 @@ def validation_display(reports: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("Split")
 
 
+def fmt_median(values: pd.Series) -> str:
+    """A median of token counts in es-AR: whole, or with its one decimal when it falls between two counts (163,5)."""
+    median = float(values.median())
+    return fmt_num(median, 0 if median.is_integer() else 1)
+
+
+def tokenizer_display(tokenizers: dict[str, Any]) -> pd.DataFrame:
+    """Each tokenizer's vocabulary (``len``: special tokens included), its last token, EOS and PAD."""
+    rows = {}
+    for name, tok in tokenizers.items():
+        last = len(tok) - 1
+        rows[name] = {"Vocabulario (tokens)": fmt_num(len(tok)),
+                      "Último token (id)": f"{tok.convert_ids_to_tokens(last)} ({last})",
+                      "EOS": tok.eos_token, "PAD": tok.pad_token if tok.pad_token is not None else "—"}
+    shown = pd.DataFrame(rows).T
+    shown.index.name = "Tokenizador"
+    return shown
+
+
 def length_display(summary: pd.DataFrame) -> pd.DataFrame:
     """``length_summary`` for a reader: Spanish column names, split names, es-AR numbers."""
     names = {"tokenizador": "Tokenizador", "split": "Split", "ejemplos": "Ejemplos",
@@ -130,7 +149,7 @@ def dataset_summary(splits: dict[str, Sequence[dict]], lengths: pd.DataFrame,
         if not missing_fields(records, ("topic",)):
             column["Temas"] = fmt_num(len({r["topic"] for r in records}))
         for tokenizer, data in lengths[lengths["split"] == name].groupby("tokenizador", sort=False):
-            column[f"{tokenizer}: tokens, mediana"] = fmt_num(data["total"].median())
+            column[f"{tokenizer}: tokens, mediana"] = fmt_median(data["total"])
             column[f"{tokenizer}: tokens, máximo"] = fmt_num(int(data["total"].max()))
             column[f"{tokenizer}: más de {fmt_num(max_seq_length)} tokens"] = fmt_num(
                 int((data["total"] > max_seq_length).sum()))
@@ -167,7 +186,8 @@ def _length_lines(lengths: pd.DataFrame, max_seq_length: int) -> list[str]:
         over = int((data["total"] > max_seq_length).sum())
         lines.append(
             f"- Con el tokenizador **{tokenizer}** el ejemplo más largo mide **{fmt_num(int(data['total'].max()))} "
-            f"tokens** (mediana {fmt_num(data['total'].median())}); **{fmt_num(over)}** de {fmt_num(len(data))} "
+            f"tokens** (mediana de los tres splits juntos: {fmt_median(data['total'])}); **{fmt_num(over)}** de "
+            f"{fmt_num(len(data))} "
             f"superan `max_seq_length = {max_seq_length}`"
             + (" y se truncarían." if over else ": con estos datos no se trunca nada."))
     for _, row in loss_token_share(lengths).iterrows():

@@ -7,6 +7,7 @@ import pandas as pd
 from utils.memory import FORMAT_LABELS, KIND_LABELS
 from utils.numbers import fmt_num, fmt_ratio, fmt_unit
 from utils.plotting.memory import training_label
+from utils.memory.budget import WINDOWS_DISPLAY_RESERVE_GIB
 from utils.units import CARD_GIB, CUDA_CONTEXT_GIB, GB, GIB
 
 
@@ -45,12 +46,20 @@ def _measured_weight_lines(ok: pd.DataFrame, live_label: str) -> list[str]:
     return lines
 
 
-def _error_lines(errors: pd.DataFrame) -> list[str]:
+def error_scope(errors: pd.DataFrame, num_layers: int | None) -> str:
+    """Which matrices the error was measured on: all linear ones, or those of the layers a profile sampled."""
+    measured = errors["capa"].nunique()
+    if num_layers is None or measured >= num_layers:
+        return "las matrices lineales"
+    return f"las matrices lineales de {fmt_num(measured)} de las {fmt_num(num_layers)} capas (una muestra repartida)"
+
+
+def _error_lines(errors: pd.DataFrame, num_layers: int | None = None) -> list[str]:
     """Mean reconstruction error of NF4, FP4 and NF4 + DQ."""
     mean = errors.groupby("formato")["error_relativo"].mean()
     if not {"nf4", "fp4"} <= set(mean.index):
         return []
-    return [f"- Error relativo medio de reconstrucción de las matrices lineales: NF4 {fmt_num(mean['nf4'], 4)}, "
+    return [f"- Error relativo medio de reconstrucción de {error_scope(errors, num_layers)}: NF4 {fmt_num(mean['nf4'], 4)}, "
             f"FP4 {fmt_num(mean['fp4'], 4)} ({fmt_ratio(mean['fp4'] / mean['nf4'])} el de NF4)"
             + (f", NF4 + DQ {fmt_num(mean['nf4_dq'], 4)}." if "nf4_dq" in mean else ".")]
 
@@ -86,22 +95,32 @@ def _twin_weight_lines(twin_weights: pd.DataFrame) -> list[str]:
 
 
 def _twin_train_lines(twin_train: pd.DataFrame, card_gib: float) -> list[str]:
-    """Whether the original configuration and each variant fit the card once the CUDA context is taken."""
+    """Whether the original configuration and each variant fit the card: its memory less the CUDA context and, under
+    Windows with the card also driving the display, less the display's reserve (the strict budget's rule)."""
     usable = card_gib - CUDA_CONTEXT_GIB
+    windows = usable - WINDOWS_DISPLAY_RESERVE_GIB
 
     def fits(reserved: float) -> str:
-        return "cabe" if reserved <= usable else "no cabe"
+        if reserved <= windows:
+            return "cabe"
+        return "cabe solo si la tarjeta no maneja además la pantalla" if reserved <= usable else "no cabe"
+
+    def turing(row: pd.Series) -> str:
+        return "; la RTX 2070 SUPER (Turing) no calcula en bf16 de forma nativa" if row.get("cómputo") == "bf16" else ""
 
     thesis = twin_train.iloc[0]
-    lines = [f"- La configuración original ({training_label(thesis)}) en el gemelo: pico "
-             f"{fmt_unit(thesis['pico_gib'], 'GiB', 3)} asignados y {fmt_unit(thesis['pico_reservado_gib'], 'GiB', 3)} "
-             f"reservados: {fits(thesis['pico_reservado_gib'])} en {fmt_unit(card_gib, 'GiB')} con "
-             f"~{fmt_unit(CUDA_CONTEXT_GIB, 'GiB', 1)} de contexto CUDA (margen "
-             f"{fmt_unit(usable - thesis['pico_reservado_gib'], 'GiB', 2)})."]
+    reserved = thesis["pico_reservado_gib"]
+    name = training_label(thesis).removesuffix(" (original)")  # the line says it is the original already
+    lines = [f"- La configuración original en el gemelo ({name}): pico "
+             f"{fmt_unit(thesis['pico_gib'], 'GiB', 3)} asignados y {fmt_unit(reserved, 'GiB', 3)} reservados: "
+             f"{fits(reserved)} en {fmt_unit(card_gib, 'GiB')} con ~{fmt_unit(CUDA_CONTEXT_GIB, 'GiB', 1)} de contexto "
+             f"CUDA (margen {fmt_unit(usable - reserved, 'GiB', 2)}; bajo Windows, con la pantalla en la misma "
+             f"tarjeta, {fmt_unit(WINDOWS_DISPLAY_RESERVE_GIB, 'GiB', 1)} menos: "
+             f"{fmt_unit(windows - reserved, 'GiB', 2)}){turing(thesis)}."]
     for _, r in twin_train.iloc[1:].iterrows():
         if r.get("pico_reservado_gib") is not None and r["pico_reservado_gib"] == r["pico_reservado_gib"]:
             lines.append(f"  - {training_label(r)}: {fmt_unit(r['pico_reservado_gib'], 'GiB', 3)} reservados "
-                         f"({fits(r['pico_reservado_gib'])}).")
+                         f"({fits(r['pico_reservado_gib'])}{turing(r)}).")
     return lines
 
 
@@ -114,13 +133,15 @@ def error_summary(errors: pd.DataFrame) -> pd.DataFrame:
 
 
 def describe_findings(weights, quality, errors, train, twin_weights, twin_train, live_label: str,
-                      card_gib: float = CARD_GIB, analytic=None, skipped_steps: dict[str, str] | None = None) -> str:
+                      card_gib: float = CARD_GIB, analytic=None, skipped_steps: dict[str, str] | None = None,
+                      num_layers: int | None = None) -> str:
     """Markdown bullets (Spanish) stating what this run's tables show, every number taken from them.
 
     A table that was not measured (the profile's weights missing) is ``None``; ``analytic`` (the section 2
     table) then gives the architecture's sizes, and ``skipped_steps`` the steps this run left out and why.
     ``card_gib`` is the thesis card's memory (a configuration fits when its peak reserved plus the CUDA
-    context does).
+    context does, and the Windows display's reserve for a card that also drives the screen). ``num_layers``: the
+    model's decoder layers, so that an error measured on a sample of them says so.
     """
     lines = []
     ok = weights.dropna(subset=["medido_gib"]) if weights is not None and "medido_gib" in weights else None
@@ -129,7 +150,7 @@ def describe_findings(weights, quality, errors, train, twin_weights, twin_train,
     if ok is not None and len(ok):
         lines += _measured_weight_lines(ok, live_label)
     if errors is not None and len(errors):
-        lines += _error_lines(errors)
+        lines += _error_lines(errors, num_layers)
     if quality is not None and len(quality):
         lines += _quality_lines(quality)
     if train is not None and len(train) and "pico_gib" in train:

@@ -143,15 +143,15 @@ def check_split_files(settings: TrainingSettings, train: list[dict], validation:
 
 
 def check_special_tokens(records: Sequence[dict], tokenizer, path: str) -> None:
-    """Refuse chat-template special tokens (and the tokenizer's own) inside any turn's content."""
+    """Refuse chat-template special tokens (and every special token of the tokenizer) inside any turn's content."""
     tokens = tuple(dict.fromkeys([*SPECIAL_TOKENS, *tokenizer_special_tokens(tokenizer)]))
     found = [(r["id"], n, t) for r in records for n, m in enumerate(r["messages"], 1)
              for t in special_tokens_in(m["content"], tokens)]
     if found:
         where = "; ".join(f"id {i} message {n}: {t}" for i, n, t in found[:10])
-        raise DatasetError(f"{path}: {len(found)} chat-template special tokens inside turns ({where}) — in training "
-                           "they would open or close a turn; remove them (`python -m utils.data validate` lists "
-                           "each with its line)")
+        raise DatasetError(f"{path}: {len(found)} special tokens inside turns ({where}) — the tokenizer reads each "
+                           "as one control token, and a chat marker would open or close a turn in training; remove "
+                           "them (`python -m utils.data validate` lists each with its line)")
 
 
 def long_examples(records: Sequence[dict], tokenizer, max_seq_length: int, full_text: bool
