@@ -210,12 +210,16 @@ def test_shipped_general_questions_load_when_present():
 # --------------------------------------------------------------------------------------------
 
 
-def _write_run(folder, profile: str, n: int, model: str = "embedded", value: float = 0.5) -> None:
+def _write_run(folder, profile: str, n: int, model: str = "embedded", value: float = 0.5,
+               ids: list[str] | None = None, limit: int | None = None) -> None:
     folder.mkdir(parents=True)
     rows = [{"model": "tuned", "metric": "keyword_recall", "value": value, "low": value - 0.1,
              "high": value + 0.1, "n": n, "label": "x"}]
-    payload = {"parameters": {"profile": profile, "model_name": model, "test_file": "t.jsonl"},
+    payload = {"parameters": {"profile": profile, "model_name": model, "test_file": "t.jsonl",
+                              "max_test_records": n if limit is None else limit},
                "n_test_records": n, "metrics": rows, "device": "cpu", "commit": "abc"}
+    if ids is not None:
+        payload["test_ids"] = ids
     (folder / "05_metrics.json").write_text(json.dumps(payload))
     pd.DataFrame({"step": [1, 2, 2], "loss": [2.0, 1.5, None], "eval_loss": [None, None, 1.7]}).to_csv(
         folder / "04_log_history.csv", index=False)
@@ -236,5 +240,21 @@ def test_only_comparable_runs_are_collected_and_each_exclusion_says_why(tmp_path
     assert reasons["small"] == "otra cantidad de preguntas de test: 12 en vez de 40"
     table = ev.runs_table(metrics)
     assert list(table.columns) == ["demo", "demo_lr"] and table.iloc[0, 0] == "0,60 [0,50; 0,70]"
+
+
+def test_runs_of_the_same_size_but_other_questions_are_not_compared(tmp_path):
+    ids = [f"F{i}-q1" for i in range(4)]
+    _write_run(tmp_path / "same", "same", 4, ids=ids[::-1])  # the same questions in another order
+    _write_run(tmp_path / "other", "other", 4, ids=["F0-q1", "F0-q2", "F0-q3", "F0-q4"])
+    _write_run(tmp_path / "old", "old", 4)  # a part of the file, chosen before the ids were recorded
+    _write_run(tmp_path / "all_old", "all_old", 4, limit=0)  # the whole file, ids not recorded
+    reference = {"model_name": "embedded", "test_file": "t.jsonl", "n_test_records": 4, "profile": "demo",
+                 "test_ids": ids, "all_test": False}
+    metrics, _, left_out = ev.collect_runs(reference, tmp_path)
+    assert sorted(metrics["run"].unique()) == ["same"]
+    reasons = left_out.set_index("corrida")["motivo"]
+    assert reasons["other"].startswith("otras preguntas de test") and "no registra" in reasons["old"]
+    whole = {**reference, "all_test": True}  # both evaluated the whole file: the ids are implied
+    assert sorted(ev.collect_runs(whole, tmp_path)[0]["run"].unique()) == ["all_old", "same"]
 
 

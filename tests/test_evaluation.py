@@ -172,11 +172,70 @@ def test_pick_examples_ranks_out_of_scope_answers_by_correctness_then_keywords()
     assert "el ajuste acierta y el modelo base no" in absent  # no answerable answer passes: no pick, no filler
 
 
+def test_an_echo_of_the_system_prompt_declines_and_refers_but_is_said_not_to_count():
+    system = ("Sos un asistente que responde consultas sobre la normativa de la UTN. Si la normativa disponible no "
+              "establece lo que se pregunta, decilo y sugerí consultar a la Secretaría Académica de la Facultad "
+              "Regional.")
+    reference = "La normativa disponible no lo contempla; consultá a la Secretaría Académica de tu Facultad Regional."
+    echo = ("Según la normativa disponible no establece lo que se pregunta, decilo y sugerí consultar a la "
+            "Secretaría Académica de la Facultad Regional.")
+    prediction = {"id": "o1", "kind": "out_of_scope", "topic": "t", "question": "¿Cuánto cuesta el comedor?",
+                  "reference": reference, "keywords": [], "reference_tokens": 20,
+                  "answer_tuned": echo, "tokens_tuned": 30, "stopped_tuned": True}
+    scores = ev.score_predictions([prediction], system_prompt=system)
+    row = scores[scores["model"] == "tuned"].iloc[0]
+    assert row["declines"] == 1 and row["tag_prompt_echo"] == 1 and row["refusal_oos"] == 0
+    assert "declina y deriva copiando el mensaje de sistema: eco, no cuenta como rechazo" in ev.check_summary(row)
+    picks, _ = ev.pick_examples(scores)
+    note = picks.set_index("caso")["nota"]["fuera de alcance"]
+    assert note.startswith("ninguna respuesta del ajustado fuera de alcance pasa") and "(eco)" in note
+
+
+def test_conclusions_call_a_difference_a_gain_or_a_loss_only_when_its_interval_excludes_zero():
+    from utils.reports.evaluation import describe_results
+
+    def rows(metric, delta, low, high):
+        return [{"model": "base", "metric": metric, "value": 0.1, "low": 0.0, "high": 0.2},
+                {"model": "tuned", "metric": metric, "value": 0.1 + delta, "low": 0.0, "high": 0.5},
+                {"model": "delta", "metric": metric, "value": delta, "low": low, "high": high}]
+
+    summary = pd.DataFrame(rows("keyword_recall", 0.27, -0.02, 0.54) + rows("citation_accuracy", 0.2, 0.05, 0.4)
+                           + rows("wrongful_refusal", 0.25, 0.0, 0.62))
+    recall, citations, wrongful = describe_results(summary).splitlines()
+    assert "**diferencia no concluyente** (en esta muestra a favor de Ajustado (LoRA); IC 95\xa0%" in recall
+    assert recall.endswith("que incluye el 0).") and "mejora" not in recall
+    assert "→ **mejora** (IC 95\xa0%" in citations and citations.endswith("que excluye el 0).")
+    assert "a favor de Base" in wrongful and "empeora" not in wrongful  # lower is better: the base leads
+
+
+def test_merge_table_shows_the_folder_inside_the_repository_and_names_what_the_last_row_compares():
+    from utils.paths import REPO_ROOT
+    from utils.reports.evaluation import merge_table
+
+    report = {"folder": str(REPO_ROOT / "runs" / "demo" / "05_merged"), "dtype": "bf16", "device": "cpu",
+              "safetensors_gib": 0.25, "probe_chats": 1, "rounding_units": 1.2, "rtol": 4.0, "passed": True,
+              "merged_vs_adapter": {"mean_abs_diff": 0.000123, "max_abs_diff": 0.02, "top1_agreement": 1.0},
+              "merged_vs_evaluated_model": {"mean_abs_diff": 0.1164}}
+    table = merge_table(report)["valor"]
+    assert table["carpeta"] == "runs/demo/05_merged"
+    assert table["diferencia media de logits con el modelo evaluado (su cuantización y su tipo de dato)"] == "0,11640"
+    assert merge_table({**report, "folder": "/elsewhere/05_merged"})["valor"]["carpeta"] == "/elsewhere/05_merged"
+
+
 def test_select_records_keeps_every_kind():
     records = [{"id": f"{k}{i}", "kind": k} for k in ("fact", "combined", "out_of_scope") for i in range(5)]
     chosen = ev.select_records(records, 4)
     assert {r["kind"] for r in chosen} == {"fact", "combined", "out_of_scope"} and len(chosen) == 4
     assert ev.select_records(records, 0) == records
+
+
+def test_select_records_takes_one_paraphrase_of_each_item_before_a_second():
+    """The test file holds each item's paraphrases in a row (F001-q1…q4): file order would pick one item four times."""
+    records = [{"id": f"{item}-q{q}", "kind": kind} for kind, items in (("fact", ("F1", "F2", "F3")),
+                                                                         ("out_of_scope", ("O1", "O2")))
+               for item in items for q in (1, 2, 3)]
+    chosen = [r["id"] for r in ev.select_records(records, 6)]
+    assert chosen == ["F1-q1", "F2-q1", "F3-q1", "O1-q1", "O1-q2", "O2-q1"]  # 3 of each kind, in file order
 
 
 # --------------------------------------------------------------------------------------------

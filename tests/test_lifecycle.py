@@ -132,6 +132,7 @@ def test_only_cut_off_checkpoints_stop_rather_than_rotate_away(tmp_path):
 def test_a_new_run_moves_the_finished_run_to_previous_first(tmp_path, capsys):
     files = _finished_run(tmp_path)
     (tmp_path / "04_training.ipynb").write_text("{}")  # the executed notebook papermill is writing now
+    (tmp_path / "04_kernel.log").write_text("this run's kernel")  # and the runner's log of its kernel
     (tmp_path / "01_run.json").write_text("{}")  # another notebook's record
     settings = _settings(tmp_path)
     plan = training.plan_training(settings, "cpu")
@@ -146,8 +147,9 @@ def test_a_new_run_moves_the_finished_run_to_previous_first(tmp_path, capsys):
         assert (moved / name).read_bytes() == data, name  # moved whole, byte for byte
     assert f"ahora está en {moved}" in capsys.readouterr().out
     # when training starts: the new config and the lock, no old checkpoint, adapter or history
-    assert trainer.seen == sorted(["01_run.json", "04_training.ipynb", CONFIG_FILE, training.LOCK_FILE,
-                                   training.PREVIOUS_DIR])
+    assert trainer.seen == sorted(["01_run.json", "04_kernel.log", "04_training.ipynb", CONFIG_FILE,
+                                   training.LOCK_FILE, training.PREVIOUS_DIR])
+    assert (tmp_path / "04_kernel.log").read_text() == "this run's kernel"
     assert training.read_lock(tmp_path) is None
 
 

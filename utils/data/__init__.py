@@ -38,6 +38,7 @@ from utils.data.corpus import (
     corpus_records,
     counts_markdown,
     load_corpus,
+    record_item,
     split_records,
     update_counts_block,
 )
@@ -114,7 +115,7 @@ __all__ = [
     "check_split", "completion_mask", "convert_file", "corpus_records", "count_table", "counts_markdown",
     "detect_layout", "has_field", "leaked_ids", "length_summary", "load_corpus", "load_records",
     "load_tokenizer_or_fallback", "load_tokenizers", "loss_token_share", "main", "messages_to_text",
-    "missing_fields", "normalize_question", "overlap_checks", "question_of", "read_fields_csv", "record_to_json",
+    "missing_fields", "normalize_question", "overlap_checks", "question_of", "read_fields_csv", "record_item", "record_to_json",
     "same_file", "sequence_lengths", "special_tokens_in", "split_records", "system_prompt_policy",
     "text_to_messages", "to_prompt_completion", "to_text_dataset", "token_lengths", "tokenizer_label",
     "tokenizer_special_tokens", "update_counts_block", "validate_file", "verbatim_answer_ids",

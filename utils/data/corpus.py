@@ -187,7 +187,7 @@ def corpus_records(corpus: dict) -> list[dict]:
     return records
 
 
-def _item_id(record: dict) -> str:
+def record_item(record: dict) -> str:
     """The corpus item a record comes from (its id without the ``-q<n>`` suffix)."""
     return record["id"].rsplit("-q", 1)[0]
 
@@ -212,7 +212,7 @@ def _items_by_kind(records: Sequence[dict]) -> tuple[dict[str, list[dict]], dict
     """Records grouped by corpus item (in order), and item ids grouped by kind."""
     items: dict[str, list[dict]] = defaultdict(list)
     for record in records:
-        items[_item_id(record)].append(record)
+        items[record_item(record)].append(record)
     by_kind: dict[str, list[str]] = defaultdict(list)
     for item_id, item_records in items.items():
         by_kind[item_records[0]["kind"]].append(item_id)
@@ -364,7 +364,7 @@ def _questions_per_item(splits: Mapping[str, Sequence[dict]]) -> str:
     sizes: dict[str, Counter] = defaultdict(Counter)
     for records in splits.values():
         for record in records:
-            sizes[record["kind"]][_item_id(record)] += 1
+            sizes[record["kind"]][record_item(record)] += 1
     parts = []
     for kind in _SECTIONS.values():
         counts = sorted(sizes[kind].values())

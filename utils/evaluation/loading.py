@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from utils.data import record_item
 from utils.device import dtype_name
 from utils.evaluation.baselines import SYSTEM_LABELS
 from utils.inference import (
@@ -101,17 +102,30 @@ def system_prompt_of(records: Sequence[dict]) -> str | None:
 
 
 def select_records(records: Sequence[dict], n: int) -> list[dict]:
-    """All records when ``n <= 0``; else ``n`` of them taken round-robin over kinds (file order within)."""
+    """All records when ``n <= 0``; else ``n`` of them taken round-robin over kinds, and within a kind one question
+    of each corpus item (``F001`` of ``F001-q1``…``-q4``, the paraphrases of one fact) before a second of any: four
+    paraphrases of one item are not four independent questions for the bootstrap. File order otherwise."""
     if n <= 0 or n >= len(records):
         return list(records)
     by_kind: dict[str, list[dict]] = {}
     for record in records:
         by_kind.setdefault(record.get("kind", ""), []).append(record)
     chosen: list[dict] = []
-    queues = [list(v) for v in by_kind.values()]
+    queues = [_items_first(v) for v in by_kind.values()]
     while len(chosen) < n:
         for queue in queues:
             if queue and len(chosen) < n:
                 chosen.append(queue.pop(0))
     keep = {id(r) for r in chosen}
     return [r for r in records if id(r) in keep]
+
+
+def _items_first(records: list[dict]) -> list[dict]:
+    """``records`` with every item's first paraphrase (file order) before any item's second, and so on."""
+    seen: Counter = Counter()
+    rank = {}
+    for position, record in enumerate(records):
+        item = record_item(record) if isinstance(record.get("id"), str) else str(position)
+        rank[id(record)] = (seen[item], position)
+        seen[item] += 1
+    return sorted(records, key=lambda record: rank[id(record)])

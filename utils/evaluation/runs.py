@@ -35,10 +35,13 @@ def read_log_history(path: Path) -> pd.DataFrame:
 
 
 def run_identity(data: dict) -> dict[str, object]:
-    """What makes two runs comparable, from a ``05_metrics.json``: model, test file, number of test questions."""
+    """What makes two runs comparable, from a ``05_metrics.json``: model, test file, number of test questions and,
+    where recorded, which ones (``test_ids``; ``all_test``: the run evaluated the whole file)."""
     parameters = data.get("parameters") or {}
+    limit = parameters.get("max_test_records")
     return {"model_name": parameters.get("model_name"), "test_file": parameters.get("test_file"),
-            "n_test_records": data.get("n_test_records"), "profile": parameters.get("profile")}
+            "n_test_records": data.get("n_test_records"), "profile": parameters.get("profile"),
+            "test_ids": data.get("test_ids"), "all_test": isinstance(limit, int) and limit <= 0}
 
 
 def exclusion_reason(run: str, identity: dict[str, object], reference: dict[str, object]) -> str | None:
@@ -53,6 +56,12 @@ def exclusion_reason(run: str, identity: dict[str, object], reference: dict[str,
             return f"su 05_metrics.json no registra {what} (corrida anterior a esta versión de la notebook 05)"
         if identity[key] != reference.get(key):
             return f"{other}: {identity[key]} en vez de {reference.get(key)}"
+    ours, theirs = identity.get("test_ids"), reference.get("test_ids")
+    if ours is not None and theirs is not None and sorted(ours) != sorted(theirs):
+        return "otras preguntas de test: la misma cantidad, elegidas de otra forma"
+    if (ours is None) != (theirs is None) and not (identity.get("all_test") and reference.get("all_test")):
+        return ("su 05_metrics.json no registra qué preguntas de test evaluó, y una parte del archivo elegida por "
+                "una versión anterior de la notebook 05 puede ser otra")
     return None
 
 
@@ -94,7 +103,7 @@ def runs_table(metrics: pd.DataFrame, model: str = "tuned") -> pd.DataFrame:
     table = data.pivot(index="metric", columns="run", values="cell")
     table = table.reindex([m for m in METRICS if m in table.index])
     table.index = [METRICS[m][0] for m in table.index]
-    return table.fillna("—").rename_axis("Métrica")
+    return table.fillna("—").rename_axis("Métrica").rename_axis(columns="Corrida")
 
 
 def _gpu_run(folder: Path) -> dict:
@@ -175,7 +184,7 @@ def gpu_runs_table(summaries: dict[str, pd.DataFrame], metrics: Sequence[str] = 
     table = table.reindex(order)[[n for n in summaries if n in table.columns]]
     table.index = pd.MultiIndex.from_tuples([(model_label(m), METRICS[k][0]) for m, k in order],
                                             names=["Sistema", "Métrica"])
-    return table.fillna("—")
+    return table.fillna("—").rename_axis(columns="Corrida")
 
 
 def final_eval_loss(result: dict) -> float:

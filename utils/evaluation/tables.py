@@ -85,8 +85,11 @@ def pick_examples(scores: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         tuned = answer_keys(scores, "tuned")
         chosen = _best(tuned[tuned["kind"] == "out_of_scope"])
         if chosen is not None:
-            passed = tuned.loc[chosen, "strict_correct"] == 1
-            note = "" if passed else "ninguna respuesta del ajustado fuera de alcance declina y deriva"
+            row = scores[(scores["model"] == "tuned") & (scores["id"] == chosen)].iloc[0]
+            note = "" if row["strict_correct"] == 1 else ("ninguna respuesta del ajustado fuera de alcance pasa "
+                                                          "las verificaciones (declinar y derivar sin inventar citas)")
+            if note and row.get("tag_prompt_echo") == 1 and row.get("declines") == 1:
+                note += "; esta declina y deriva copiando el mensaje de sistema (eco), lo que no cuenta como rechazo"
             picks.append({"caso": OUT_OF_SCOPE_CASE[0], "corto": OUT_OF_SCOPE_CASE[1], "id": chosen, "nota": note})
     return pd.DataFrame(picks, columns=["caso", "corto", "id", "nota"]), absent
 
@@ -104,7 +107,12 @@ def check_summary(row: pd.Series | dict) -> str:
         parts.append("inventa una cita")
     refused = row.get("refusal_oos", math.nan)
     if not math.isnan(refused):
-        parts.append("declina y deriva" if refused == 1 else "no declina y deriva")
+        if refused == 1:
+            parts.append("declina y deriva")
+        elif row.get("tag_prompt_echo") == 1 and row.get("declines") == 1:
+            parts.append("declina y deriva copiando el mensaje de sistema: eco, no cuenta como rechazo")
+        else:
+            parts.append("no declina y deriva")
     elif row.get("declines") == 1:
         parts.append("declina")
     verdict = row["strict_correct"]

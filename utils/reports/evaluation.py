@@ -14,7 +14,7 @@ from utils.evaluation.runs import gpu_source
 from utils.files import read_json
 from utils.modeling import ModelNotAvailableError, resolve_model
 from utils.numbers import fmt_num, fmt_pct
-from utils.paths import CONFIG_FILE, HISTORY_FILE
+from utils.paths import CONFIG_FILE, HISTORY_FILE, REPO_ROOT
 from utils.plotting.labels import label
 
 
@@ -34,13 +34,16 @@ def _verdict(get: pd.DataFrame, metric: str, confidence: float, first: str, seco
     a, b, delta = get.loc[(first, metric)], get.loc[(second, metric)], get.loc[(name, metric)]
     better = delta["value"] > 0 if higher else delta["value"] < 0
     sure = delta["low"] > 0 or delta["high"] < 0
-    word = ("no cambia" if delta["value"] == 0 else "mejora" if better else "empeora")
+    # "mejora"/"empeora" only where the paired interval excludes 0; otherwise the observed side, said as such
+    word = ("no cambia" if delta["value"] == 0 else ("mejora" if better else "empeora") if sure
+            else "diferencia no concluyente")
     if higher is None:
         word = "alarga las respuestas" if delta["value"] > 0 else "acorta las respuestas" if delta["value"] < 0 \
             else "no cambia la longitud"
-    ci = (f"IC {fmt_pct(confidence, 0)} de la diferencia {_interval(delta, metric)}"
-          + (", que excluye el 0" if sure else ", que incluye el 0: con estas preguntas la diferencia no es "
-             "concluyente"))
+    leaning = (f"en esta muestra a favor de {model_label(first) if better else model_label(second)}; "
+               if higher is not None and delta["value"] != 0 and not sure else "")
+    ci = (f"{leaning}IC {fmt_pct(confidence, 0)} de la diferencia {_interval(delta, metric)}"
+          + (", que excluye el 0" if sure else ", que incluye el 0"))
     if delta["low"] == delta["high"] == delta["value"] == 0:
         ci = "el mismo valor por pregunta en ambos"
     return (f"- **{label}**: {model_label(second)} {_value(b['value'], metric)}, {model_label(first)} "
@@ -167,7 +170,8 @@ def example_html(prediction: dict, scores: pd.DataFrame, case: str, systems: Seq
                 "</div>")
 
     head = (f"<h4>{html.escape(case[:1].upper() + case[1:])}: {html.escape(str(prediction['id']))} "
-            f"({html.escape(str(prediction.get('kind')))}, {html.escape(str(prediction.get('topic')))})</h4>")
+            f"({html.escape(label(str(prediction.get('kind'))))}, {html.escape(label(str(prediction.get('topic'))))})"
+            "</h4>")
     parts = [head, block("Pregunta", prediction["question"]), block("Referencia", prediction["reference"])]
     for system in systems:
         ending = "terminó con EOS" if prediction[f"stopped_{system}"] else "cortada por el límite de tokens"
@@ -210,7 +214,7 @@ def merge_table(report: dict) -> pd.DataFrame:
     """The merge check in Spanish (es-AR numbers)."""
     check = report["merged_vs_adapter"]
     rows = {
-        "carpeta": report["folder"], "tipo de dato": report["dtype"], "dispositivo": report["device"],
+        "carpeta": _shown_path(report["folder"]), "tipo de dato": report["dtype"], "dispositivo": report["device"],
         "tamaño de los pesos": f"{fmt_num(report['safetensors_gib'], 3)} GiB",
         "ejemplos de la verificación": fmt_num(report["probe_chats"]),
         "diferencia media de logits (fusionado − adaptador)": fmt_num(check["mean_abs_diff"], 5),
@@ -220,10 +224,18 @@ def merge_table(report: dict) -> pd.DataFrame:
         "mismo token más probable": fmt_pct(check["top1_agreement"], 1),
         "verificación": "aprobada" if report["passed"] else "fallida",
     }
-    if "merged_vs_evaluated_model" in report:
-        rows["diferencia media con el modelo evaluado (cuantización)"] = fmt_num(
-            report["merged_vs_evaluated_model"]["mean_abs_diff"], 4)
+    if "merged_vs_evaluated_model" in report:  # the model notebook 05 evaluated: 4-bit or not, its own dtype
+        rows["diferencia media de logits con el modelo evaluado (su cuantización y su tipo de dato)"] = fmt_num(
+            report["merged_vs_evaluated_model"]["mean_abs_diff"], 5)
     return pd.Series(rows).to_frame("valor")
+
+
+def _shown_path(path: str) -> str:
+    """A folder as a reader should see it: relative to the repository when inside it (no build machine's path)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def gguf_table(report: dict) -> pd.DataFrame:
@@ -243,7 +255,7 @@ def gguf_table(report: dict) -> pd.DataFrame:
         }
     table = pd.DataFrame(rows)
     table.columns = [c.upper() for c in table.columns]
-    return table.rename_axis(f"GGUF (Modelfile: {Path(report.get('modelfile', '')).name or '—'})")
+    return table.rename_axis("Tipo de GGUF")
 
 
 def gpu_heading(name: str, result: dict) -> str:

@@ -26,6 +26,9 @@ from utils.training.errors import TrainingConfigError, TrainingOutputError
 LOCK_FILE = "04_training.lock"
 PREVIOUS_DIR = "previous"
 RUN_PREFIX = "04_"
+# The runner's log of the kernel that is running notebook 04 now (``utils.runner``): it belongs to this run, not to
+# the finished one being moved away, and moving it lost the current run's log
+KERNEL_LOG = "04_kernel.log"
 # errno values that mean "this folder cannot take the outputs", each with its fix.
 OUTPUT_ERRNOS = {
     errno.EACCES: "make the folder writable, or set output_dir to a folder you can write",
@@ -54,11 +57,13 @@ def checkpoint_dirs(out: str | Path) -> list[Path]:
 
 
 def run_outputs(out: str | Path) -> list[Path]:
-    """The files and folders of the run in ``out`` (``04_*``), without the lock and the executed notebook."""
+    """The files and folders of the run in ``out`` (``04_*``), without the lock, the executed notebook and the kernel
+    log: the runner writes those two for the run now starting."""
     out = Path(out)
     if not out.is_dir():
         return []
-    return sorted(p for p in out.glob(f"{RUN_PREFIX}*") if p.name != LOCK_FILE and p.suffix != ".ipynb")
+    return sorted(p for p in out.glob(f"{RUN_PREFIX}*")
+                  if p.name not in (LOCK_FILE, KERNEL_LOG) and p.suffix != ".ipynb")
 
 
 def previous_run_dir(out: str | Path) -> Path:
