@@ -29,7 +29,7 @@ ERROR_TAGS: dict[str, str] = {
     "repetition_loop": "Bucle de repetición",
     "prompt_echo": "Eco del mensaje de sistema",
     "invented_norm": "Norma inventada",
-    "wrongful_refusal": "Rechazo de una pregunta respondible",
+    "wrongful_refusal": "Rechazo de una pregunta contestable",
     "no_citation": "Respuesta sin cita",
 }
 CHAR_RUN = re.compile(r"(\S)\1{9,}")

@@ -46,7 +46,7 @@ METRICS: dict[str, tuple[str, bool | None]] = {
     "chrf": ("chrF++", True),
     "refusal_accuracy": ("Exactitud de rechazo (balanceada)", True),
     "refusal_oos": ("Rechazo correcto (fuera de alcance)", True),
-    "wrongful_refusal": ("Rechazo indebido (respondibles)", False),
+    "wrongful_refusal": ("Rechazo indebido (contestables)", False),
     "stop_rate": ("Tasa de fin con EOS", True),
     "length_tokens": ("Longitud media (tokens)", None),
     "loss": ("Pérdida de prueba (nats/token)", False),

@@ -31,6 +31,9 @@ UNIT_METRICS = ("keyword_recall", "citation_accuracy", "number_match", "invented
 KIND_ORDER = ["fact", "combined", "out_of_scope"]
 MAIN_METRICS = ("keyword_recall", "citation_accuracy", "number_match", "strict_correct", "invented_citation",
                 "refusal_oos", "wrongful_refusal", "stop_rate", "chrf")
+# The x axis of a metric's panel: what its values count
+AXIS_UNITS = {"chrf": "puntos (0–100)", "length_tokens": "tokens", "loss": "nats por token",
+              "perplexity": "perplejidad", **dict.fromkeys(UNIT_METRICS, "proporción de preguntas (0–1)")}
 
 
 def _dots(ax: plt.Axes, rows: Sequence[str], data: pd.DataFrame, key: str, systems: Sequence[str]) -> None:
@@ -61,8 +64,9 @@ def plot_system_metrics(summary: pd.DataFrame, systems: Sequence[str], metrics: 
     for ax, metric in zip(axes.flat, metrics):
         _dots(ax, [""], data[data["metric"] == metric], "row", systems)
         name, higher = METRICS[metric]
-        hint = " (↑ mejor)" if higher else " (↓ mejor)" if higher is False else ""
+        hint = " (↑\u00a0mejor)" if higher else " (↓\u00a0mejor)" if higher is False else ""  # kept on one line
         ax.set_title(textwrap.fill(name + hint, 30))
+        ax.set_xlabel(AXIS_UNITS.get(metric, ""))
         ax.set_yticks([])
         if metric in UNIT_METRICS:
             ax.set_xlim(-0.04, 1.04)
