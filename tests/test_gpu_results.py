@@ -342,6 +342,34 @@ def test_learning_curve_from_the_committed_sweep():
     text = gpu_runs.describe_learning_curve(curve, base, 160)
     assert "160 ejemplos" in text and "814" in text
     assert "no hay curva" in gpu_runs.describe_learning_curve(curve.iloc[0:0], base, 160)
+    assert list(curve["n_wrongful_refusal"]) == [74 + 15] * 3 and list(curve["n_refusal_oos"]) == [40] * 3
+
+
+def test_with_no_variant_on_both_targets_the_text_names_the_nearest_miss_and_its_margin():
+    """6 epochs: 80 % correct refusals, 10,11 % wrongful (9 of 89 answerable, the target allows 8): a fine margin."""
+    sweep = json.loads((RESULTS_DIR / "04_recipe_sweep_gpu.json").read_text())
+    curve, base = gpu_runs.learning_curve(sweep)
+    curve = curve.assign(refusal_oos=[0.65, 0.75, 0.80], wrongful_refusal=[0.1685, 0.1124, 9 / 89])
+    text = gpu_runs.describe_learning_curve(curve, base, 48)
+    assert "ninguna variante cumple las dos metas" in text
+    assert "la más cercana, la de 6,0 épocas (4.880 ejemplos)" in text
+    assert "cumple la de rechazo correcto (80,0\xa0%)" in text
+    assert "por 0,11 puntos porcentuales (10,11\xa0% contra ≤ 10\xa0%" in text
+    assert "9 de 89 preguntas respondibles, donde la meta admite hasta 8" in text
+    met = gpu_runs.describe_learning_curve(curve.assign(wrongful_refusal=[0.1685, 0.1124, 0.09]), base, 48)
+    assert "la primera variante que cumple las dos metas" in met and "más cercana" not in met
+
+
+def test_the_gpu_runs_text_calls_overfitting_only_a_rising_validation_loss():
+    from utils.reports.training import validation_turn
+
+    results = {n: r for n, r in gpu.collect_gpu_results(names=gpu.GPU_RUNS).items() if len(r["history"])}
+    lines = gpu_runs.describe_gpu_curves(results).splitlines()
+    assert len(lines) == len(results)
+    for line, result in zip(lines, results.values()):
+        evals = result["history"][result["history"]["split"] == "eval"]
+        trend = validation_turn(evals["step"], evals["loss"])["trend"]
+        assert ("(sobreajuste)" in line) == (trend == "rising"), line
 
 
 def test_a_misspelt_set_stops_the_command_before_any_notebook_runs():

@@ -154,7 +154,17 @@ def test_claims_table_is_computed_from_the_measurements(twin_peft, prepare_effec
     assert "0,74\xa0GiB en el gemelo" in row["medido"]  # 789.403.648 bytes measured on the H100
     assert measured.loc["parámetros entrenables", "veredicto"] == "incorrecto"
     assert "Llama-3.1-8B" in measured.loc["parámetros entrenables", "por qué"]
-    assert measured.loc["VRAM con QLoRA", "veredicto"] == "correcto"
+    # one rule for every size row (CLAIM_RULE): read in GB and in GiB; VRAM = peak reserved + the CUDA context
+    qlora = measured.loc["VRAM con QLoRA"]
+    assert qlora["veredicto"] == "correcto"  # 5,34 GiB reserved + 0,5 GiB = 5,84 GiB, inside 5–6 read in GiB
+    assert "5,84\xa0GiB (6,27\xa0GB)" in qlora["medido"] and "0,5\xa0GiB de contexto CUDA" in qlora["medido"]
+    assert "en GB son 6,27 (no cumple); en GiB, 5,84 (cumple)" in qlora["por qué"]
+    assert qlora["valor medido"] == pytest.approx((5_731_516_416 + 0.5 * 1024**3) / 1e9)  # in GB, as claimed
+    no_quant = measured.loc["VRAM sin cuantización"]
+    assert no_quant["veredicto"] == "incorrecto"  # the step, 14,89 GiB with the context, is no "~12 GB" either way
+    assert "pesos fp32 solos (12,85\xa0GB = 11,97\xa0GiB)" in no_quant["por qué"]
+    assert "en GB son 15,99 (no cumple); en GiB, 14,89 (no cumple)" in no_quant["por qué"]
+    assert "en GB son 6,43 (cumple); en GiB, 5,98 (cumple)" in measured.loc["tamaño del modelo completo", "por qué"]
     assert measured.loc["ahorro de memoria de 4 bits", "veredicto"] == "incorrecto"
     # feed the claimed numbers instead: the verdicts follow the input, they are not typed in
     claimed = {"peft_trainable": 83_886_080, "peft_all": 3_213_004_800, "numel_trainable": 0, "numel_all": 0,
@@ -166,12 +176,24 @@ def test_claims_table_is_computed_from_the_measurements(twin_peft, prepare_effec
     assert as_claimed.loc["qué hace prepare_model_for_kbit_training", "veredicto"] == "correcto"
 
 
+def test_a_size_claim_is_correct_when_either_reading_fits():
+    """The verdict rule: MB/GB read as written and as MiB/GiB, a range or a "~" tolerance, the same for every row."""
+    vram = next(c for c in lora.ORIGINAL_CLAIMS if c["key"] == "vram_qlora_gb")
+    assert lora._verdict(vram, 5.84 * 1024**3) == "correcto"  # 6,27 GB misses, 5,84 GiB fits
+    assert lora._verdict(vram, 5.5e9) == "correcto"  # fits both ways
+    assert lora._verdict(vram, 6.5 * 1024**3) == "incorrecto"  # 6,98 GB and 6,5 GiB: neither
+    no_quant = next(c for c in lora.ORIGINAL_CLAIMS if c["key"] == "vram_no_quant_gb")
+    assert lora._verdict(no_quant, 12_852_048_896) == "correcto"  # the fp32 weights alone would pass: 11,97 GiB
+    assert "Regla del veredicto" in lora.CLAIM_RULE and "contexto CUDA" in lora.CLAIM_RULE
+
+
 def test_claims_latex_export(twin_peft, tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_FIGURES_DIR", str(tmp_path))
     path = lora_report.save_claims_latex(_claims(lora.count_parameters(twin_peft)).reset_index())
     text = path.read_text(encoding="utf-8")
     assert path.name == "03_claims.tex" and "\\begin{table}" in text and "48.627.712" in text
     assert "1,491" in text and "1.491" not in text  # es-AR: never read as 1491 %
+    assert "Regla del veredicto" in text  # the notes state the one rule every row is judged by
     assert "$\\sim$185" in text and "textasciitilde" not in text
     assert sum(lora_report.CLAIM_WIDTHS) <= 1
 

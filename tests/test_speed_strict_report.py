@@ -377,3 +377,30 @@ def test_round5_text_leads_with_the_ratios_that_hold_then_the_original_with_its_
     assert fmt_ratio(speed["summary"]["fast_best_bf16"]["x_unsloth_best"]) in lines[unsloth]
     x = spread["x_original"]
     assert f"{fmt_ratio(x['min'], 1)}–{fmt_ratio(x['median'], 1)}–{fmt_ratio(x['max'], 1)}" in text
+
+
+def test_round5_text_says_which_rule_it_ran_under_and_which_run_models_the_card():
+    """The round-5 run capped PyTorch's allocator only; the strict run counts the context and the paged optimizer."""
+    speed = load_report("results/04_speed_benchmark.json")
+    text = describe_speed(speed, load_report("results/04_fast_path_correctness.json"),
+                          load_report("results/04_ddp_scaling.json"), spread=original_spread())
+    first = text.splitlines()[0]
+    assert "como en una tarjeta de 8 GB" not in text
+    assert "no cuenta el contexto CUDA ni lo que el optimizador paginado ocupa fuera del asignador" in first
+    assert f"`{STRICT8_REPORT}`" in first and "modela esa tarjeta" in first
+
+
+def test_ddp_line_says_the_two_runs_saw_other_examples_with_their_token_counts():
+    ddp = load_report("results/04_ddp_scaling.json")
+    text = describe_speed(load_report("results/04_speed_benchmark.json"),
+                          load_report("results/04_fast_path_correctness.json"), ddp, spread=original_spread())
+    line = next(line for line in text.splitlines() if "accelerate launch" in line)
+    for run in ddp["runs"]:
+        examples = run["global_step"] * ddp["per_device_batch"] * run["gpus"]
+        assert f"{fmt_num(run['tokens_trained'])} tokens en {fmt_num(examples)} ejemplos" in line
+        assert f"{fmt_num(run['tokens_trained'] / examples, 1)} por ejemplo" in line
+    assert "no vieron los mismos ejemplos" in line and "mejor que lineal" in line
+    same = {**ddp, "runs": [{**r, "tokens_trained": 100_000 * r["gpus"]} for r in ddp["runs"]]}
+    text = describe_speed(load_report("results/04_speed_benchmark.json"),
+                          load_report("results/04_fast_path_correctness.json"), same, spread=original_spread())
+    assert "no vieron los mismos ejemplos" not in text  # same tokens per example: no caveat

@@ -112,8 +112,8 @@ def benchmark_caption(report: dict) -> str:
     return ("Velocidad y memoria de un paso de entrenamiento QLoRA del gemelo de Llama-3.2-3B (pesos aleatorios, "
             "arquitectura exacta), secuencias de 512 tokens, medido en una "
             f"{report.get('device', 'GPU')} el {report.get('date', '')[:10]}"
-            + (f" con el asignador de PyTorch limitado a {fmt_num(cap, 1)} GiB, como en una tarjeta de 8 GB" if cap
-               else "")
+            + (f" con solo el asignador de PyTorch limitado a {fmt_num(cap, 1)} GiB (sin contar el contexto CUDA ni "
+               "el optimizador paginado: el presupuesto estricto de 8 GB es el de 04_speed_strict8)" if cap else "")
             + ". Cada barra es la mediana de los pasos medidos de una configuración.")
 
 

@@ -1,8 +1,8 @@
 """Notebook 04's figures, drawn from a run's log history (``04_log_history.csv``) or the GPU campaign's JSON.
 
 Training loss against validation loss, learning rate, gradient norm; the live plot of the training loop
-(``draw_training``); and the two campaign figures: where validation loss stops falling over the thesis's 2000
-steps, and the loss with and without ``group_by_length``. Every figure is drawn at print size
+(``draw_training``); and the two campaign figures: whether and where validation loss stops falling over the
+thesis recipe's steps, and the loss with and without ``group_by_length``. Every figure is drawn at print size
 (``utils.plotting.new_figure``) with Spanish labels and es-AR numbers.
 """
 
@@ -56,14 +56,36 @@ def best_validation_point(history: pd.DataFrame) -> tuple[int, float] | None:
     return int(row["step"]), float(row["eval_loss"])
 
 
+def marked_minimum(history: pd.DataFrame) -> tuple[int, float] | None:
+    """(step, loss) of the lowest validation loss when the loss figures mark it with a dotted line: more than two
+    evaluations and the minimum before the last one (a minimum at the end is where the curve stops, not a turn)."""
+    ev, best = _logged(history, "eval_loss"), best_validation_point(history)
+    if best is None or len(ev) <= 2 or best[0] >= ev["step"].max():
+        return None
+    return best
+
+
+def minimum_caption(history: pd.DataFrame) -> str:
+    """The caption's clause on the dotted line, true for this history: where it marks the minimum, or why there is
+    none (Spanish, starts lower-case, no final period)."""
+    best = marked_minimum(history)
+    if best is not None:
+        return (f"la línea punteada marca el mínimo de la pérdida de validación (paso {fmt_num(best[0])}), antes de "
+                "la última evaluación")
+    if len(_logged(history, "eval_loss")) <= 2:
+        return "sin línea del mínimo de validación: hay dos evaluaciones o menos"
+    return "sin línea del mínimo de validación: la pérdida de validación es mínima en la última evaluación"
+
+
 def _draw_losses(ax: plt.Axes, history: pd.DataFrame, mark_best: bool = True) -> None:
-    """Training loss as a line, validation loss as points joined by a line, the minimum of validation marked."""
+    """Training loss as a line, validation loss as points joined by a line, the minimum of validation marked
+    (``marked_minimum``: only when it comes before the last evaluation)."""
     train, ev = _logged(history, "loss"), _logged(history, "eval_loss")
     ax.plot(train["step"], train["loss"], color=COLORS["train"], linewidth=1.0, label=training_label("curve:train"))
     ax.plot(ev["step"], ev["eval_loss"], color=COLORS["eval"], marker="o", linestyle="--",
             label=training_label("curve:validation"))
-    best = best_validation_point(history) if mark_best else None
-    if best is not None and len(ev) > 2 and best[0] < ev["step"].max():  # a minimum before the end: mark it
+    best = marked_minimum(history) if mark_best else None
+    if best is not None:
         ax.axvline(best[0], color=COLORS["budget"], linestyle=":", linewidth=1.0,
                    label=f"{training_label('curve:best')} (paso {fmt_num(best[0])}: {fmt_num(best[1], 3)})")
     ax.set_xlabel(STEP_LABEL)
@@ -84,7 +106,8 @@ def _add_epoch_axis(ax: plt.Axes, history: pd.DataFrame) -> None:
 
 
 def plot_loss_curve(history: pd.DataFrame, max_steps: int | None = None) -> plt.Figure:
-    """Training and validation loss against the step, the lowest validation loss marked (``04_loss_curve``)."""
+    """Training and validation loss against the step, the lowest validation loss marked when it comes before the
+    last evaluation (``marked_minimum``; ``04_loss_curve``)."""
     fig, ax = new_figure(aspect=0.5)
     _draw_losses(ax, history)
     _add_epoch_axis(ax, history)
@@ -176,7 +199,8 @@ def draw_training(fig: Figure, history: pd.DataFrame, max_steps: int | None = No
 
 
 def plot_campaign_validation(run: dict[str, Any]) -> plt.Figure:
-    """The thesis recipe over its 2000 steps: training vs validation loss, epochs on top, the minimum marked."""
+    """The thesis recipe over its steps: training vs validation loss, epochs on top, the minimum marked when it
+    comes before the last evaluation (``marked_minimum``)."""
     history = pd.DataFrame(run["history"])
     fig, ax = new_figure(aspect=0.5)
     _draw_losses(ax, history)

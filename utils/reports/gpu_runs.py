@@ -19,6 +19,7 @@ from utils.evaluation.metrics import METRICS
 from utils.evaluation.runs import gpu_source, seed_noise_check
 from utils.numbers import fmt_num, fmt_pct
 from utils.plotting import COLORS, CYCLE, legend_outside, new_figure
+from utils.reports.training import describe_turn, validation_turn
 from utils.training import profile_settings
 
 # Issue #17's targets on the test set: out-of-scope refusals at least 50 %, wrongful refusals at most 10 %, and
@@ -161,7 +162,8 @@ def plot_gpu_loss_curves(results: dict[str, dict]) -> plt.Figure:
 
 
 def describe_gpu_curves(results: dict[str, dict]) -> str:
-    """Spanish: per committed run, final training vs validation loss and the best validation step."""
+    """Spanish: per committed run, the best validation step and what the validation loss did after it, against the
+    final training loss (``utils.reports.training.describe_turn``: a gap alone is not overfitting)."""
     lines = []
     for name, result in results.items():
         history, training = result["history"], result.get("training") or {}
@@ -171,11 +173,10 @@ def describe_gpu_curves(results: dict[str, dict]) -> str:
         evals = history[history["split"] == "eval"].sort_values("step")
         if not len(train) or not len(evals):
             continue
-        best = evals.loc[evals["loss"].idxmin()]
-        lines.append(f"- **{name}** ({gpu_source(result, '04')}): pérdida de entrenamiento final "
-                     f"{fmt_num(train['loss'].iloc[-1], 2)} contra validación {fmt_num(evals['loss'].iloc[-1], 2)}; "
-                     f"la validación tocó su mínimo ({fmt_num(best['loss'], 2)}) en el paso {fmt_num(best['step'])} "
-                     f"de {fmt_num(training.get('max_steps') or train['step'].max())}.")
+        turn = validation_turn(evals["step"], evals["loss"])
+        steps = fmt_num(training.get("max_steps") or train["step"].max())
+        lines.append(f"- **{name}** ({gpu_source(result, '04')}), {steps} pasos: "
+                     f"{describe_turn(turn, float(train['loss'].iloc[-1]))}.")
     return "\n".join(lines)
 
 
@@ -195,8 +196,9 @@ def profile_examples(profile: str) -> int:
 
 
 def learning_curve(sweep: dict) -> tuple[pd.DataFrame, dict[str, float]]:
-    """(one row per sweep variant of ``CURVE_RECIPE``: variant, training examples seen, validation metrics; the
-    base model's validation metrics, ``{}`` when the sweep did not score it)."""
+    """(one row per sweep variant of ``CURVE_RECIPE``: variant, training examples seen, validation metrics and the
+    question counts behind the refusal rates; the base model's validation metrics, ``{}`` when the sweep did not
+    score it)."""
     rows, base = [], {}
     for name, variant in (sweep.get("variants") or {}).items():
         overrides = variant.get("overrides") or {}
@@ -207,11 +209,17 @@ def learning_curve(sweep: dict) -> tuple[pd.DataFrame, dict[str, float]]:
             continue
         steps = int((variant.get("result") or {}).get("global_step") or overrides["max_steps"])
         seen = steps * overrides["per_device_train_batch_size"] * overrides["gradient_accumulation_steps"]
+        counts = variant["metrics"].get("n") or {}
         rows.append({"variant": name, "examples": seen, "epochs": seen / variant["train_examples"],
-                     **{m: variant["metrics"].get(m) for m, _, _ in CURVE_METRICS}})
+                     **{m: variant["metrics"].get(m) for m, _, _ in CURVE_METRICS},
+                     # questions behind each refusal rate: out of scope, and answerable (fact + combined)
+                     "n_refusal_oos": counts.get("out_of_scope"),
+                     "n_wrongful_refusal": (counts["fact"] + counts["combined"]
+                                            if {"fact", "combined"} <= set(counts) else None)})
         if not base and variant.get("base"):
             base = {m: variant["base"]["metrics"].get(m) for m, _, _ in CURVE_METRICS}
-    columns = ["variant", "examples", "epochs", *(m for m, _, _ in CURVE_METRICS)]
+    columns = ["variant", "examples", "epochs", *(m for m, _, _ in CURVE_METRICS), "n_refusal_oos",
+               "n_wrongful_refusal"]
     return pd.DataFrame(rows, columns=columns).sort_values("examples", ignore_index=True), base
 
 
@@ -237,17 +245,54 @@ def plot_learning_curve(curve: pd.DataFrame, base: dict[str, float], demo_exampl
     return fig
 
 
+REFUSAL_NAMES = {"refusal_oos": "rechazo correcto", "wrongful_refusal": "rechazo indebido"}  # as the targets read
+REFUSAL_QUESTIONS = {"refusal_oos": "fuera de alcance", "wrongful_refusal": "respondibles"}
+
+
+def _shortfalls(row: pd.Series) -> dict[str, float]:
+    """How far a variant is from each refusal target (0 where it meets it)."""
+    return {"refusal_oos": max(0.0, TARGETS["refusal_oos"] - row["refusal_oos"]),
+            "wrongful_refusal": max(0.0, row["wrongful_refusal"] - TARGETS["wrongful_refusal"])}
+
+
+def _nearest_miss(curve: pd.DataFrame) -> str:
+    """The variant closest to meeting both refusal targets (smallest total shortfall) and by how much it misses each
+    (Spanish, with the question count when the sweep recorded it: a margin of one question reads as one)."""
+    row = curve.loc[curve.apply(lambda r: sum(_shortfalls(r).values()), axis=1).idxmin()]
+    parts = []
+    for metric, miss in _shortfalls(row).items():
+        value, target, name = fmt_pct(row[metric], 2), fmt_pct(TARGETS[metric], 0), REFUSAL_NAMES[metric]
+        if not miss:
+            parts.append(f"cumple la de {name} ({fmt_pct(row[metric], 1)})")
+            continue
+        sign = "≥" if metric == "refusal_oos" else "≤"
+        text = (f"no cumple la de {name} por {fmt_num(100 * miss, 2)} puntos porcentuales ({value} contra "
+                f"{sign} {target}")
+        n = row.get(f"n_{metric}")
+        if n and n == n:
+            count, allowed = round(row[metric] * n), TARGETS[metric] * n
+            allowed = math.floor(allowed + 1e-9) if metric == "wrongful_refusal" else math.ceil(allowed - 1e-9)
+            text += (f": {fmt_num(count)} de {fmt_num(n)} preguntas {REFUSAL_QUESTIONS[metric]}, donde la meta "
+                     + (f"admite hasta {fmt_num(allowed)}" if metric == "wrongful_refusal"
+                        else f"pide al menos {fmt_num(allowed)}"))
+        parts.append(text + ")")
+    return (f"la más cercana, la de {fmt_num(row['epochs'], 1)} épocas ({fmt_num(row['examples'])} ejemplos), "
+            + " y ".join(parts))
+
+
 def describe_learning_curve(curve: pd.DataFrame, base: dict[str, float], demo_examples: int) -> str:
-    """Spanish: what the demo's budget is against the examples each sweep variant needed to meet the targets."""
+    """Spanish: what the demo's budget is against the examples each sweep variant needed to meet the targets, and,
+    when none meets both refusal targets, the nearest miss and its margin."""
     if curve.empty:
         return "El barrido de recetas no tiene variantes con lr 1e-3 y lote 8 sin cuantizar: no hay curva."
     met = curve[(curve["refusal_oos"] >= TARGETS["refusal_oos"])
                 & (curve["wrongful_refusal"] <= TARGETS["wrongful_refusal"])]
     first = (f"la primera variante que cumple las dos metas de rechazo en validación vio "
              f"{fmt_num(met['examples'].iloc[0])} ejemplos ({fmt_num(met['epochs'].iloc[0], 1)} épocas)"
-             if len(met) else "ninguna variante cumple las dos metas de rechazo en validación")
+             if len(met) else
+             f"ninguna variante cumple las dos metas de rechazo en validación; {_nearest_miss(curve)}")
     corpus = curve["examples"].iloc[0] / curve["epochs"].iloc[0]
     return (f"La demostración entrena con {fmt_num(demo_examples)} ejemplos "
             f"({fmt_num(demo_examples / corpus, 1)} época del corpus de {fmt_num(corpus)}); en GPU, {first}. "
-            f"La variante más corta del barrido ({fmt_num(curve['examples'].iloc[0])} ejemplos) ya es "
+            f"La variante más corta de esta curva ({fmt_num(curve['examples'].iloc[0])} ejemplos) ya es "
             f"{fmt_num(curve['examples'].iloc[0] / demo_examples, 1)} veces el presupuesto de la demostración.")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from utils.latex import write_table
+from utils.lora import CLAIM_RULE
 from utils.numbers import fmt_num, fmt_pct
 
 CLAIM_COLUMNS = ["afirmación", "declarado", "medido", "sobre qué", "veredicto"]
@@ -17,14 +18,15 @@ CLAIM_WIDTHS = [0.17, 0.17, 0.26, 0.27, 0.13]
 def save_claims_latex(table: pd.DataFrame, name: str = "03_claims") -> Path:
     """Write the claims table as ``<figures>/<name>.tex`` (``utils.latex.write_table``: fits the text width).
 
-    Columns: claim, claimed, measured, on what, verdict (the reasons stay in the notebook and the CSV).
+    Columns: claim, claimed, measured, on what, verdict (the reasons stay in the notebook and the CSV); the notes
+    state the units and the verdict rule (``utils.lora.CLAIM_RULE``).
     """
     return write_table(
         table[CLAIM_COLUMNS], name, widths=CLAIM_WIDTHS,
         caption="Afirmaciones del análisis original de train_peft_v3.py frente a lo medido: conteos sobre el gemelo "
                 "de Llama-3.2-3B (sin pesos) y memoria medida en GPU (results/02_twin_gpu_memory.json).",
         notes="Declarado: la cifra del documento de análisis, con los números escritos en formato es-AR. "
-              "Unidades: MB = 10⁶ bytes, GB = 10⁹ bytes, MiB = 1024² bytes, GiB = 1024³ bytes.",
+              "Unidades: MB = 10⁶ bytes, GB = 10⁹ bytes, MiB = 1024² bytes, GiB = 1024³ bytes. " + CLAIM_RULE,
     )
 
 

@@ -1,8 +1,9 @@
 """Notebook 04's speed prose: what the committed GPU measurements show (Spanish Markdown, numbers read from them).
 
-``describe_speed``: the round-5 headline run (allocator capped at 7.5 GiB). ``describe_strict``: the run under the
-strict 8 GB budget (``run --budget strict8``), led by the ratios that hold on any host, and the ratio to the
-original with its spread across the committed invocations (``utils.speed.results.original_spread``);
+``describe_speed``: the round-5 headline run (PyTorch's allocator capped at 7.5 GiB reserved, which leaves out the
+CUDA context and the paged optimizer; the strict run is the one that models an 8 GB card). ``describe_strict``: the
+run under the strict 8 GB budget (``run --budget strict8``), led by the ratios that hold on any host, and the ratio
+to the original with its spread across the committed invocations (``utils.speed.results.original_spread``);
 ``strict_missing`` says which command writes that run while it is not committed. ``strict_table`` (re-exported from
 ``utils.speed.benchmark.strict``) is its table.
 """
@@ -28,9 +29,12 @@ def _measured_on(speed: dict) -> str:
             "(pesos aleatorios: la velocidad y la memoria no dependen de los valores).")
     if speed.get("memory_cap_gib"):
         cap = fmt_unit(speed["memory_cap_gib"], "GiB", 1)
-        line += (f" Cada fila corrió con el asignador de PyTorch limitado a {cap}, como en "
-                 "una tarjeta de 8 GB: al llegar al límite devuelve bloques en caché y reintenta (columna "
-                 "«reintentos del asignador»).")
+        line += (f" Regla de esta corrida: el asignador de PyTorch limitado a {cap} reservados (al llegar al límite "
+                 "devuelve bloques en caché y reintenta: columna «reintentos del asignador»). Ese límite no cuenta el "
+                 "contexto CUDA ni lo que el optimizador paginado ocupa fuera del asignador, así que una fila que "
+                 "entra acá puede no entrar en una tarjeta de 8 GB; la que modela esa tarjeta es la corrida con el "
+                 f"presupuesto estricto (`{STRICT8_REPORT}`), que cuenta pico reservado, contexto CUDA y memoria "
+                 "fuera del asignador.")
     return line
 
 
@@ -129,14 +133,36 @@ def _correctness_lines(speed: dict, correctness: dict) -> list[str]:
     return [line]
 
 
+def _examples_line(ddp: dict) -> str:
+    """Which examples each run of the DDP file saw: tokens, examples and tokens per example, one GPU first (a
+    tokens/s ratio is per token, but longer examples make each step more efficient)."""
+    parts = []
+    for run in ddp["runs"]:
+        examples = run["global_step"] * ddp["per_device_batch"] * run["gpus"]
+        parts.append(f"{'una GPU' if run['gpus'] == 1 else str(run['gpus']) + ' GPU'}: "
+                     f"{fmt_num(run['tokens_trained'])} tokens en {fmt_num(examples)} ejemplos, "
+                     f"{fmt_num(run['tokens_trained'] / examples, 1)} por ejemplo")
+    return "; ".join(parts)
+
+
 def _ddp_lines(ddp: dict) -> list[str]:
-    """Tokens/s on N GPUs (``accelerate launch``) against one GPU."""
+    """Tokens/s on N GPUs (``accelerate launch``) against one GPU, and the caveat that the runs saw other examples
+    when their token counts per example differ."""
     if not ddp.get("speedup"):
         return []
-    return [f"- Con `accelerate launch` en {ddp['runs'][-1]['gpus']} GPU ({ddp.get('device', 'GPU')}, "
+    line = (f"- Con `accelerate launch` en {ddp['runs'][-1]['gpus']} GPU ({ddp.get('device', 'GPU')}, "
             f"{str(ddp.get('date', ''))[:10]}): **{fmt_ratio(ddp['speedup'])}** los tokens/s de una GPU con la misma "
             "configuración por GPU, medido con el camino rápido de ese día (el código cambió mucho desde entonces y "
-            "no hubo otra máquina de dos GPU para medirlo de nuevo)."]
+            "no hubo otra máquina de dos GPU para medirlo de nuevo).")
+    runs = ddp.get("runs") or []
+    if ddp.get("per_device_batch") and len(runs) > 1 and all(r.get("tokens_trained") for r in runs):
+        per_example = {round(r["tokens_trained"] / (r["global_step"] * ddp["per_device_batch"] * r["gpus"]), 1)
+                       for r in runs}
+        if len(per_example) > 1:
+            line += (" Los tokens/s se cuentan por token, así que se pueden comparar, pero las corridas no vieron los "
+                     f"mismos ejemplos ({_examples_line(ddp)}): con ejemplos más largos cada paso rinde algo más, así "
+                     "que un cociente por encima del número de GPU no prueba una escala mejor que lineal.")
+    return [line]
 
 
 def describe_speed(speed: dict, correctness: dict, ddp: dict, corpus: dict | None = None,

@@ -10,7 +10,6 @@ from typing import Any, Sequence
 import pandas as pd
 
 from utils.numbers import fmt_num, fmt_pct, fmt_unit
-from utils.plotting.training import best_validation_point
 from utils.training import TrainingPlan, TrainingSettings
 
 
@@ -41,10 +40,13 @@ def _run_lines(plan: TrainingPlan, result: dict[str, Any]) -> list[str]:
         lines.append(f"- Pérdida de validación: **{fmt_num(first, 3)} → {fmt_num(last, 3)}** "
                      f"({fmt_pct(change, 1, signed=True)}): {verdict}.")
     best_step, best_loss = result.get("best_eval_step"), result.get("best_eval_loss")
-    if best_step is not None and best_loss is not None and best_step != result["global_step"]:
+    if best_step is not None and best_loss is not None and best_step != result["global_step"] and last is not None:
+        rise = last - best_loss
         lines.append(f"- El mínimo de la pérdida de validación fue {fmt_num(best_loss, 3)} en el paso "
-                     f"{fmt_num(best_step)}, antes del último: a partir de ahí el modelo empieza a ajustarse al "
-                     "conjunto de entrenamiento más que a preguntas nuevas.")
+                     f"{fmt_num(best_step)}, antes del último, y terminó en {fmt_num(last, 3)} "
+                     f"({fmt_pct(rise / best_loss, 1, signed=True)}): "
+                     + ("se aplanó sin subir de forma apreciable." if rise < FLAT_RISE * best_loss else
+                        "a partir de ahí el modelo se ajusta al conjunto de entrenamiento más que a preguntas nuevas."))
     if result.get("stopped_early"):
         lines.append(f"- La detención temprana cortó la corrida en el paso {fmt_num(result['global_step'])} de "
                      f"{fmt_num(result['max_steps'])}; el adaptador guardado es el del paso "
@@ -190,38 +192,102 @@ def step_autocorrelation(history: pd.DataFrame, window: int = 51) -> float:
     return float(detrended.autocorr(1))
 
 
+# A validation loss that ends less than this fraction above its minimum has flattened rather than turned up: two
+# seeds of the thesis recipe end further apart than that (results/gpu and results/gpu-auto-s43).
+FLAT_RISE = 0.01
+
+
+def validation_turn(steps: Sequence[float], losses: Sequence[float]) -> dict[str, Any]:
+    """Where the validation loss is lowest and what it does after: ``trend`` is "falling" (lowest at the last
+    evaluation), "flat" (it ends less than ``FLAT_RISE`` above its minimum) or "rising"; ``rise`` is last − lowest."""
+    evals = pd.DataFrame({"step": list(steps), "loss": list(losses)}).dropna().sort_values("step")
+    best = evals.loc[evals["loss"].idxmin()]
+    last = evals.iloc[-1]
+    rise = float(last["loss"] - best["loss"])
+    trend = ("falling" if best["step"] >= last["step"] else "flat" if rise < FLAT_RISE * float(best["loss"])
+             else "rising")
+    return {"best_step": int(best["step"]), "best_loss": float(best["loss"]), "last_step": int(last["step"]),
+            "last_loss": float(last["loss"]), "rise": rise, "trend": trend}
+
+
+def describe_turn(turn: dict[str, Any], train_loss: float, decimals: int = 3, epoch: float | None = None) -> str:
+    """What the validation loss did, against the training loss, in Spanish (no leading capital, no final period).
+
+    A training loss below the validation loss is expected (the model sees those answers) and is not by itself
+    overfitting; overfitting is validation rising while training keeps falling.
+    """
+    step = f"el paso {fmt_num(turn['best_step'])}"
+    epoch_text = f"época {fmt_num(epoch, 1)}" if epoch is not None else ""
+    at = step + (f" ({epoch_text})" if epoch_text else "")
+    best, last = fmt_num(turn["best_loss"], decimals), fmt_num(turn["last_loss"], decimals)
+    train = f"la de entrenamiento termina en {fmt_num(train_loss, decimals)}"
+    if turn["trend"] == "falling":
+        where = step + (f", {epoch_text}" if epoch_text else "")
+        gap = ("que la de entrenamiento quede más abajo no es sobreajuste mientras la de validación siga bajando; "
+               if train_loss < turn["last_loss"] else "")
+        return (f"la pérdida de validación baja hasta la última evaluación ({best} en {where}) y {train}: {gap}no "
+                "aparece sobreajuste dentro de esta corrida")
+    change = fmt_pct(turn["rise"] / turn["best_loss"], 1, signed=True)
+    if turn["trend"] == "flat":
+        return (f"la pérdida de validación llega a su mínimo ({best}) en {at} y termina en {last} ({change}) "
+                f"mientras {train}: se aplana sin subir de forma apreciable, así que más pasos ya casi no la mejoran, "
+                "pero tampoco aparece sobreajuste dentro de esta corrida")
+    return (f"la pérdida de validación llega a su mínimo ({best}) en {at} y después sube hasta {last} ({change}) "
+            f"mientras {train}: desde ese paso, más pasos ajustan el entrenamiento sin mejorar en preguntas nuevas "
+            "(sobreajuste)")
+
+
+def _epoch_at(history: pd.DataFrame, step: int) -> float | None:
+    """The epoch the history logged nearest to ``step`` (None when it logged none)."""
+    epochs = history.dropna(subset=["epoch"]) if "epoch" in history else history.iloc[:0]
+    return float(epochs.loc[(epochs["step"] - step).abs().idxmin(), "epoch"]) if len(epochs) else None
+
+
+def _short_commit(commit: str) -> str:
+    """``d533af8-dirty`` as recorded; a full hash cut to 12 characters, its suffix kept."""
+    sha, _, suffix = commit.partition("-")
+    return sha[:12] + (f"-{suffix}" if suffix else "")
+
+
+def _batch(settings: dict[str, Any]) -> str:
+    """``1 × 2``: examples per micro-batch × micro-batches per step, as the run's settings say."""
+    return f"{settings['per_device_train_batch_size']} × {settings['gradient_accumulation_steps']}"
+
+
 def describe_campaign(summary: dict[str, Any]) -> str:
-    """What the campaign measured: where validation loss stops falling, and the sampler's saw-tooth (Spanish)."""
+    """What the campaign measured: whether and where validation loss stops falling, and the sampler's saw-tooth
+    (Spanish; steps, batch, evaluation interval and epochs read from the summary)."""
     lines = [f"- Corridas de `results/04_gpu_campaign.json`, {campaign_source(summary)} "
-             f"(commit {', '.join(c[:12] for c in summary['commits'])})."]
+             f"(commit {', '.join(_short_commit(c) for c in summary['commits'])})."]
     run = summary["runs"].get("validation_2000")
     if run:
         history = pd.DataFrame(run["history"])
-        best = best_validation_point(history)
-        train = history.dropna(subset=["loss"])
-        if best is not None and len(train):
-            epochs = history.dropna(subset=["epoch"])
-            epoch_at = float(epochs.loc[(epochs["step"] - best[0]).abs().idxmin(), "epoch"]) if len(epochs) else None
-            evals = history.dropna(subset=["eval_loss"])
-            last_step, last_eval = int(evals["step"].iloc[-1]), float(evals["eval_loss"].iloc[-1])
-            verdict = ("desde ese paso, más pasos memorizan el entrenamiento en lugar de generalizar"
-                       if best[0] < last_step else "no aparece sobreajuste dentro de esta corrida")
+        evals, train = _logged_rows(history, "eval_loss"), _logged_rows(history, "loss")
+        if len(evals) and len(train):
+            settings = run["settings"]
+            turn = validation_turn(evals["step"], evals["eval_loss"])
+            last_epoch = _epoch_at(history, int(history["step"].max()))
             lines.append(
-                f"- Receta de la tesis, {fmt_num(run['settings']['max_steps'])} pasos: la pérdida de validación llega "
-                f"a su mínimo ({fmt_num(best[1], 3)}) en el paso {fmt_num(best[0])}"
-                + (f" (época {fmt_num(epoch_at, 1)})" if epoch_at is not None else "")
-                + f" y termina en {fmt_num(last_eval, 3)}, mientras la de entrenamiento llega a "
-                f"{fmt_num(train['loss'].iloc[-1], 3)}: {verdict}.")
+                f"- Receta de la tesis, {fmt_num(settings['max_steps'])} pasos de {_batch(settings)} ejemplos"
+                + (f" ({fmt_num(last_epoch, 1)} épocas del corpus)" if last_epoch is not None else "")
+                + (f", validación cada {fmt_num(settings['eval_steps'])} pasos" if settings.get("eval_steps") else "")
+                + f": {describe_turn(turn, float(train['loss'].iloc[-1]), 3, _epoch_at(history, turn['best_step']))}.")
     sawtooth = [summary["runs"].get(k) for k in ("random", "group_by_length")]
     if all(sawtooth):
         random_r, grouped_r = (step_autocorrelation(pd.DataFrame(r["history"])) for r in sawtooth)
         verdict = ("la pérdida sube y baja en bloques con el largo de los ejemplos, no con el aprendizaje (el diente "
                    "de sierra)" if grouped_r - random_r > 0.2 else "no aparece un diente de sierra marcado")
+        settings = sawtooth[0]["settings"]
         lines.append(
-            "- Muestreo, 300 pasos con los micro-lotes del original: la autocorrelación de la pérdida entre pasos "
-            f"consecutivos (sin la tendencia) es {fmt_num(random_r, 2)} con lotes aleatorios y {fmt_num(grouped_r, 2)} "
-            f"agrupando por longitud: {verdict}.")
+            f"- Muestreo, {fmt_num(settings['max_steps'])} pasos con los micro-lotes del original "
+            f"({_batch(settings)}): la autocorrelación de la pérdida entre pasos consecutivos (sin la tendencia) es "
+            f"{fmt_num(random_r, 2)} con lotes aleatorios y {fmt_num(grouped_r, 2)} agrupando por longitud: {verdict}.")
     return "\n".join(lines)
+
+
+def _logged_rows(history: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows of ``history`` that logged ``column`` (none when the column is missing)."""
+    return history.dropna(subset=[column]) if column in history else history.iloc[:0]
 
 
 def utilisation_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -242,11 +308,13 @@ def utilisation_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 def fmt_value(value: Any) -> Any:
     """A table cell as an Argentine reader reads it: integers grouped, decimals with a comma (up to 6, trimmed),
-    booleans as sí/no, a missing value as a dash; text and other objects unchanged."""
+    booleans as sí/no, a missing value as a dash, a dict as ``key: value`` pairs; text and other objects unchanged."""
     if isinstance(value, bool):
         return "sí" if value else "no"
     if value is None or isinstance(value, float) and value != value:
         return "—"
+    if isinstance(value, dict):  # e.g. trainable parameters per dtype: fp32: 9.768.960
+        return "; ".join(f"{k}: {fmt_value(v)}" for k, v in value.items())
     if not isinstance(value, (int, float)):
         return value
     if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
@@ -258,8 +326,9 @@ def fmt_value(value: Any) -> Any:
 
 
 def format_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with every numeric cell formatted by ``fmt_value`` (for display; the data stay numbers)."""
-    return frame.apply(lambda column: column.map(fmt_value))
+    """``frame`` with every numeric cell formatted by ``fmt_value`` and its columns by their Spanish names
+    (``COLUMN_NAMES``), for display; the data stay numbers."""
+    return frame.apply(lambda column: column.map(fmt_value)).rename(columns=COLUMN_NAMES)
 
 
 # Spanish names of the keys notebook 04 shows as tables (the memory estimate, the run's result)
@@ -278,7 +347,15 @@ TABLE_NAMES = {
     "best_eval_step": "paso de la menor pérdida de validación", "best_eval_loss": "menor pérdida de validación",
     "max_steps": "pasos pedidos", "stopped_early": "detención temprana", "adapter_step": "paso del adaptador guardado",
     "trainable_dtypes": "parámetros entrenables por tipo",
+    # the decoded example's label facts (utils.training.inspect.describe_labels)
+    "tokens": "tokens del ejemplo", "tokens_con_pérdida": "tokens con pérdida",
+    "texto_con_pérdida": "texto con pérdida", "texto_enmascarado": "texto enmascarado",
+    "eos_en_el_ejemplo": "EOS en el ejemplo", "eos_con_pérdida": "EOS con pérdida",
+    "eos_final_con_pérdida": "el EOS final lleva pérdida", "bos": "BOS en el ejemplo", "pad_es_eos": "pad igual a EOS",
 }
+# Column names of the stop-rate tables (utils.training.inspect.compare_stop_rates) as the notebook shows them
+COLUMN_NAMES = {"terminan_con_eos": "terminan con EOS", "tasa_de_corte": "tasa de corte",
+                "tokens_nuevos_mediana": "tokens nuevos (mediana)", "tokens_nuevos": "tokens nuevos"}
 VALUE_NAMES = {"max_memory_allocated": "máximo asignado por PyTorch en la GPU",
                "peak RSS of the process": "memoria residente máxima del proceso"}
 

@@ -4,7 +4,7 @@ Two questions a CPU cannot answer in the demo's budget, measured on a GPU with t
 thesis recipe (``tools/gpu_campaign/run.py`` starts the runs, one ``python -m utils.training`` process each, so
 they share one GPU at the same time):
 
-- ``validation_2000``: the thesis recipe for its 2000 steps (about 8 epochs of the shipped corpus), validation
+- ``validation_2000``: the thesis recipe for its 2000 steps (about 4.9 epochs of the shipped corpus at 1 × 2 examples), validation
   loss every 100 steps: where validation stops falling while training loss keeps falling (overfitting);
 - ``random`` and ``group_by_length``: 300 steps of the original micro-batches (1 × 2, fast path off), the loss
   logged at every step, with random batches and with the original's length-grouped sampler (the saw-tooth).
