@@ -87,7 +87,7 @@ def pick_examples(scores: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         if chosen is not None:
             row = scores[(scores["model"] == "tuned") & (scores["id"] == chosen)].iloc[0]
             note = "" if row["strict_correct"] == 1 else ("ninguna respuesta del ajustado fuera de alcance pasa "
-                                                          "las verificaciones (declinar y derivar sin inventar citas)")
+                                                          "las verificaciones: declinar y derivar sin inventar citas")
             if note and row.get("tag_prompt_echo") == 1 and row.get("declines") == 1:
                 note += "; esta declina y deriva copiando el mensaje de sistema (eco), lo que no cuenta como rechazo"
             picks.append({"caso": OUT_OF_SCOPE_CASE[0], "corto": OUT_OF_SCOPE_CASE[1], "id": chosen, "nota": note})
