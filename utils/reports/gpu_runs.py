@@ -60,6 +60,7 @@ def plot_gpu_targets(summaries: dict[str, pd.DataFrame]) -> plt.Figure:
         ax.set_title(textwrap.fill(name, 24) + ("\n(ajustado − base)" if model == "delta" else "\n(ajustado)"),
                      fontsize=8)
         ax.set_xlim(-0.55 if model == "delta" else -0.04, 1.04)
+        ax.set_xlabel("diferencia de proporciones" if model == "delta" else "proporción de preguntas")
         ax.grid(axis="y", visible=False)
         ax.tick_params(axis="y", left=False)
     axes[0][0].set_yticks(range(len(runs)), runs)  # shared y: the run names once, on the left
