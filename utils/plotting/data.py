@@ -32,7 +32,7 @@ def plot_token_lengths(lengths: pd.DataFrame, max_seq_length: int = 512) -> plt.
     """Share of examples by length of prompt, answer and whole example (one row per tokenizer), limit drawn.
 
     Each split is a step histogram normalised to its own size, so a small validation or test split reads on the
-    same scale as train; the dashed black line is ``max_seq_length``.
+    same scale as train; the dashed line is ``max_seq_length``, labelled as the training length limit.
     """
     tokenizers = list(dict.fromkeys(lengths["tokenizador"]))
     upper = 1.08 * max(max_seq_length, int(lengths[["prompt", "respuesta", "total"]].to_numpy().max()))
@@ -47,7 +47,7 @@ def plot_token_lengths(lengths: pd.DataFrame, max_seq_length: int = 512) -> plt.
                         linewidth=1.1, label=f"{label(split)} (n = {fmt_num(len(values))})",
                         **_split_style(split, k))
             ax.axvline(max_seq_length, color=COLORS["budget"], linestyle="--", linewidth=0.9,
-                       label=f"max_seq_length = {fmt_num(max_seq_length)}")
+                       label=f"longitud máxima de entrenamiento ({fmt_num(max_seq_length)} tokens)")
             ax.set_xlim(0, upper)
             use_es_ar_ticks(ax, "y", percent=True)
         row[0].set_ylabel(name.replace(" (", "\n("))  # the tokenizer of the row; the y axis is a share

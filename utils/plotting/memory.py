@@ -34,7 +34,8 @@ def _wrapped(texts: list[str]) -> list[str]:
 def _annotate_bars(ax: plt.Axes, values: np.ndarray, positions: np.ndarray) -> None:
     """The value at the end of each horizontal bar, in es-AR."""
     for y, x in zip(positions, values):
-        ax.annotate(fmt_num(x, 2), (x, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.annotate(fmt_num(x, 2), (x, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.4}, zorder=4)  # above the 8 GiB lines
 
 
 def _draw_weights(ax: plt.Axes, weights: pd.DataFrame) -> None:
