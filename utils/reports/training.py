@@ -85,7 +85,7 @@ def _clipping_line(history: pd.DataFrame, max_grad_norm: float) -> str:
     return (
         f"- La norma del gradiente superó `max_grad_norm = {fmt_num(max_grad_norm, 2)}` en **{fmt_num(clipped)} de "
         f"{fmt_num(len(norms))}** pasos registrados (mediana {fmt_num(norms.median(), 2)}): el recorte actuó "
-        + ("en todos" if clipped == len(norms) else "en casi todos" if mostly else "sólo en algunos")
+        + ("en todos" if clipped == len(norms) else "en casi todos" if mostly else "solo en algunos")
         + (", así que fija el tamaño de cada paso junto con la tasa de aprendizaje." if mostly else ".")
     )
 
