@@ -93,7 +93,7 @@ def acceptance_statement(summary: pd.DataFrame, run: Path | None = None) -> str:
         if ("tuned", metric) in get.index:
             value = get.loc[("tuned", metric), "value"]
             met = value >= goal if higher else value <= goal
-            lines.append(f"- {METRICS[metric][0]} del ajustado: {fmt_pct(value, 0)} (meta "
+            lines.append(f"- {METRICS[metric][0]} del ajustado: {fmt_pct(value, 1)} (meta "
                          f"{'≥' if higher else '≤'} {fmt_pct(goal, 0)}): **{'cumple' if met else 'no cumple'}**.")
     facts = _training_facts(run)
     if facts:
