@@ -404,3 +404,34 @@ def test_ddp_line_says_the_two_runs_saw_other_examples_with_their_token_counts()
     text = describe_speed(load_report("results/04_speed_benchmark.json"),
                           load_report("results/04_fast_path_correctness.json"), same, spread=original_spread())
     assert "no vieron los mismos ejemplos" not in text  # same tokens per example: no caveat
+
+
+def test_the_strict_table_shown_to_a_reader_is_in_spanish_with_es_ar_numbers():
+    """Notebook 04 shows ``strict_table_shown``: the same rows, «sí»/«no», the workload in Spanish, «—» for a value
+    that does not apply (the 544d8ed run's row that ran out of memory has no speed)."""
+    import re
+
+    from utils.reports.speed import strict_table_shown
+
+    report = load_report(RESULTS_DIR / "history" / "04_speed_strict8_544d8ed.json")
+    shown = strict_table_shown(report)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", shown.to_html())
+    table = strict_table(report)
+    assert len(cells) == table.size and "True" not in cells and "False" not in cells and "nan" not in cells
+    first = table.iloc[0]
+    assert cells[:4] == [first["tipo"], "sintética", first["micro-lote × acum."],
+                         f"{first['tokens/s']:,.0f}".replace(",", ".")]
+    assert "—" in cells and set(shown.data["dentro del presupuesto"]) <= {"sí", "no"}
+
+
+def test_the_headline_speed_table_is_shown_in_es_ar_too():
+    import re
+
+    from utils.reports.speed import speed_table_shown
+    from utils.speed.results import speed_table
+
+    report = load_report(RESULTS_DIR / "04_speed_benchmark.json")
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", speed_table_shown(report).to_html())
+    first = speed_table(report).iloc[0]
+    assert len(cells) == speed_table(report).size and "synthetic" not in cells
+    assert cells[3] == f"{first['tokens/s']:,.0f}".replace(",", ".") and "," in cells[4]  # 0,xxx s/paso

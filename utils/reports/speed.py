@@ -5,22 +5,48 @@ CUDA context and the paged optimizer; the strict run is the one that models an 8
 run under the strict 8 GB budget (``run --budget strict8``), led by the ratios that hold on any host, and the ratio
 to the original with its spread across the committed invocations (``utils.speed.results.original_spread``);
 ``strict_missing`` says which command writes that run while it is not committed. ``strict_table`` (re-exported from
-``utils.speed.benchmark.strict``) is its table.
+``utils.speed.benchmark.strict``) is its table; ``strict_table_shown`` the same for a reader.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pandas.io.formats.style import Styler
+
 from utils.numbers import fmt_num, fmt_ratio, fmt_unit
 from utils.plotting import label
 from utils.plotting.speed import config_label
 from utils.speed import FastPathOptions
 from utils.speed.benchmark.strict import RECIPE_PAIRS, RECIPE_ROWS, measured_rounds, strict_table, unsloth_goal
-from utils.speed.results import STRICT8_REPORT, merged_rows, original_spread
+from utils.speed.results import STRICT8_REPORT, merged_rows, original_spread, speed_table
 from utils.units import BUDGET_GIB
 
-__all__ = ["describe_speed", "describe_strict", "strict_command", "strict_missing", "strict_table"]
+__all__ = ["describe_speed", "describe_strict", "strict_command", "strict_missing", "speed_table_shown", "strict_table",
+           "strict_table_shown"]
+
+WORKLOAD_NAMES = {"synthetic": "sintética", "corpus": "corpus"}  # the benchmark's two workloads (workloads.py)
+
+
+def strict_table_shown(report: dict) -> Styler:
+    """``strict_table`` for a reader: es-AR numbers, «sí» / «no», the workload in Spanish, «—» where a value does not
+    apply (a row that never finished has no speed; a CPU-only run no allocator retries)."""
+    table = strict_table(report).copy()
+    table["dentro del presupuesto"] = table["dentro del presupuesto"].map({True: "sí", False: "no"})
+    table["motivo"] = table["motivo"].replace("", "—")
+    return _for_a_reader(table)
+
+
+def speed_table_shown(report: dict) -> Styler:
+    """``utils.speed.results.speed_table`` (a speed run's rows) for a reader, as ``strict_table_shown``."""
+    return _for_a_reader(speed_table(report))
+
+
+def _for_a_reader(table) -> Styler:
+    """A benchmark table styled es-AR: the workload in Spanish, tokens/s whole, the rest with 3 decimals, «—» for NA."""
+    table = table.assign(carga=table["carga"].map(lambda workload: WORKLOAD_NAMES.get(workload, workload)))
+    return (table.style.format(precision=3, decimal=",", thousands=".", na_rep="—")
+            .format(precision=0, decimal=",", thousands=".", na_rep="—", subset=["tokens/s"]))
 
 
 def _measured_on(speed: dict) -> str:
