@@ -18,7 +18,7 @@ from utils.memory.budget import strict_budget_use
 from utils.numbers import fmt_num, fmt_ratio
 from utils.paths import REPO_ROOT, RESULTS_DIR
 from utils.plotting import check_print_standard
-from utils.plotting.speed import plot_strict, strict_caption
+from utils.plotting.speed import config_label, plot_strict, strict_caption
 from utils.reports.speed import describe_speed, describe_strict, strict_command, strict_missing
 from utils.speed.benchmark import config_by_name
 from utils.speed.benchmark.cli import build_parser
@@ -448,6 +448,9 @@ def test_the_strict_table_shown_to_a_reader_is_in_spanish_with_es_ar_numbers():
     assert cells[:4] == [first["tipo"], "sintética", first["micro-lote × acum."],
                          f"{first['tokens/s']:,.0f}".replace(",", ".")]
     assert "—" in cells and set(shown.data["dentro del presupuesto"]) <= {"sí", "no"}
+    # rows named in words, as describe_strict names them, not by the benchmark's ids
+    assert list(shown.data.index) == [config_label(name) for name in table.index]
+    assert not any("_" in name for name in shown.data.index) and shown.data.index.name == table.index.name
 
 
 def test_the_headline_speed_table_is_shown_in_es_ar_too():

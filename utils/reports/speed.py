@@ -43,8 +43,10 @@ def speed_table_shown(report: dict) -> Styler:
 
 
 def _for_a_reader(table) -> Styler:
-    """A benchmark table styled es-AR: the workload in Spanish, tokens/s whole, the rest with 3 decimals, «—» for NA."""
+    """A benchmark table styled es-AR: each row named in words (``config_label``, as the prose above the table names
+    it; the ids stay in the JSON), the workload in Spanish, tokens/s whole, the rest with 3 decimals, «—» for NA."""
     table = table.assign(carga=table["carga"].map(lambda workload: WORKLOAD_NAMES.get(workload, workload)))
+    table.index = table.index.map(config_label).rename(table.index.name)
     return (table.style.format(precision=3, decimal=",", thousands=".", na_rep="—")
             .format(precision=0, decimal=",", thousands=".", na_rep="—", subset=["tokens/s"]))
 
