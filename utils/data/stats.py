@@ -171,12 +171,12 @@ def overlap_checks(splits: dict[str, Sequence[dict]], reference: str = "train") 
             for name, records in splits.items()}
     for name, found in keys.items():
         repeated = sum(c - 1 for c in Counter(found).values() if c > 1)
-        rows.append({"chequeo": "preguntas repetidas dentro del split", "par": name, "resultado": repeated})
+        rows.append({"chequeo": "preguntas repetidas dentro del conjunto", "par": name, "resultado": repeated})
     names = list(splits)
     for k, first in enumerate(names):
         for second in names[k + 1:]:
             shared = len(set(keys[first]) & set(keys[second]))
-            rows.append({"chequeo": "misma redacción normalizada en los dos splits", "par": f"{first} / {second}",
+            rows.append({"chequeo": "misma redacción normalizada en los dos conjuntos", "par": f"{first} / {second}",
                          "resultado": shared})
     train = splits.get(reference, [])
     taught = {f for r in train for f in r["facts"]}

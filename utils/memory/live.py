@@ -39,7 +39,7 @@ FALLBACK_PLANS: dict[str, dict[str, Any]] = {
                      "(sección 7 y la figura)",
         "skipped": ["la memoria medida al cargar cada formato (sección 3)",
                     "el error de cuantización de los pesos reales (sección 4)",
-                    "la pérdida y la perplejidad en el split de prueba (sección 5)",
+                    "la pérdida y la perplejidad en el conjunto de prueba (sección 5)",
                     "el paso de entrenamiento medido en este dispositivo (sección 6)"],
         "stand_in": None,
     },

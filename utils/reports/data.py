@@ -73,11 +73,11 @@ def count_display(table: pd.DataFrame, by: str) -> pd.DataFrame:
 
 def validation_display(reports: dict[str, Any]) -> pd.DataFrame:
     """One row per split: its file, format, examples, errors and warnings (``ValidationReport`` by split name)."""
-    rows = [{"Split": _cap(label(name)), "Archivo": Path(report.path).name,
+    rows = [{"Conjunto": _cap(label(name)), "Archivo": Path(report.path).name,
              "Formato": report.file_format or "—", "Ejemplos": fmt_num(len(report.records)),
              "Errores": fmt_num(len(report.errors)), "Avisos": fmt_num(len(report.warnings))}
             for name, report in reports.items()]
-    return pd.DataFrame(rows).set_index("Split")
+    return pd.DataFrame(rows).set_index("Conjunto")
 
 
 def fmt_median(values: pd.Series) -> str:
@@ -101,7 +101,7 @@ def tokenizer_display(tokenizers: dict[str, Any]) -> pd.DataFrame:
 
 def length_display(summary: pd.DataFrame) -> pd.DataFrame:
     """``length_summary`` for a reader: Spanish column names, split names, es-AR numbers."""
-    names = {"tokenizador": "Tokenizador", "split": "Split", "ejemplos": "Ejemplos",
+    names = {"tokenizador": "Tokenizador", "split": "Conjunto", "ejemplos": "Ejemplos",
              "prompt_mediana": "Prompt (mediana)", "respuesta_mediana": "Respuesta (mediana)",
              "total_mediana": "Total (mediana)", "total_p95": "Total (percentil 95)", "total_max": "Total (máximo)",
              "truncados": "Truncados"}
@@ -110,7 +110,7 @@ def length_display(summary: pd.DataFrame) -> pd.DataFrame:
         if column not in ("tokenizador", "split"):
             shown[column] = shown[column].map(lambda v: fmt_num(v, 0 if float(v).is_integer() else 1))
     shown["Truncados (%)"] = summary["truncados_pct"].map(lambda v: fmt_pct(v / 100))
-    return shown.rename(columns=names).drop(columns="truncados_pct").set_index(["Tokenizador", "Split"])
+    return shown.rename(columns=names).drop(columns="truncados_pct").set_index(["Tokenizador", "Conjunto"])
 
 
 def loss_share_display(share: pd.DataFrame) -> pd.DataFrame:
@@ -129,7 +129,7 @@ def checks_display(checks: pd.DataFrame) -> pd.DataFrame:
     def pair(text: str) -> str:
         return " / ".join(label(part) for part in text.split(" / "))
 
-    return pd.DataFrame({"Chequeo": checks["chequeo"], "Splits": checks["par"].map(pair),
+    return pd.DataFrame({"Chequeo": checks["chequeo"], "Conjuntos": checks["par"].map(pair),
                          "Resultado": checks["resultado"].map(fmt_num)})
 
 
@@ -186,7 +186,7 @@ def _length_lines(lengths: pd.DataFrame, max_seq_length: int) -> list[str]:
         over = int((data["total"] > max_seq_length).sum())
         lines.append(
             f"- Con el tokenizador **{tokenizer}** el ejemplo más largo mide **{fmt_num(int(data['total'].max()))} "
-            f"tokens** (mediana de los tres splits juntos: {fmt_median(data['total'])}); **{fmt_num(over)}** de "
+            f"tokens** (mediana de los tres conjuntos juntos: {fmt_median(data['total'])}); **{fmt_num(over)}** de "
             f"{fmt_num(len(data))} "
             f"superan `max_seq_length = {max_seq_length}`"
             + (" y se truncarían." if over else ": con estos datos no se trunca nada."))
@@ -226,8 +226,8 @@ def describe_findings(splits: dict[str, Sequence[dict]], lengths: pd.DataFrame, 
     expected = checks["chequeo"].str.startswith("respuestas idénticas")
     bad = checks[~expected & (checks["resultado"] > 0)]
     if bad.empty:
-        lines.append("- Solapamiento: ningún par de splits comparte una pregunta (redacción normalizada), no hay "
-                     "duplicados dentro de un split y todo hecho evaluado se enseña en entrenamiento.")
+        lines.append("- Solapamiento: ningún par de conjuntos comparte una pregunta (redacción normalizada), no hay "
+                     "duplicados dentro de un conjunto y todo hecho evaluado se enseña en entrenamiento.")
     else:
         found = "; ".join(f"{row.chequeo} ({row.par}): {fmt_num(row.resultado)}" for row in bad.itertuples())
         lines.append(f"- Solapamiento: **hay problemas**: {found}.")

@@ -70,7 +70,7 @@ def _quality_lines(quality: pd.DataFrame) -> list[str]:
         f"{FORMAT_LABELS.get(r['formato'], r['formato'])} {fmt_num(r['pérdida'], 4)} (perplejidad {fmt_num(r['perplejidad'], 2)})"
         for _, r in quality.iterrows()
     )
-    lines = [f"- Pérdida de las respuestas del split de validación ({fmt_num(quality['ejemplos'].iloc[0])} ejemplos, "
+    lines = [f"- Pérdida de las respuestas del conjunto de validación ({fmt_num(quality['ejemplos'].iloc[0])} ejemplos, "
              f"{fmt_num(quality['tokens'].iloc[0])} tokens): {parts}."]
     loss = quality.set_index("formato")["pérdida"]
     if {"nf4", "nf4_dq"} <= set(loss.index):
