@@ -19,7 +19,7 @@ from utils.numbers import fmt_num, fmt_ratio
 from utils.paths import REPO_ROOT, RESULTS_DIR
 from utils.plotting import check_print_standard
 from utils.plotting.speed import config_label, plot_strict, strict_caption
-from utils.reports.speed import describe_speed, describe_strict, strict_command, strict_missing
+from utils.reports.speed import describe_speed, describe_strict, goal1_summary, strict_command, strict_missing
 from utils.speed.benchmark import config_by_name
 from utils.speed.benchmark.cli import build_parser
 from utils.speed.benchmark.strict import (RECIPE_ROWS, UNSLOTH_GOAL, strict_rules, strict_summary, strict_table,
@@ -464,3 +464,21 @@ def test_the_headline_speed_table_is_shown_in_es_ar_too():
     first = speed_table(report).iloc[0]
     assert len(cells) == speed_table(report).size and "synthetic" not in cells
     assert cells[3] == f"{first['tokens/s']:,.0f}".replace(",", ".") and "," in cells[4]  # 0,xxx s/paso
+
+
+def test_goal1_summary_names_the_invocations_that_meet_goal_1_from_the_unrounded_ratios():
+    """Notebook 04 closes the later strict runs with ``goal1_summary``: the committed runs that meet goal 1 (both
+    dtypes >= 1.3x in one invocation) are named with their ratios, the rest as missing it; a 1.2996x run (exact_pin_b,
+    1.300 at 3 decimals) is not counted as met."""
+    runs = sorted(((load_report(path), path.name) for pattern in ("04_speed_strict8_exact_pin*.json",
+                                                                  "04_speed_strict8_goal1*.json")
+                   for path in RESULTS_DIR.glob(pattern)), key=lambda run: run[0]["date"])
+    text = goal1_summary(runs)
+    met_part, missed_part = text.split("; no en ")
+    for name in ("04_speed_strict8_goal1_2.json", "04_speed_strict8_goal1_3.json"):
+        assert f"`{name}` (NVIDIA H100" in met_part
+    assert "bf16 1,307×, fp16 1,310×" in met_part and "bf16 1,305×, fp16 1,312×" in met_part
+    for name in ("04_speed_strict8_exact_pin.json", "04_speed_strict8_exact_pin_b.json",
+                 "04_speed_strict8_exact_pin_c.json", "04_speed_strict8_goal1.json"):
+        assert f"`{name}`" in missed_part and name not in met_part
+    assert "ninguna de estas corridas lo cumple" in goal1_summary([run for run in runs if "exact_pin" in run[1]])

@@ -18,12 +18,13 @@ from utils.numbers import fmt_num, fmt_ratio, fmt_unit
 from utils.plotting import label
 from utils.plotting.speed import config_label
 from utils.speed import FastPathOptions
-from utils.speed.benchmark.strict import RECIPE_PAIRS, RECIPE_ROWS, measured_rounds, strict_table, unsloth_goal
+from utils.speed.benchmark.strict import (RECIPE_PAIRS, RECIPE_ROWS, UNSLOTH_GOAL, measured_rounds, strict_table,
+                                        unsloth_goal)
 from utils.speed.results import STRICT8_REPORT, merged_rows, original_spread, speed_table
 from utils.units import BUDGET_GIB
 
-__all__ = ["describe_speed", "describe_strict", "strict_command", "strict_missing", "speed_table_shown", "strict_table",
-           "strict_table_shown"]
+__all__ = ["describe_speed", "describe_strict", "goal1_summary", "strict_command", "strict_missing", "speed_table_shown",
+           "strict_table", "strict_table_shown"]
 
 WORKLOAD_NAMES = {"synthetic": "sintética", "corpus": "corpus"}  # the benchmark's two workloads (workloads.py)
 
@@ -92,6 +93,29 @@ def _goal_line(s: dict) -> str:
     verdict = "se cumple" if goal["met"] else "no se cumple en esta invocación"
     return (f"- Objetivo 1 del issue #20, al menos {fmt_ratio(goal['goal'], 1)} la mejor fila de Unsloth en bf16 y en "
             f"fp16 dentro de una misma invocación: {ratios}: **{verdict}**.")
+
+
+def goal1_summary(runs: list[tuple[dict, str]]) -> str:
+    """Issue #20's goal 1 over the strict runs shown one by one above it: in which invocations both dtypes reach the
+    goal against Unsloth's best, and with which ratios (``runs``: ``(report, file name)`` in the order they ran).
+    Spanish Markdown; each verdict is ``unsloth_goal``'s, from the rows' tokens/s, not from a rounded ratio."""
+    met, missed = [], []
+    for report, name in runs:
+        goal = unsloth_goal(report["strict"])
+        if goal["met"]:
+            met.append(f"`{name}` ({report['device']}, {report['date'][:10]}: bf16 {fmt_ratio(goal['bf16'], 3)}, "
+                       f"fp16 {fmt_ratio(goal['fp16'], 3)})")
+        else:
+            missed.append(f"`{name}`")
+    target = fmt_ratio(UNSLOTH_GOAL, 1)
+    if not met:
+        return (f"**Objetivo 1 del issue #20** (al menos {target} la mejor fila de Unsloth en bf16 y en fp16, en una "
+                "misma invocación): **ninguna de estas corridas lo cumple**.")
+    text = (f"**Objetivo 1 del issue #20** (al menos {target} la mejor fila de Unsloth en bf16 y en fp16, en una misma "
+            f"invocación): **se cumple** en {', '.join(met)}")
+    if missed:
+        text += f"; no en {', '.join(missed)}"
+    return text + ". Cada cociente compara filas de una misma invocación; las máquinas difieren entre sí."
 
 
 def _original_lines(s: dict, orig: dict, spread: dict) -> list[str]:
