@@ -24,7 +24,7 @@ from utils.speed.benchmark import config_by_name
 from utils.speed.benchmark.cli import build_parser
 from utils.speed.benchmark.strict import (RECIPE_ROWS, UNSLOTH_GOAL, strict_rules, strict_summary, strict_table,
                                           unsloth_goal)
-from utils.speed.results import STRICT8_REPORT, load_report, merged_rows, original_spread
+from utils.speed.results import STRICT8_REPORT, later_strict_runs, load_report, merged_rows, original_spread
 
 ALLOC = "expandable_segments:True"
 
@@ -192,6 +192,21 @@ def test_goal_1_is_judged_on_unrounded_ratios_of_both_dtypes(spread, fp16_tokens
     assert "fp16 no medido" in describe_strict(half, spread)
 
 
+def _assert_quoted(section: str, report: dict, goal: dict, run: str) -> None:
+    """The README ``section`` quotes every row of a strict ``report`` (tokens/s, GPU and pinned GiB) and each measured
+    ratio of its ``goal`` with the decimals that keep a ratio below 1.3× from reading as 1.3×."""
+    table = strict_table(report)
+    for row in merged_rows(report["rows"]):
+        assert f"{row['tokens_per_second']:,.0f}" in section, (run, row["name"])
+        assert f"| {table.loc[row['name'], 'GiB GPU en total']:.2f} |" in section, (run, row["name"])
+        assert f"| {table.loc[row['name'], 'GiB fijados en la CPU']:.2f} |" in section, (run, row["name"])
+    for dtype in ("bf16", "fp16"):
+        if goal[dtype] is not None:
+            x = goal[dtype]
+            shown = f"{x:.3f}×" if (round(x, 3) >= UNSLOTH_GOAL) == (x >= UNSLOTH_GOAL) else f"{x:.4f}×"
+            assert f"{shown} in {dtype}" in section, (run, dtype, shown)
+
+
 def test_the_exact_pin_strict_runs_are_consistent_with_their_rows_and_quoted_by_the_readme():
     """results/04_speed_strict8_exact_pin{,_b,_c}.json: each summary is recomputed from its rows, the stopped run says
     so, no invocation meets goal 1, and the README quotes every row (tokens/s, GPU and pinned GiB) and every ratio
@@ -204,18 +219,9 @@ def test_the_exact_pin_strict_runs_are_consistent_with_their_rows_and_quoted_by_
         assert report["commit"].startswith("9bd8fa6") and len(report["plan"]) == planned
         assert all(r.get("ok") for r in report["rows"]) and not report["strict"]["out_of_budget"]
         assert (len(report["rows"]) < planned) == (suffix == "") == ("INCOMPLETE" in report["note"])
-        table = strict_table(report)
-        for row in merged_rows(report["rows"]):
-            assert f"{row['tokens_per_second']:,.0f}" in section, (suffix, row["name"])
-            assert f"| {table.loc[row['name'], 'GiB GPU en total']:.2f} |" in section, (suffix, row["name"])
-            assert f"| {table.loc[row['name'], 'GiB fijados en la CPU']:.2f} |" in section, (suffix, row["name"])
         goal = unsloth_goal(report["strict"])
         assert not goal["met"]
-        for dtype in ("bf16", "fp16"):
-            if goal[dtype] is not None:
-                x = goal[dtype]
-                shown = f"{x:.3f}×" if (round(x, 3) >= UNSLOTH_GOAL) == (x >= UNSLOTH_GOAL) else f"{x:.4f}×"
-                assert f"{shown} in {dtype}" in section, (suffix, dtype, shown)
+        _assert_quoted(section, report, goal, suffix)
 
 
 def test_the_goal1_strict_runs_meet_goal_1_in_one_invocation_and_the_readme_quotes_them():
@@ -232,16 +238,8 @@ def test_the_goal1_strict_runs_meet_goal_1_in_one_invocation_and_the_readme_quot
         assert len(report["rows"]) == len(report["plan"]) and all(r.get("ok") for r in report["rows"])
         assert not report["strict"]["out_of_budget"] and report["budget"]["lora_dropout"] == 0.05
         goal = unsloth_goal(report["strict"])
-        assert goal["met"] is met, (suffix, goal)
-        table = strict_table(report)
-        for row in merged_rows(report["rows"]):
-            assert f"{row['tokens_per_second']:,.0f}" in section, (suffix, row["name"])
-            assert f"| {table.loc[row['name'], 'GiB GPU en total']:.2f} |" in section, (suffix, row["name"])
-            assert f"| {table.loc[row['name'], 'GiB fijados en la CPU']:.2f} |" in section, (suffix, row["name"])
-        for dtype in ("bf16", "fp16"):
-            x = goal[dtype]
-            shown = f"{x:.3f}×" if (round(x, 3) >= UNSLOTH_GOAL) == (x >= UNSLOTH_GOAL) else f"{x:.4f}×"
-            assert f"{shown} in {dtype}" in section, (suffix, dtype, shown)
+        assert goal["met"] is met and None not in (goal["bf16"], goal["fp16"]), (suffix, goal)
+        _assert_quoted(section, report, goal, suffix)
 
 
 def test_a_row_out_of_memory_under_the_cap_is_named_with_pytorchs_numbers(spread):
@@ -470,9 +468,8 @@ def test_goal1_summary_names_the_invocations_that_meet_goal_1_from_the_unrounded
     """Notebook 04 closes the later strict runs with ``goal1_summary``: the committed runs that meet goal 1 (both
     dtypes >= 1.3x in one invocation) are named with their ratios, the rest as missing it; a 1.2996x run (exact_pin_b,
     1.300 at 3 decimals) is not counted as met."""
-    runs = sorted(((load_report(path), path.name) for pattern in ("04_speed_strict8_exact_pin*.json",
-                                                                  "04_speed_strict8_goal1*.json")
-                   for path in RESULTS_DIR.glob(pattern)), key=lambda run: run[0]["date"])
+    runs = later_strict_runs()
+    assert [run[0]["date"] for run in runs] == sorted(run[0]["date"] for run in runs)
     text = goal1_summary(runs)
     met_part, missed_part = text.split("; no en ")
     for name in ("04_speed_strict8_goal1_2.json", "04_speed_strict8_goal1_3.json"):

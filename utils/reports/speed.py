@@ -107,12 +107,11 @@ def goal1_summary(runs: list[tuple[dict, str]]) -> str:
                        f"fp16 {fmt_ratio(goal['fp16'], 3)})")
         else:
             missed.append(f"`{name}`")
-    target = fmt_ratio(UNSLOTH_GOAL, 1)
+    head = (f"**Objetivo 1 del issue #20** (al menos {fmt_ratio(UNSLOTH_GOAL, 1)} la mejor fila de Unsloth en bf16 y en "
+            "fp16, en una misma invocación)")
     if not met:
-        return (f"**Objetivo 1 del issue #20** (al menos {target} la mejor fila de Unsloth en bf16 y en fp16, en una "
-                "misma invocación): **ninguna de estas corridas lo cumple**.")
-    text = (f"**Objetivo 1 del issue #20** (al menos {target} la mejor fila de Unsloth en bf16 y en fp16, en una misma "
-            f"invocación): **se cumple** en {', '.join(met)}")
+        return f"{head}: **ninguna de estas corridas lo cumple**."
+    text = f"{head}: **se cumple** en {', '.join(met)}"
     if missed:
         text += f"; no en {', '.join(missed)}"
     return text + ". Cada cociente compara filas de una misma invocación; las máquinas difieren entre sí."

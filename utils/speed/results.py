@@ -23,6 +23,8 @@ from utils.units import BUDGET_GIB
 STRICT8_REPORT = "results/04_speed_strict8.json"  # the strict 8 GB run (``run --budget strict8``), once committed
 SPREAD_SOURCES = ("04_speed_benchmark.json", "04_speed_runs_h200.json", "04_renovation_check_h200.json",
                   Path(STRICT8_REPORT).name, "history/04_speed_*.json")
+# The strict runs after the first two (issue #20's goal 1 against Unsloth alone), which notebook 04 shows one by one
+LATER_STRICT_SOURCES = ("04_speed_strict8_exact_pin*.json", "04_speed_strict8_goal1*.json")
 
 # Rows written before ``BenchConfig`` nested ``FastPathOptions``: their flat fast-path knobs and the option each named.
 OLD_FAST_KEYS = {
@@ -243,6 +245,12 @@ def _range(values: Sequence[float]) -> dict[str, Any]:
 def spread_paths(patterns: Sequence[str] = SPREAD_SOURCES, folder: Path = RESULTS_DIR) -> list[Path]:
     """The committed files ``patterns`` name under ``folder`` (results/), in the patterns' order."""
     return [path for pattern in patterns for path in sorted(folder.glob(pattern))]
+
+
+def later_strict_runs(folder: Path = RESULTS_DIR) -> list[tuple[dict, str]]:
+    """The later strict runs (``LATER_STRICT_SOURCES``) as ``(report, file name)``, in the order they ran."""
+    runs = [(load_report(path), path.name) for path in spread_paths(LATER_STRICT_SOURCES, folder)]
+    return sorted(runs, key=lambda run: run[0]["date"])
 
 
 def original_spread(paths: Sequence[str | Path] | None = None) -> dict[str, Any]:
